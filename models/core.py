@@ -1,0 +1,120 @@
+"""The one interface that the Faust worker and the backtest both drive.
+
+An `InterestModel` is fed time-ordered micro-batches of validated events.
+`predict` scores the catalog for a user *before* a batch is learned (the
+backtest's predict-then-learn protocol); `learn` applies the batch and returns
+the users whose vectors changed, plus a model snapshot when it publishes one.
+A user vector is only meaningful against the item vectors of the snapshot
+(model version) it names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.events import Event, Item, UserProfile
+
+
+@dataclass(frozen=True, slots=True)
+class UserUpdate:
+    user_id: str
+    vector: np.ndarray
+    n_applied: int  # events of this batch applied to the user
+    last_event_ts: float
+    cold_start: str | None = None  # which prior made the vector, when the user had no history
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSnapshot:
+    """A published model version: the item space that user vectors are scored in."""
+
+    version: str
+    parent: str | None
+    config: Mapping[str, Any]
+    item_ids: Sequence[str]
+    item_vectors: np.ndarray  # (len(item_ids), dim), aligned with item_ids
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    weights: bytes | None = None  # serialised trainable state, when the model has any
+
+
+@dataclass(slots=True)
+class BatchResult:
+    updates: dict[str, UserUpdate]
+    model_version: str
+    snapshot: ModelSnapshot | None = None  # set when this batch published a new version
+    loss: float | None = None
+
+
+class InterestModel(ABC):
+    """Base class for interest models: small state, learn/predict, inspectable."""
+
+    name: str = "model"
+
+    @property
+    @abstractmethod
+    def model_version(self) -> str:
+        """The version that user vectors returned now are to be scored against."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @abstractmethod
+    def upsert_items(self, items: Sequence[Item]) -> None:
+        """Add or replace catalog items (text, attrs, other-modality embeddings)."""
+
+    @abstractmethod
+    def item_ids(self) -> Sequence[str]: ...
+
+    @abstractmethod
+    def item_matrix(self) -> np.ndarray:
+        """Current item vectors aligned with `item_ids()`."""
+
+    @abstractmethod
+    def user_vector(self, user_id: str) -> np.ndarray | None:
+        """The user's current interest vector, or None for an unknown user."""
+
+    @abstractmethod
+    def learn(self, events: Sequence[Event]) -> BatchResult:
+        """Apply a time-ordered batch; return the updated users."""
+
+    def set_profiles(self, profiles: Sequence[UserProfile]) -> None:  # noqa: B027
+        """Side information for cold start; models that use none ignore it."""
+
+    def snapshot(self) -> ModelSnapshot:
+        return ModelSnapshot(
+            version=self.model_version,
+            parent=None,
+            config=self.config(),
+            item_ids=list(self.item_ids()),
+            item_vectors=self.item_matrix(),
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {"model": self.name}
+
+    def predict(self, user_id: str) -> np.ndarray | None:
+        """Scores over `item_ids()` for the user, or None when the model knows nothing of them."""
+        vec = self.user_vector(user_id)
+        if vec is None:
+            return None
+        return self.item_matrix() @ vec
+
+    # Per-user state: small and serialisable so a worker can checkpoint and restore it.
+    @abstractmethod
+    def get_user_state(self, user_id: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def set_user_state(self, user_id: str, state: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    def forget_user(self, user_id: str) -> None:
+        """Drop everything held about a user (erasure)."""
+
+    def known_users(self) -> Sequence[str]:
+        return []

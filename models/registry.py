@@ -1,0 +1,35 @@
+"""Build an interest model from its configured name (ISTREAM_MODEL)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from models.catalog import TextEncoder
+from models.core import InterestModel
+from models.decayed_mean import DecayedMeanModel
+
+ModelFactory = Callable[..., InterestModel]
+
+_FACTORIES: dict[str, ModelFactory] = {
+    "decayed_mean": DecayedMeanModel,
+}
+
+
+def register(name: str, factory: ModelFactory) -> None:
+    _FACTORIES[name] = factory
+
+
+def available() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def build_model(spec: str, encoder: TextEncoder, **options: Any) -> InterestModel:
+    """`spec` is a model name, optionally with an argument after a colon (e.g. `top_layers:1`)."""
+    name, _, arg = spec.partition(":")
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown model {spec!r}; choose one of: {', '.join(available())}")
+    if arg:
+        options["arg"] = arg
+    return factory(encoder, **options)

@@ -1,0 +1,1 @@
+"""Postgres side: schema, migrations, repositories, SQL functions, embedded server."""

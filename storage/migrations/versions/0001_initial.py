@@ -1,0 +1,140 @@
+"""Initial schema: versioned user vectors, item vectors, registry, offsets, SQL functions.
+
+Revision ID: 0001
+Revises:
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from pgvector.sqlalchemy import Vector
+from sqlalchemy.dialects.postgresql import JSONB
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+TS = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    op.create_table(
+        "model_versions",
+        sa.Column("model_version", sa.String(200), primary_key=True),
+        sa.Column("base_model", sa.Text, nullable=False),
+        sa.Column("config", JSONB, nullable=False, server_default="{}"),
+        sa.Column("parent", sa.String(200)),
+        sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
+        sa.Column("metrics", JSONB, nullable=False, server_default="{}"),
+        sa.Column("weights_uri", sa.Text),
+        sa.Column("weights", sa.LargeBinary),
+    )
+    op.create_table(
+        "items",
+        sa.Column("item_id", sa.String(128), primary_key=True),
+        sa.Column("text", sa.Text, nullable=False),
+        sa.Column("attrs", JSONB, nullable=False, server_default="{}"),
+        sa.Column("updated_at", TS, nullable=False, server_default=sa.func.now()),
+    )
+    op.create_table(
+        "item_vectors",
+        sa.Column("item_id", sa.String(128), primary_key=True),
+        sa.Column("model_version", sa.String(200), primary_key=True),
+        sa.Column("vector", Vector(), nullable=False),
+    )
+    op.create_index("item_vectors_by_model", "item_vectors", ["model_version"])
+    for name, extra in (
+        ("user_interest_vectors", [sa.Column("created_at", TS, nullable=False,
+                                             server_default=sa.text("clock_timestamp()"))]),
+        ("user_interests_current", [sa.Column("updated_at", TS, nullable=False,
+                                              server_default=sa.text("clock_timestamp()"))]),
+    ):
+        key = [sa.Column("version", sa.Integer, nullable=False, primary_key=name != "user_interests_current")]
+        op.create_table(
+            name,
+            sa.Column("user_id", sa.String(128), primary_key=True),
+            *key,
+            sa.Column("model_version", sa.String(200), nullable=False),
+            sa.Column("vector", Vector(), nullable=False),
+            sa.Column("n_events", sa.BigInteger, nullable=False),
+            sa.Column("last_event_ts", TS, nullable=False),
+            *extra,
+            sa.Column("cold_start", sa.String(32)),
+        )
+    op.create_table(
+        "applied_events",
+        sa.Column("event_id", sa.String(128), primary_key=True),
+        sa.Column("user_id", sa.String(128), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("item_id", sa.String(128)),
+        sa.Column("ts", TS, nullable=False),
+        sa.Column("rating", sa.Float),
+    )
+    op.create_index("applied_events_by_user", "applied_events", ["user_id"])
+    op.create_table(
+        "consumed_offsets",
+        sa.Column("group_id", sa.String(200), primary_key=True),
+        sa.Column("topic", sa.String(250), primary_key=True),
+        sa.Column("partition", sa.Integer, primary_key=True),
+        sa.Column("next_offset", sa.BigInteger, nullable=False),
+        sa.Column("updated_at", TS, nullable=False, server_default=sa.func.now()),
+    )
+    op.create_table(
+        "user_states",
+        sa.Column("user_id", sa.String(128), primary_key=True),
+        sa.Column("model_version", sa.String(200), nullable=False),
+        sa.Column("state", JSONB, nullable=False),
+        sa.Column("updated_at", TS, nullable=False, server_default=sa.func.now()),
+    )
+    # Functions SQL users call by hand (documented in the README).
+    op.execute(
+        """
+        CREATE FUNCTION user_top_items(p_user_id text, p_k int DEFAULT 10,
+                                       p_skip_seen boolean DEFAULT false)
+        RETURNS TABLE (item_id varchar, score double precision)
+        LANGUAGE sql STABLE AS $$
+            SELECT iv.item_id, -(iv.vector <#> u.vector) AS score
+            FROM user_interests_current u
+            JOIN item_vectors iv ON iv.model_version = u.model_version
+            WHERE u.user_id = p_user_id
+              AND NOT (p_skip_seen AND EXISTS (
+                  SELECT 1 FROM applied_events e
+                  WHERE e.user_id = p_user_id AND e.item_id = iv.item_id))
+            ORDER BY iv.vector <#> u.vector
+            LIMIT p_k
+        $$
+        """
+    )
+    op.execute(
+        """
+        CREATE FUNCTION user_vector_as_of(p_user_id text, p_at timestamptz,
+                                          p_by_event_time boolean DEFAULT false)
+        RETURNS SETOF user_interest_vectors
+        LANGUAGE sql STABLE AS $$
+            SELECT * FROM user_interest_vectors v
+            WHERE v.user_id = p_user_id
+              AND (CASE WHEN p_by_event_time THEN v.last_event_ts ELSE v.created_at END) <= p_at
+            ORDER BY v.version DESC
+            LIMIT 1
+        $$
+        """
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP FUNCTION IF EXISTS user_vector_as_of(text, timestamptz, boolean)")
+    op.execute("DROP FUNCTION IF EXISTS user_top_items(text, int, boolean)")
+    for table in (
+        "user_states",
+        "consumed_offsets",
+        "applied_events",
+        "user_interests_current",
+        "user_interest_vectors",
+        "item_vectors",
+        "items",
+        "model_versions",
+    ):
+        op.drop_table(table)

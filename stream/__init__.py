@@ -1,0 +1,1 @@
+"""Kafka side: event schema, Faust worker, producers, replay, backtest, CLI."""

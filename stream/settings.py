@@ -1,0 +1,78 @@
+"""All configuration, read once from ISTREAM_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ISTREAM_", extra="ignore")
+
+    # Servers. Unset means: start the embedded one (Tansu / PostgreSQL from pip wheels).
+    kafka_bootstrap: str | None = None
+    database_url: str | None = None
+    data_dir: Path = Field(default=Path(".istream"), description="embedded servers' files")
+
+    # Topics (DESIGN.md). All event topics share one partition count so a user's
+    # events land in the same partition number everywhere.
+    topic_clicks: str = "interest.clicks"
+    topic_searches: str = "interest.searches"
+    topic_ratings: str = "interest.ratings"
+    topic_items: str = "interest.items"
+    topic_dead_letter: str = "interest.dead-letter"
+    partitions: int = Field(default=4, ge=1)
+    group_id: str = "interest-stream"
+
+    # Model.
+    base_model: str | None = None  # path or name; unset = the packaged all-MiniLM-L6-v2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: str = "decayed_mean"
+    half_life_s: float = Field(default=3 * 86400.0, gt=0)
+    seed: int = 0
+
+    # Event contract.
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+    max_id_len: int = 128
+    max_query_len: int = 1024
+
+    # Batching: a batch closes at batch_size events or batch_seconds after its first event.
+    batch_size: int = Field(default=500, ge=1)
+    batch_seconds: float = Field(default=1.0, gt=0)
+
+    # Consumer liveness: Tansu joins a group in ~3 s with these, ~23 s with client defaults.
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+
+    log_level: str = "INFO"
+
+    @property
+    def event_topics(self) -> dict[str, str]:
+        """topic -> event kind."""
+        return {
+            self.topic_clicks: "click",
+            self.topic_searches: "search",
+            self.topic_ratings: "rating",
+        }
+
+    def topic_for_kind(self, kind: str) -> str:
+        return {
+            "click": self.topic_clicks,
+            "search": self.topic_searches,
+            "rating": self.topic_ratings,
+            "item": self.topic_items,
+        }[kind]
+
+    @property
+    def all_topics(self) -> list[str]:
+        return [*self.event_topics, self.topic_items, self.topic_dead_letter]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
