@@ -94,6 +94,11 @@ class VectorStore:
             ).all()
         return {u: s for u, s in rows}
 
+    def load_catalog(self) -> list[Item]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(CatalogItem.item_id, CatalogItem.text, CatalogItem.attrs)).all()
+        return [Item(item_id=i, text=t, attrs=a or {}) for i, t, a in rows]
+
     # ---- catalog and models --------------------------------------------------
     def upsert_items(self, items: Sequence[Item]) -> None:
         if not items:

@@ -1,0 +1,125 @@
+"""`istream`: the command line. User mistakes end in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from stream.settings import Settings, get_settings
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix; shown as one line, never as a stack trace."""
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "ISTREAM_" + str(first["loc"][0]).upper() if first.get("loc") else "ISTREAM_*"
+        raise UserError(f"bad setting {name}: {first['msg']}") from None
+
+
+@click.group()
+def cli() -> None:
+    """interest-stream: streaming user-interest vectors from Kafka events into Postgres."""
+
+
+@cli.command()
+def worker() -> None:
+    """Run the Faust worker (embedded broker/Postgres when ISTREAM_KAFKA_BOOTSTRAP/DATABASE_URL are unset)."""
+    from stream.runtime import configure_logging
+    from stream.servers import Servers
+    from stream.worker import run_worker
+
+    s = settings()
+    configure_logging(s.log_level)
+    with Servers(s) as ep:
+        if ep.embedded_broker or ep.embedded_postgres:
+            click.echo(f"embedded servers: kafka={ep.bootstrap} postgres={ep.database_url}", err=True)
+        run_worker(s, ep.bootstrap, ep.database_url)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema and maintenance."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema to the newest (or given) revision."""
+    from storage.db import current_revision, upgrade
+
+    s = settings()
+    if not s.database_url:
+        raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres to migrate")
+    upgrade(s.database_url, revision)
+    click.echo(f"schema at revision {current_revision(s.database_url)}")
+
+
+@cli.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder")
+@click.option("--limit", type=click.IntRange(min=1), help="at most this many events")
+def produce(file: Path | None, movielens: Path | None, limit: int | None) -> None:
+    """Send a JSONL event log (or MovieLens 100K) to the topics, key = user_id."""
+    from stream.broker import make_producer
+    from stream.producer import EventProducer
+    from stream.sources import movielens_items, movielens_ratings, read_jsonl
+
+    if (file is None) == (movielens is None):
+        raise UserError("give either FILE or --movielens DIR")
+    s = settings()
+    if not s.kafka_bootstrap:
+        raise UserError("ISTREAM_KAFKA_BOOTSTRAP is not set: say which broker to produce to")
+    if movielens is not None:
+        records: list = [*movielens_items(movielens), *movielens_ratings(movielens, limit)]
+    else:
+        assert file is not None
+        records = list(read_jsonl(file))[:limit]
+    prod = EventProducer(make_producer(s.kafka_bootstrap), s)
+    report = prod.send_all(records, progress=True, total=len(records))
+    for topic, n in sorted(report.sent.items()):
+        click.echo(f"{topic}: {n}")
+    if report.dead_lettered:
+        click.echo(f"{s.topic_dead_letter}: {report.dead_lettered} (unroutable lines)")
+
+
+@cli.command()
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="MovieLens 100K folder (default ../shared/data/ml-100k when present)")
+@click.option("--events", "n_events", type=click.IntRange(min=10), default=5000, show_default=True)
+@click.option("--users", "n_show", type=click.IntRange(min=1), default=3, show_default=True)
+def demo(data: Path | None, n_events: int, n_show: int) -> None:
+    """Start embedded servers, produce a sample, run the worker until done, show vectors."""
+    from stream.demo import run_demo
+
+    run_demo(settings(), data, n_events, n_show)
+
+
+def main() -> None:
+    from stream.sources import SourceError
+
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("istream: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as exc:
+        click.echo(f"istream: {exc.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"istream: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except SourceError as exc:
+        click.echo(f"istream: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

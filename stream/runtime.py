@@ -1,0 +1,58 @@
+"""Wiring from settings to parts: encoder, model, store. Shared by worker, CLI and backtest."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+
+from models.core import InterestModel
+from models.encoder import DEFAULT_BASE_MODEL, BaseEncoder
+from models.registry import build_model
+from storage.db import make_engine
+from storage.repository import VectorStore
+from stream.schema import Limits
+from stream.settings import Settings
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(
+        max_id_len=settings.max_id_len,
+        max_query_len=settings.max_query_len,
+        rating_min=settings.rating_min,
+        rating_max=settings.rating_max,
+    )
+
+
+def base_model_name(settings: Settings) -> str:
+    return settings.base_model or DEFAULT_BASE_MODEL
+
+
+def build_encoder(settings: Settings) -> BaseEncoder:
+    return BaseEncoder(settings.base_model, device=settings.device)
+
+
+def build_interest_model(settings: Settings, encoder: BaseEncoder | None = None) -> InterestModel:
+    seed_everything(settings.seed)
+    encoder = encoder or build_encoder(settings)
+    options: dict[str, object] = {"half_life_s": settings.half_life_s, "rating_max": settings.rating_max}
+    return build_model(settings.model, encoder, **options)
+
+
+def build_store(settings: Settings, url: str) -> VectorStore:
+    return VectorStore(make_engine(url, pool_size=4), group_id=settings.group_id)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
