@@ -71,8 +71,9 @@ class VectorStore:
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(ConsumedOffset.topic, ConsumedOffset.partition, ConsumedOffset.next_offset)
-                .where(ConsumedOffset.group_id == self.group_id)
+                select(ConsumedOffset.topic, ConsumedOffset.partition, ConsumedOffset.next_offset).where(
+                    ConsumedOffset.group_id == self.group_id
+                )
             ).all()
         return {(t, p): o for t, p, o in rows}
 
@@ -85,7 +86,9 @@ class VectorStore:
 
     def total_events(self) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(select(func.coalesce(func.sum(UserInterestCurrent.n_events), 0))).scalar_one())
+            return int(
+                conn.execute(select(func.coalesce(func.sum(UserInterestCurrent.n_events), 0))).scalar_one()
+            )
 
     def load_user_states(self, model_version: str) -> dict[str, dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -111,8 +114,11 @@ class VectorStore:
                 conn.execute(
                     stmt.on_conflict_do_update(
                         index_elements=[CatalogItem.item_id],
-                        set_={"text": stmt.excluded.text, "attrs": stmt.excluded.attrs,
-                              "updated_at": func.now()},
+                        set_={
+                            "text": stmt.excluded.text,
+                            "attrs": stmt.excluded.attrs,
+                            "updated_at": func.now(),
+                        },
                     )
                 )
 
@@ -225,24 +231,37 @@ class VectorStore:
                     conn.execute(
                         stmt.on_conflict_do_update(
                             index_elements=[UserState.user_id],
-                            set_={"model_version": stmt.excluded.model_version,
-                                  "state": stmt.excluded.state, "updated_at": func.now()},
+                            set_={
+                                "model_version": stmt.excluded.model_version,
+                                "state": stmt.excluded.state,
+                                "updated_at": func.now(),
+                            },
                         )
                     )
             if offsets:
                 rows = [
-                    {"group_id": self.group_id, "topic": o.topic, "partition": o.partition,
-                     "next_offset": o.next_offset}
+                    {
+                        "group_id": self.group_id,
+                        "topic": o.topic,
+                        "partition": o.partition,
+                        "next_offset": o.next_offset,
+                    }
                     for o in offsets
                 ]
                 stmt = insert(ConsumedOffset).values(rows)
                 conn.execute(
                     stmt.on_conflict_do_update(
-                        index_elements=[ConsumedOffset.group_id, ConsumedOffset.topic,
-                                        ConsumedOffset.partition],
-                        set_={"next_offset": func.greatest(ConsumedOffset.__table__.c.next_offset,
-                                                           stmt.excluded.next_offset),
-                              "updated_at": func.now()},
+                        index_elements=[
+                            ConsumedOffset.group_id,
+                            ConsumedOffset.topic,
+                            ConsumedOffset.partition,
+                        ],
+                        set_={
+                            "next_offset": func.greatest(
+                                ConsumedOffset.__table__.c.next_offset, stmt.excluded.next_offset
+                            ),
+                            "updated_at": func.now(),
+                        },
                     )
                 )
         return versions

@@ -91,8 +91,12 @@ def produce(file: Path | None, movielens: Path | None, limit: int | None) -> Non
 
 
 @cli.command()
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="MovieLens 100K folder (default ../shared/data/ml-100k when present)")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="MovieLens 100K folder (default ../shared/data/ml-100k when present)",
+)
 @click.option("--events", "n_events", type=click.IntRange(min=10), default=5000, show_default=True)
 @click.option("--users", "n_show", type=click.IntRange(min=1), default=3, show_default=True)
 def demo(data: Path | None, n_events: int, n_show: int) -> None:

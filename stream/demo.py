@@ -51,9 +51,7 @@ def run_demo(settings: Settings, data: Path | None, n_events: int, n_show: int) 
     records, source = sample_records(data, n_events)
     n_valid = sum(1 for r in records if r["type"] != "item")
     with tempfile.TemporaryDirectory(prefix="istream-demo-") as tmp:
-        s = settings.model_copy(
-            update={"kafka_bootstrap": None, "database_url": None, "data_dir": Path(tmp)}
-        )
+        s = settings.model_copy(update={"kafka_bootstrap": None, "database_url": None, "data_dir": Path(tmp)})
         click.echo("starting embedded Kafka-compatible broker (Tansu) and PostgreSQL 18 + pgvector…")
         with Servers(s) as ep:
             click.echo(f"  kafka    {ep.bootstrap}\n  postgres {ep.database_url}")
@@ -95,8 +93,13 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 
 def wait_until_consumed(
-    ep: Any, s: Settings, worker: subprocess.Popen[bytes], n_valid: int, n_invalid: int,
-    log_path: Path, timeout: float = 240.0,
+    ep: Any,
+    s: Settings,
+    worker: subprocess.Popen[bytes],
+    n_valid: int,
+    n_invalid: int,
+    log_path: Path,
+    timeout: float = 240.0,
 ) -> None:
     engine = make_engine(ep.database_url)
     deadline = time.monotonic() + timeout
@@ -104,8 +107,11 @@ def wait_until_consumed(
     with tqdm(total=n_valid + n_invalid, desc="applied", unit="ev") as bar:
         while True:
             with engine.connect() as conn:
-                applied = int(conn.execute(
-                    text("SELECT coalesce(sum(n_events), 0) FROM user_interests_current")).scalar_one())
+                applied = int(
+                    conn.execute(
+                        text("SELECT coalesce(sum(n_events), 0) FROM user_interests_current")
+                    ).scalar_one()
+                )
             dead = topic_end_offsets(ep.bootstrap, s.topic_dead_letter)
             bar.update(applied + dead - bar.n)
             if applied >= n_valid and dead >= n_invalid:
@@ -124,12 +130,17 @@ def show_users(database_url: str, n_show: int) -> None:
     engine = make_engine(database_url)
     with engine.connect() as conn:
         users = conn.execute(
-            text("SELECT user_id, version, n_events, model_version FROM user_interests_current "
-                 "ORDER BY n_events DESC, user_id LIMIT :n"), {"n": n_show}
+            text(
+                "SELECT user_id, version, n_events, model_version FROM user_interests_current "
+                "ORDER BY n_events DESC, user_id LIMIT :n"
+            ),
+            {"n": n_show},
         ).all()
         for user in users:
-            click.echo(f"\nuser {user.user_id}: version {user.version}, {user.n_events} events, "
-                       f"model {user.model_version}; top unseen items:")
+            click.echo(
+                f"\nuser {user.user_id}: version {user.version}, {user.n_events} events, "
+                f"model {user.model_version}; top unseen items:"
+            )
             for row in conn.execute(text(TOP_SQL), {"user_id": user.user_id}):
                 click.echo(f"  {row.score:>6}  {row.title}")
     engine.dispose()

@@ -85,7 +85,9 @@ class BatchProcessor:
         self.base_model = base_model
         self._published: set[str] = set()
 
-    def _parse(self, records: Sequence[RawRecord]) -> tuple[list[tuple[RawRecord, Event | Item]], list[dict[str, Any]]]:
+    def _parse(
+        self, records: Sequence[RawRecord]
+    ) -> tuple[list[tuple[RawRecord, Event | Item]], list[dict[str, Any]]]:
         good: list[tuple[RawRecord, Event | Item]] = []
         bad: list[dict[str, Any]] = []
         for rec in records:

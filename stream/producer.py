@@ -55,7 +55,9 @@ class EventProducer:
         if isinstance(routed, str):
             # Unroutable input still never vanishes: it goes to the dead-letter topic.
             rec = RawRecord(f"{self.source}:line", 0, lineno, None, raw)
-            self.producer.send(self.settings.topic_dead_letter, value=encode_dead_letter(dead_letter(rec, routed)))
+            self.producer.send(
+                self.settings.topic_dead_letter, value=encode_dead_letter(dead_letter(rec, routed))
+            )
             self.report.dead_lettered += 1
             return self.settings.topic_dead_letter
         topic, key = routed
@@ -63,8 +65,9 @@ class EventProducer:
         self.report.sent[topic] = self.report.sent.get(topic, 0) + 1
         return topic
 
-    def send_all(self, items: Iterable[dict[str, Any] | LogLine], progress: bool = False,
-                 total: int | None = None) -> ProduceReport:
+    def send_all(
+        self, items: Iterable[dict[str, Any] | LogLine], progress: bool = False, total: int | None = None
+    ) -> ProduceReport:
         from tqdm import tqdm
 
         for item in tqdm(items, total=total, disable=not progress, desc="producing", unit="rec"):

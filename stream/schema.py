@@ -149,9 +149,7 @@ def validate_event(record: dict[str, Any], kind: str, limits: Limits = DEFAULT_L
         if not _is_number(rating) or not math.isfinite(rating):
             raise InvalidRecord(f"rating must be a number, got {rating!r}")
         if not limits.rating_min <= rating <= limits.rating_max:
-            raise InvalidRecord(
-                f"rating {rating} out of range [{limits.rating_min}, {limits.rating_max}]"
-            )
+            raise InvalidRecord(f"rating {rating} out of range [{limits.rating_min}, {limits.rating_max}]")
         fields["rating"] = float(rating)
     else:
         raise InvalidRecord(f"unknown event type {kind!r}")
@@ -168,9 +166,7 @@ def decode_json(raw: bytes | str) -> dict[str, Any]:
     return record
 
 
-def parse_topic_record(
-    raw: bytes | str, topic_kind: str, limits: Limits = DEFAULT_LIMITS
-) -> Event | Item:
+def parse_topic_record(raw: bytes | str, topic_kind: str, limits: Limits = DEFAULT_LIMITS) -> Event | Item:
     """A record read from a topic: the topic says what it is; a `type` field must agree."""
     record = decode_json(raw)
     declared = record.get("type")

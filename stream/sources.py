@@ -14,9 +14,25 @@ from pathlib import Path
 from typing import Any
 
 ML_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 
 
@@ -138,8 +154,9 @@ def synthetic_log(
             words = rng.sample(TOPIC_WORDS[t], 3)
             item_id = f"{t}-{k}"
             by_topic.setdefault(t, []).append(item_id)
-            records.append({"type": "item", "item_id": item_id, "text": f"{' '.join(words)} {t}",
-                            "attrs": {"topic": t}})
+            records.append(
+                {"type": "item", "item_id": item_id, "text": f"{' '.join(words)} {t}", "attrs": {"topic": t}}
+            )
     users = [f"user-{u}" for u in range(n_users)]
     first = {u: rng.choice(topics) for u in users}
     second = {u: rng.choice([t for t in topics if t != first[u]]) for u in users}
@@ -153,11 +170,24 @@ def synthetic_log(
         base = {"event_id": f"syn-{seed}-{n}", "user_id": user, "ts": ts}
         if kind == "click":
             others = [i for t in topics if t != topic for i in by_topic[t]]
-            records.append({"type": "click", **base, "item_id": item,
-                            "impressions": rng.sample(others, 3), "dwell_ms": rng.randint(500, 60000)})
+            records.append(
+                {
+                    "type": "click",
+                    **base,
+                    "item_id": item,
+                    "impressions": rng.sample(others, 3),
+                    "dwell_ms": rng.randint(500, 60000),
+                }
+            )
         elif kind == "rating":
             records.append({"type": "rating", **base, "item_id": item, "rating": rng.choice([4.0, 4.5, 5.0])})
         else:
-            records.append({"type": "search", **base, "query": f"{rng.choice(TOPIC_WORDS[topic])} {topic}",
-                            "clicked_item_id": item})
+            records.append(
+                {
+                    "type": "search",
+                    **base,
+                    "query": f"{rng.choice(TOPIC_WORDS[topic])} {topic}",
+                    "clicked_item_id": item,
+                }
+            )
     return records

@@ -51,9 +51,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     items_topic = app.topic(
         settings.topic_items, key_serializer="raw", value_serializer="raw", allow_empty=True
     )
-    dead_letter_topic = app.topic(
-        settings.topic_dead_letter, key_serializer="raw", value_serializer="raw"
-    )
+    dead_letter_topic = app.topic(settings.topic_dead_letter, key_serializer="raw", value_serializer="raw")
     # One thread runs every model step and SQL write, in arrival order: the model
     # is not thread-safe, and the event loop stays free for heartbeats.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="istream-train")
@@ -84,8 +82,13 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
             )
         log.info(
             "batch: %d records, %d applied, %d duplicates, %d invalid, %d users, %d items, %.3fs",
-            len(records), outcome.applied, outcome.duplicates, len(outcome.dead_letters),
-            outcome.users, outcome.items, outcome.seconds,
+            len(records),
+            outcome.applied,
+            outcome.duplicates,
+            len(outcome.dead_letters),
+            outcome.users,
+            outcome.items,
+            outcome.seconds,
         )
         return outcome
 

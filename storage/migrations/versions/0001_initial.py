@@ -47,10 +47,14 @@ def upgrade() -> None:
     )
     op.create_index("item_vectors_by_model", "item_vectors", ["model_version"])
     for name, extra in (
-        ("user_interest_vectors", [sa.Column("created_at", TS, nullable=False,
-                                             server_default=sa.text("clock_timestamp()"))]),
-        ("user_interests_current", [sa.Column("updated_at", TS, nullable=False,
-                                              server_default=sa.text("clock_timestamp()"))]),
+        (
+            "user_interest_vectors",
+            [sa.Column("created_at", TS, nullable=False, server_default=sa.text("clock_timestamp()"))],
+        ),
+        (
+            "user_interests_current",
+            [sa.Column("updated_at", TS, nullable=False, server_default=sa.text("clock_timestamp()"))],
+        ),
     ):
         key = [sa.Column("version", sa.Integer, nullable=False, primary_key=name != "user_interests_current")]
         op.create_table(
