@@ -118,3 +118,14 @@ class UserState(Base):
     model_version: Mapped[str] = mapped_column(String(200))
     state: Mapped[dict[str, Any]] = mapped_column(JSONB)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class BaseEncoding(Base):
+    """Cached base-model encodings of texts, so a restart does not re-encode the catalog."""
+
+    __tablename__ = "base_encodings"
+
+    base_version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    text_sha1: Mapped[str] = mapped_column(String(40), primary_key=True)
+    vector: Mapped[Any] = mapped_column(Vector())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -93,6 +93,14 @@ def upgrade() -> None:
         sa.Column("state", JSONB, nullable=False),
         sa.Column("updated_at", TS, nullable=False, server_default=sa.func.now()),
     )
+    # Base encodings survive restarts so the catalog is not re-encoded (keyed by base version).
+    op.create_table(
+        "base_encodings",
+        sa.Column("base_version", sa.String(200), primary_key=True),
+        sa.Column("text_sha1", sa.String(40), primary_key=True),
+        sa.Column("vector", Vector(), nullable=False),
+        sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
+    )
     # Functions SQL users call by hand (documented in the README).
     op.execute(
         """
@@ -132,6 +140,7 @@ def downgrade() -> None:
     op.execute("DROP FUNCTION IF EXISTS user_vector_as_of(text, timestamptz, boolean)")
     op.execute("DROP FUNCTION IF EXISTS user_top_items(text, int, boolean)")
     for table in (
+        "base_encodings",
         "user_states",
         "consumed_offsets",
         "applied_events",
