@@ -39,14 +39,35 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at `url` to `revision` (default: the newest schema)."""
+def upgrade(
+    url: str,
+    revision: str = "head",
+    *,
+    vector_dim: int | None = None,
+    vector_backend: str | None = None,
+) -> None:
+    """Bring the database at `url` to `revision` (default: the newest schema).
+
+    `vector_dim` and `vector_backend` matter only to the migrations that create the
+    vector columns; unset, they come from ISTREAM_VECTOR_DIM (default 384) and
+    ISTREAM_VECTOR_BACKEND (default auto: pgvector when the server has it).
+    """
+    _run(url, command.upgrade, revision, vector_dim, vector_backend)
+
+
+def downgrade(url: str, revision: str) -> None:
+    _run(url, command.downgrade, revision, None, None)
+
+
+def _run(url: str, step: object, revision: str, vector_dim: int | None, vector_backend: str | None) -> None:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
             cfg = alembic_config(url)
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            cfg.attributes["vector_dim"] = vector_dim
+            cfg.attributes["vector_backend"] = vector_backend
+            step(cfg, revision)  # type: ignore[operator]
     finally:
         engine.dispose()
 

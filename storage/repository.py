@@ -1,19 +1,26 @@
 """Writes and reads of versioned interest vectors.
 
 One batch of the worker is one transaction: dedup rows, new versions, the
-current-row upsert and the consumed offsets commit together or not at all, so
-a crash at any moment leaves Postgres at a batch boundary.
+current-row upsert, user states and the consumed offsets commit together or not
+at all, so a crash at any moment leaves Postgres at a batch boundary.
+
+Bulk rows travel by binary COPY into session-local staging tables and move to
+their tables in one set-based statement each; the only per-row Python work is
+packing a vector into bytes with numpy.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, func, select
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
 from models.core import ModelSnapshot, UserUpdate
@@ -22,12 +29,61 @@ from storage.schema import (
     AppliedEvent,
     CatalogItem,
     ConsumedOffset,
-    ItemVector,
     ModelVersion,
     UserInterestCurrent,
-    UserInterestVector,
     UserState,
 )
+from storage.vectors import Backend, Float4ArrayBinaryDumper
+
+# Batch transactions hold this advisory lock shared and erase_user() holds it
+# exclusively (same number as in migration 0002): an erasure waits for batches in
+# flight, and every later batch sees its tombstone.
+ERASURE_LOCK = 7_315_001
+
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS istream_stage_events (
+    event_id text, user_id text, kind text, item_id text, ts timestamptz, rating float8
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS istream_stage_users (
+    user_id text, model_version text, vector real[], n_events bigint, last_event_ts timestamptz,
+    cold_start text
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS istream_stage_states (
+    user_id text, model_version text, state jsonb
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS istream_stage_items (
+    item_id text, vector real[]
+) ON COMMIT DELETE ROWS;
+"""
+
+# Versions come from the current row under its row lock (taken in user_id order, so
+# two writers cannot deadlock): 1, 2, 3... without gaps or duplicates however many
+# workers write. The history row is a copy of what the upsert returned, stamped with
+# the same moment, so as-of queries and the current row always agree.
+_UPSERT_USERS = """
+WITH up AS (
+    INSERT INTO user_interests_current AS c
+        (user_id, version, model_version, vector, n_events, last_event_ts, updated_at, cold_start)
+    SELECT s.user_id, 1, s.model_version, s.vector, s.n_events, s.last_event_ts, clock_timestamp(),
+           s.cold_start
+    FROM istream_stage_users s
+    ORDER BY s.user_id
+    ON CONFLICT (user_id) DO UPDATE SET
+        version = c.version + 1,
+        model_version = excluded.model_version,
+        vector = excluded.vector,
+        n_events = c.n_events + excluded.n_events,
+        last_event_ts = greatest(c.last_event_ts, excluded.last_event_ts),
+        updated_at = clock_timestamp(),
+        cold_start = excluded.cold_start
+    RETURNING c.user_id, c.version, c.model_version, c.vector, c.n_events, c.last_event_ts,
+              c.updated_at, c.cold_start
+)
+INSERT INTO user_interest_vectors
+    (user_id, version, model_version, vector, n_events, last_event_ts, created_at, cold_start)
+SELECT * FROM up
+RETURNING user_id, version
+"""
 
 # Stay well under Postgres' 65,535 bind parameters per statement.
 _CHUNK = 2000
@@ -49,10 +105,89 @@ class OffsetMark:
     next_offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    erased_at: datetime
+    drop_until: datetime
+    rebuilt: bool  # the user has a current row written after the erasure (a new life)
+
+
+@dataclass(slots=True)
+class Screened:
+    """Events that may be learned, and what the erasure rule took out."""
+
+    kept: list[Event]
+    dropped: int = 0
+    # Users whose model state must be forgotten before learning (erased since last seen).
+    forget: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """Keep the newest `keep_versions` and everything younger than `keep_all`; beyond that one
+    version per UTC hour up to `hourly` old, then one per day."""
+
+    keep_versions: int = 10
+    keep_all: timedelta = timedelta(days=1)
+    hourly: timedelta = timedelta(days=7)
+
+    def __post_init__(self) -> None:
+        if self.keep_versions < 1:
+            raise ValueError("retention must keep at least the newest version (keep_versions >= 1)")
+        if self.hourly < self.keep_all:
+            raise ValueError("the hourly tier must reach at least as far back as keep-all")
+
+
+@dataclass(slots=True)
+class PruneReport:
+    user_versions_deleted: int = 0
+    item_vectors_deleted: int = 0
+    users_scanned: int = 0
+
+
+def _staged_connection(conn: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under `conn` (same transaction), with staging tables and the
+    numpy-to-real[] COPY dumper."""
+    raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+    raw.execute(_STAGING)
+    raw.adapters.register_dumper(None, Float4ArrayBinaryDumper)
+    return raw
+
+
 class VectorStore:
     def __init__(self, engine: Engine, group_id: str = "interest-stream") -> None:
         self.engine = engine
         self.group_id = group_id
+        self._meta: dict[str, str] | None = None
+        # user -> erased_at of the tombstone whose model state this process has forgotten.
+        self._forgotten: dict[str, datetime] = {}
+
+    # ---- what the migrations fixed -------------------------------------------
+    def _load_meta(self) -> dict[str, str]:
+        if self._meta is None:
+            with self.engine.connect() as conn:
+                self._meta = {k: v for k, v in conn.execute(text("SELECT key, value FROM storage_meta"))}
+        return self._meta
+
+    @property
+    def backend(self) -> Backend:
+        return Backend(self._load_meta()["vector_backend"])
+
+    @property
+    def dim(self) -> int:
+        return int(self._load_meta()["vector_dim"])
+
+    def user_hash(self, user_id: str) -> bytes:
+        """The tombstone key: sha256(salt || user_id), as erase_user() computes it in SQL."""
+        return hashlib.sha256((self._load_meta()["erasure_salt"] + user_id).encode("utf-8")).digest()
+
+    def _check_width(self, what: str, vectors: np.ndarray) -> None:
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            width = vectors.shape[-1] if vectors.ndim else 0
+            raise ValueError(
+                f"{what} have {width} dimensions but this database stores {self.dim} "
+                "(ISTREAM_VECTOR_DIM when it was migrated)"
+            )
 
     # ---- reads -------------------------------------------------------------
     def applied_event_ids(self, event_ids: Sequence[str]) -> set[str]:
@@ -123,18 +258,27 @@ class VectorStore:
                 )
 
     def write_item_vectors(self, model_version: str, item_ids: Sequence[str], vectors: np.ndarray) -> None:
-        rows = [
-            {"item_id": i, "model_version": model_version, "vector": np.asarray(v, dtype=np.float32)}
-            for i, v in zip(item_ids, vectors, strict=True)
-        ]
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(item_ids) != len(vectors):
+            raise ValueError(f"{len(item_ids)} item ids but {len(vectors)} vectors")
+        if not len(item_ids):
+            return
+        self._check_width("item vectors", vectors)
         with self.engine.begin() as conn:
-            for chunk in _chunks(rows, 500):
-                stmt = insert(ItemVector).values(list(chunk))
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[ItemVector.item_id, ItemVector.model_version],
-                        set_={"vector": stmt.excluded.vector},
-                    )
+            raw = _staged_connection(conn)
+            with raw.cursor() as cur:
+                with cur.copy("COPY istream_stage_items (item_id, vector) FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(["text", "real[]"])
+                    for item_id, vec in zip(item_ids, vectors, strict=True):
+                        cp.write_row((item_id, vec))
+                cur.execute(
+                    """
+                    INSERT INTO item_vectors AS t (item_id, model_version, vector)
+                    SELECT DISTINCT ON (s.item_id) s.item_id, %s, s.vector
+                    FROM istream_stage_items s ORDER BY s.item_id
+                    ON CONFLICT (item_id, model_version) DO UPDATE SET vector = excluded.vector
+                    """,
+                    (model_version,),
                 )
 
     def publish_model(self, snapshot: ModelSnapshot, base_model: str) -> None:
@@ -151,6 +295,148 @@ class VectorStore:
             )
             conn.execute(stmt.on_conflict_do_nothing(index_elements=[ModelVersion.model_version]))
 
+    # ---- erasure ----------------------------------------------------------------
+    def _tombstones(
+        self, conn: Connection | psycopg.Connection[Any], users: Iterable[str]
+    ) -> dict[str, Tombstone]:
+        users = sorted(set(users))
+        if not users:
+            return {}
+        sql = """
+            SELECT x.user_id, t.erased_at, t.drop_until,
+                   coalesce((SELECT c.updated_at > t.erased_at FROM user_interests_current c
+                             WHERE c.user_id = x.user_id), false)
+            FROM unnest(%s::bytea[], %s::text[]) AS x(user_hash, user_id)
+            JOIN erased_users t ON t.user_hash = x.user_hash
+        """
+        params = ([self.user_hash(u) for u in users], users)
+        if isinstance(conn, Connection):
+            raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+        else:
+            raw = conn
+        if not raw.execute("SELECT EXISTS (SELECT 1 FROM erased_users)").fetchone()[0]:  # type: ignore[index]
+            return {}
+        return {u: Tombstone(e, d, bool(r)) for u, e, d, r in raw.execute(sql, params)}
+
+    def screen_erased(self, events: Sequence[Event]) -> Screened:
+        """The erasure rule, applied before learning (the worker calls this on every batch).
+
+        An erased user's events stamped before the tombstone's `drop_until` are dropped —
+        in flight, retried or replayed — and never reach the model or Postgres. The first
+        time a tombstone is seen, the user is returned in `forget` so the caller drops the
+        model's in-memory state; later events (stamped after drop_until) start from nothing.
+        """
+        if not events:
+            return Screened(kept=list(events))
+        with self.engine.connect() as conn:
+            tombs = self._tombstones(conn, (e.user_id for e in events))
+        if not tombs:
+            return Screened(kept=list(events))
+        kept = [e for e in events if e.user_id not in tombs or _ts(e.ts) >= tombs[e.user_id].drop_until]
+        forget = {u for u, t in tombs.items() if not t.rebuilt and self._forgotten.get(u) != t.erased_at}
+        self._forgotten.update({u: tombs[u].erased_at for u in forget})
+        return Screened(kept=kept, dropped=len(events) - len(kept), forget=forget)
+
+    def erase_user(self, user_id: str, grace: timedelta = timedelta(0)) -> dict[str, int]:
+        """Remove every row of the user in one transaction, leave a tombstone and an audit row.
+
+        Events of the user stamped up to `grace` after now are dropped by the worker too
+        (clock skew, events still on their way). Returns rows deleted per table.
+        """
+        with self.engine.begin() as conn:
+            counts = conn.execute(
+                text("SELECT erase_user(:u, now() + make_interval(secs => :g))"),
+                {"u": user_id, "g": grace.total_seconds()},
+            ).scalar_one()
+        return {k: int(v) for k, v in counts.items()}
+
+    # ---- retention --------------------------------------------------------------
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        *,
+        now: datetime | None = None,
+        users_per_step: int = 5000,
+        progress: bool = False,
+    ) -> PruneReport:
+        """Thin the history by `policy`, a slice of users per transaction (short locks, steady WAL)."""
+        from tqdm import tqdm
+
+        report = PruneReport()
+        with self.engine.connect() as conn:
+            total = conn.execute(text("SELECT count(*) FROM user_interests_current")).scalar_one()
+        bar = tqdm(total=total, unit="user", desc="prune", disable=not progress)
+        after: str | None = None
+        while True:
+            with self.engine.begin() as conn:
+                ids = list(
+                    conn.execute(
+                        text(
+                            "SELECT user_id FROM user_interests_current "
+                            "WHERE (CAST(:after AS text) IS NULL OR user_id > :after) "
+                            "ORDER BY user_id LIMIT :n"
+                        ),
+                        {"after": after, "n": users_per_step},
+                    ).scalars()
+                )
+                if not ids:
+                    break
+                last = len(ids) < users_per_step
+                report.user_versions_deleted += conn.execute(
+                    text(
+                        "SELECT prune_user_vectors(:k, make_interval(secs => :all), "
+                        "make_interval(secs => :hourly), :lo, :hi, coalesce(:now, now()))"
+                    ),
+                    {
+                        "k": policy.keep_versions,
+                        "all": policy.keep_all.total_seconds(),
+                        "hourly": policy.hourly.total_seconds(),
+                        # The first slice starts at the bottom and the last is open-ended, so
+                        # history rows of users without a current row are covered as well.
+                        "lo": after,
+                        "hi": None if last else ids[-1] + "\x00",
+                        "now": now,
+                    },
+                ).scalar_one()
+            report.users_scanned += len(ids)
+            bar.update(len(ids))
+            if last:
+                break
+            after = ids[-1]
+        with self.engine.begin() as conn:
+            report.item_vectors_deleted = conn.execute(
+                text("SELECT prune_item_vectors(make_interval(secs => :all), coalesce(:now, now()))"),
+                {"all": policy.keep_all.total_seconds(), "now": now},
+            ).scalar_one()
+        bar.close()
+        return report
+
+    # ---- SQL functions, from Python ---------------------------------------------
+    def vector_as_of(
+        self, user_id: str, at: datetime, by_event_time: bool = False
+    ) -> tuple[int, np.ndarray] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT version, CAST(vector AS real[]) FROM user_vector_as_of(:u, :at, :ev)"),
+                {"u": user_id, "at": at, "ev": by_event_time},
+            ).first()
+        return None if row is None else (int(row[0]), np.asarray(row[1], dtype=np.float32))
+
+    def top_items(self, user_id: str, k: int = 10, skip_seen: bool = False) -> list[tuple[str, float]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT item_id, score FROM user_top_items(:u, :k, :s)"),
+                {"u": user_id, "k": k, "s": skip_seen},
+            ).all()
+        return [(i, float(s)) for i, s in rows]
+
+    def similar_users(self, user_id: str, k: int = 10) -> list[tuple[str, float]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT user_id, similarity FROM similar_users(:u, :k)"), {"u": user_id, "k": k}
+            ).all()
+        return [(u, float(s)) for u, s in rows]
+
     # ---- the batch transaction -------------------------------------------------
     def commit_batch(
         self,
@@ -160,108 +446,90 @@ class VectorStore:
         offsets: Sequence[OffsetMark] = (),
         user_states: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, int]:
-        """Apply one batch atomically; returns user_id -> the version written."""
+        """Apply one batch atomically; returns user_id -> the version written.
+
+        A user erased while the batch was being learned is left out (no version, no
+        state, no applied events): see `screen_erased` for the rule.
+        """
+        ordered = [updates[u] for u in sorted(updates)]
+        if ordered:
+            self._check_width("user vectors", np.stack([np.asarray(u.vector, np.float32) for u in ordered]))
         versions: dict[str, int] = {}
         with self.engine.begin() as conn:
-            if events:
-                ev_rows = [
-                    {
-                        "event_id": e.event_id,
-                        "user_id": e.user_id,
-                        "kind": e.kind,
-                        "item_id": e.target_item,
-                        "ts": _ts(e.ts),
-                        "rating": e.rating,
-                    }
+            raw = _staged_connection(conn)
+            raw.execute("SELECT pg_advisory_xact_lock_shared(%s)", (ERASURE_LOCK,))
+            # Read after taking the lock: an erasure that committed meanwhile is visible now.
+            tombs = self._tombstones(raw, [*updates, *(e.user_id for e in events), *(user_states or {})])
+            if tombs:
+                blocked = {
+                    u for u, t in tombs.items() if not t.rebuilt and self._forgotten.get(u) != t.erased_at
+                }
+                events = [
+                    e
                     for e in events
+                    if e.user_id not in tombs
+                    or (e.user_id not in blocked and _ts(e.ts) >= tombs[e.user_id].drop_until)
                 ]
-                for chunk in _chunks(ev_rows):
-                    conn.execute(insert(AppliedEvent).values(list(chunk)).on_conflict_do_nothing())
-            # Sorted so that two writers lock users in the same order and cannot deadlock.
-            ordered = [updates[u] for u in sorted(updates)]
-            for chunk in _chunks(ordered, 500):
-                rows = [
-                    {
-                        "user_id": u.user_id,
-                        "version": 1,
-                        "model_version": model_version,
-                        "vector": np.asarray(u.vector, dtype=np.float32),
-                        "n_events": u.n_applied,
-                        "last_event_ts": _ts(u.last_event_ts),
-                        "cold_start": u.cold_start,
-                    }
-                    for u in chunk
-                ]
-                stmt = insert(UserInterestCurrent).values(rows)
-                cur = UserInterestCurrent.__table__.c
-                # The row lock taken by the upsert serialises writers per user, so
-                # versions stay 1, 2, 3... even with two workers at once.
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[UserInterestCurrent.user_id],
-                    set_={
-                        "version": cur.version + 1,
-                        "model_version": stmt.excluded.model_version,
-                        "vector": stmt.excluded.vector,
-                        "n_events": cur.n_events + stmt.excluded.n_events,
-                        "last_event_ts": func.greatest(cur.last_event_ts, stmt.excluded.last_event_ts),
-                        "updated_at": func.clock_timestamp(),
-                        "cold_start": stmt.excluded.cold_start,
-                    },
-                ).returning(cur.user_id, cur.version, cur.n_events, cur.last_event_ts)
-                written = conn.execute(stmt).all()
-                by_user = {r.user_id: r for r in written}
-                history = [
-                    {
-                        **row,
-                        "version": by_user[row["user_id"]].version,
-                        "n_events": by_user[row["user_id"]].n_events,
-                        "last_event_ts": by_user[row["user_id"]].last_event_ts,
-                    }
-                    for row in rows
-                ]
-                conn.execute(insert(UserInterestVector).values(history))
-                versions.update({r.user_id: r.version for r in written})
-            if user_states:
-                rows = [
-                    {"user_id": u, "model_version": model_version, "state": dict(s)}
-                    for u, s in sorted(user_states.items())
-                ]
-                for chunk in _chunks(rows, 500):
-                    stmt = insert(UserState).values(list(chunk))
-                    conn.execute(
-                        stmt.on_conflict_do_update(
-                            index_elements=[UserState.user_id],
-                            set_={
-                                "model_version": stmt.excluded.model_version,
-                                "state": stmt.excluded.state,
-                                "updated_at": func.now(),
-                            },
-                        )
+                ordered = [u for u in ordered if u.user_id not in blocked]
+                user_states = {u: s for u, s in (user_states or {}).items() if u not in blocked}
+            with raw.cursor() as cur:
+                if events:
+                    with cur.copy(
+                        "COPY istream_stage_events (event_id, user_id, kind, item_id, ts, rating) "
+                        "FROM STDIN (FORMAT BINARY)"
+                    ) as cp:
+                        cp.set_types(["text", "text", "text", "text", "timestamptz", "float8"])
+                        for e in events:
+                            rating = None if e.rating is None else float(e.rating)
+                            cp.write_row((e.event_id, e.user_id, e.kind, e.target_item, _ts(e.ts), rating))
+                    cur.execute(
+                        "INSERT INTO applied_events (event_id, user_id, kind, item_id, ts, rating) "
+                        "SELECT * FROM istream_stage_events ON CONFLICT DO NOTHING"
                     )
-            if offsets:
-                rows = [
-                    {
-                        "group_id": self.group_id,
-                        "topic": o.topic,
-                        "partition": o.partition,
-                        "next_offset": o.next_offset,
-                    }
-                    for o in offsets
-                ]
-                stmt = insert(ConsumedOffset).values(rows)
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[
-                            ConsumedOffset.group_id,
-                            ConsumedOffset.topic,
-                            ConsumedOffset.partition,
-                        ],
-                        set_={
-                            "next_offset": func.greatest(
-                                ConsumedOffset.__table__.c.next_offset, stmt.excluded.next_offset
-                            ),
-                            "updated_at": func.now(),
-                        },
+                if ordered:
+                    with cur.copy(
+                        "COPY istream_stage_users (user_id, model_version, vector, n_events, last_event_ts, "
+                        "cold_start) FROM STDIN (FORMAT BINARY)"
+                    ) as cp:
+                        cp.set_types(["text", "text", "real[]", "int8", "timestamptz", "text"])
+                        for u in ordered:
+                            cp.write_row(
+                                (
+                                    u.user_id,
+                                    model_version,
+                                    u.vector,
+                                    int(u.n_applied),
+                                    _ts(u.last_event_ts),
+                                    u.cold_start,
+                                )
+                            )
+                    versions = dict(cur.execute(_UPSERT_USERS).fetchall())
+                if user_states:
+                    with cur.copy(
+                        "COPY istream_stage_states (user_id, model_version, state) FROM STDIN (FORMAT BINARY)"
+                    ) as cp:
+                        cp.set_types(["text", "text", "jsonb"])
+                        for u in sorted(user_states):
+                            cp.write_row((u, model_version, Jsonb(dict(user_states[u]))))
+                    cur.execute(
+                        """
+                        INSERT INTO user_states AS t (user_id, model_version, state)
+                        SELECT s.user_id, s.model_version, s.state FROM istream_stage_states s
+                        ORDER BY s.user_id
+                        ON CONFLICT (user_id) DO UPDATE SET
+                            model_version = excluded.model_version, state = excluded.state,
+                            updated_at = now()
+                        """
                     )
-                )
+                if offsets:
+                    cur.executemany(
+                        """
+                        INSERT INTO consumed_offsets AS t (group_id, topic, partition, next_offset)
+                        VALUES (%s, %s, %s, %s)
+                        ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                            next_offset = greatest(t.next_offset, excluded.next_offset),
+                            updated_at = now()
+                        """,
+                        [(self.group_id, o.topic, o.partition, o.next_offset) for o in offsets],
+                    )
         return versions

@@ -5,10 +5,50 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pgvector.sqlalchemy import Vector
-from sqlalchemy import BigInteger, DateTime, Float, Integer, LargeBinary, String, Text, func
-from sqlalchemy.dialects.postgresql import JSONB
+import numpy as np
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    cast,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
+
+
+class Embedding(TypeDecorator[np.ndarray]):
+    """A vector column that is pgvector `vector(d)` or the `real[]` fallback (see storage.vectors).
+
+    Values cross the wire as `real[]` both ways: pgvector casts `real[]` to `vector`
+    on assignment and back implicitly, so ORM code never needs to know the backend.
+    """
+
+    impl = ARRAY(REAL)
+    cache_ok = True
+
+    def bind_expression(self, bindvalue: ColumnElement[Any]) -> ColumnElement[Any]:
+        return cast(bindvalue, ARRAY(REAL))
+
+    def column_expression(self, colexpr: ColumnElement[Any]) -> ColumnElement[Any]:
+        return cast(colexpr, ARRAY(REAL))
+
+    def process_bind_param(self, value: Any, dialect: Any) -> list[float] | None:
+        if value is None:
+            return None
+        return np.asarray(value, dtype=np.float32).reshape(-1).tolist()
+
+    def process_result_value(self, value: Any, dialect: Any) -> np.ndarray | None:
+        if value is None:
+            return None
+        return np.asarray(value, dtype=np.float32)
 
 
 class Base(DeclarativeBase):
@@ -44,7 +84,7 @@ class ItemVector(Base):
 
     item_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(200), primary_key=True)
-    vector: Mapped[Any] = mapped_column(Vector())
+    vector: Mapped[Any] = mapped_column(Embedding())
 
 
 class UserInterestVector(Base):
@@ -55,7 +95,7 @@ class UserInterestVector(Base):
     user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_version: Mapped[str] = mapped_column(String(200))
-    vector: Mapped[Any] = mapped_column(Vector())
+    vector: Mapped[Any] = mapped_column(Embedding())
     n_events: Mapped[int] = mapped_column(BigInteger)
     last_event_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(
@@ -72,7 +112,7 @@ class UserInterestCurrent(Base):
     user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
     model_version: Mapped[str] = mapped_column(String(200))
-    vector: Mapped[Any] = mapped_column(Vector())
+    vector: Mapped[Any] = mapped_column(Embedding())
     n_events: Mapped[int] = mapped_column(BigInteger)
     last_event_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(
@@ -127,5 +167,43 @@ class BaseEncoding(Base):
 
     base_version: Mapped[str] = mapped_column(String(200), primary_key=True)
     text_sha1: Mapped[str] = mapped_column(String(40), primary_key=True)
-    vector: Mapped[Any] = mapped_column(Vector())
+    vector: Mapped[Any] = mapped_column(Embedding())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class StorageMeta(Base):
+    """Facts fixed at migration time (vector backend and width) and the erasure salt.
+
+    Never granted to the read-only role: the salt would let a reader test guesses
+    against the hashed ids in `erased_users`.
+    """
+
+    __tablename__ = "storage_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ErasedUser(Base):
+    """Tombstone of an erased user, keyed by a salted hash so it holds no personal data.
+
+    The worker drops the user's events stamped before `drop_until` (in flight,
+    retried or replayed) instead of resurrecting the user.
+    """
+
+    __tablename__ = "erased_users"
+
+    user_hash: Mapped[bytes] = mapped_column(BYTEA, primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    drop_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ErasureAudit(Base):
+    """One row per erasure: when, by which database role, how many rows went — no user id, no hash."""
+
+    __tablename__ = "erasure_audit"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    actor: Mapped[str] = mapped_column(Text, server_default=func.current_user())
+    rows_deleted: Mapped[dict[str, Any]] = mapped_column(JSONB)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
 
 from stream.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from storage.repository import VectorStore
 
 
 class UserError(click.ClickException):
@@ -58,8 +62,100 @@ def db_upgrade(revision: str) -> None:
     s = settings()
     if not s.database_url:
         raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres to migrate")
-    upgrade(s.database_url, revision)
+    upgrade(s.database_url, revision, vector_dim=s.vector_dim, vector_backend=s.vector_backend)
     click.echo(f"schema at revision {current_revision(s.database_url)}")
+
+
+def _store_for_maintenance() -> tuple[Settings, VectorStore]:
+    """Settings and a VectorStore on ISTREAM_DATABASE_URL, whose schema has the storage functions."""
+    from storage.db import current_revision
+    from stream.runtime import build_store
+
+    s = settings()
+    if not s.database_url:
+        raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres to use")
+    try:
+        revision = current_revision(s.database_url)
+    except Exception as exc:  # connection refused, bad credentials, ...: one line, not a trace
+        raise UserError(f"cannot reach Postgres: {str(exc).splitlines()[0]}") from None
+    if revision is None or revision < "0002":
+        raise UserError(f"schema is at {revision or 'nothing'}: run `istream db upgrade` first")
+    return s, build_store(s, s.database_url)
+
+
+@db.command("prune")
+@click.option("--keep-versions", type=click.IntRange(min=1), help="newest versions kept per user")
+@click.option("--keep-all", "keep_all_s", type=click.FloatRange(min=0), help="seconds: keep all younger")
+@click.option("--hourly", "hourly_s", type=click.FloatRange(min=0), help="seconds: hourly up to this old")
+def db_prune(keep_versions: int | None, keep_all_s: float | None, hourly_s: float | None) -> None:
+    """Thin the vector history by the retention policy (defaults: ISTREAM_RETENTION_*)."""
+    from stream.runtime import retention_policy
+
+    s, store = _store_for_maintenance()
+    s = s.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "retention_keep_versions": keep_versions,
+                "retention_keep_all_s": keep_all_s,
+                "retention_hourly_s": hourly_s,
+            }.items()
+            if v is not None
+        }
+    )
+    try:
+        policy = retention_policy(s)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    report = store.prune(policy, progress=True)
+    click.echo(
+        f"pruned {report.user_versions_deleted} old versions of {report.users_scanned} users "
+        f"and {report.item_vectors_deleted} item vectors of unused model versions"
+    )
+
+
+@db.command("grant-reader")
+@click.argument("role")
+@click.option("--login/--no-login", default=True, show_default=True, help="may the role log in")
+@click.option("--password-prompt", is_flag=True, help="set a password (asked for, never on the command line)")
+def db_grant_reader(role: str, login: bool, password_prompt: bool) -> None:
+    """Create ROLE if needed and let it read vectors and call the SQL functions, not write."""
+    from sqlalchemy.engine import make_url
+
+    from storage.access import AccessError, grant_reader
+
+    s, store = _store_for_maintenance()
+    password = None
+    if password_prompt:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        grant = grant_reader(store.engine, role, login=login, password=password)
+    except AccessError as exc:
+        raise UserError(str(exc)) from None
+    url = make_url(s.database_url or "").set(username=role, password="PASSWORD" if password else None)
+    click.echo(f"{'created' if grant.created else 'updated'} read-only role {role} on {grant.database}")
+    click.echo(f"connect with: {url.render_as_string(hide_password=False)}")
+
+
+@cli.command()
+@click.argument("user_id")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0),
+    help="seconds after now whose events are dropped too (default ISTREAM_ERASURE_GRACE_S)",
+)
+def erase(user_id: str, yes: bool, grace_s: float | None) -> None:
+    """Erase USER_ID: every row in one transaction, a tombstone so the worker drops their events."""
+    from datetime import timedelta
+
+    s, store = _store_for_maintenance()
+    if not yes:
+        click.confirm(f"erase every stored row of user {user_id!r}? This cannot be undone", abort=True)
+    grace = timedelta(seconds=s.erasure_grace_s if grace_s is None else grace_s)
+    counts = store.erase_user(user_id, grace)
+    click.echo("erased: " + ", ".join(f"{t} {n}" for t, n in sorted(counts.items())))
 
 
 @cli.command()

@@ -42,6 +42,7 @@ class BatchOutcome:
     seconds: float = 0.0
     loss: float | None = None
     max_event_ts: float | None = None
+    erased: int = 0  # events of erased users, dropped by the erasure rule
 
 
 def dead_letter(record: RawRecord, reason: str) -> dict[str, Any]:
@@ -140,6 +141,11 @@ class BatchProcessor:
                 continue
             seen.add(e.event_id)
             fresh.append(e)
+        # Erasure rule (docs/storage.md): an erased user's older events are dropped, not learned.
+        screened = self.store.screen_erased(fresh)
+        for user_id in screened.forget:
+            self.model.forget_user(user_id)
+        fresh, outcome.erased = screened.kept, screened.dropped
         # Event time orders a user's events; ties keep arrival order (sort is stable).
         fresh.sort(key=lambda e: e.ts)
         result = self.model.learn(fresh) if fresh else None
@@ -147,12 +153,15 @@ class BatchProcessor:
             self.store.publish_model(result.snapshot, self.base_model)
             self._published.add(result.snapshot.version)
         self.ensure_published()
-        self.store.commit_batch(
+        written = self.store.commit_batch(
             model_version=result.model_version if result else self.model.model_version,
             updates=result.updates if result else {},
             events=fresh,
             offsets=self._offsets(records),
         )
+        # Erased while this batch was learning: nothing was stored for them; forget them too.
+        for user_id in set(result.updates if result else ()) - set(written):
+            self.model.forget_user(user_id)
         outcome.applied = len(fresh)
         outcome.users = len(result.updates) if result else 0
         outcome.loss = result.loss if result else None

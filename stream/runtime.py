@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from models.core import InterestModel
 from models.encoder import DEFAULT_BASE_MODEL, BaseEncoder
 from models.registry import build_model
 from storage.db import make_engine
-from storage.repository import VectorStore
+from storage.repository import RetentionPolicy, VectorStore
 from stream.schema import Limits
 from stream.settings import Settings
 
@@ -49,6 +50,14 @@ def build_interest_model(settings: Settings, encoder: BaseEncoder | None = None)
 
 def build_store(settings: Settings, url: str) -> VectorStore:
     return VectorStore(make_engine(url, pool_size=4), group_id=settings.group_id)
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    return RetentionPolicy(
+        keep_versions=settings.retention_keep_versions,
+        keep_all=timedelta(seconds=settings.retention_keep_all_s),
+        hourly=timedelta(seconds=max(settings.retention_hourly_s, settings.retention_keep_all_s)),
+    )
 
 
 def configure_logging(level: str) -> None:

@@ -51,6 +51,20 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # Storage (issue 4, docs/storage.md). Vector width and backend are fixed when the
+    # schema is migrated: `istream db upgrade` reads them; changing them later needs a new database.
+    vector_dim: int = Field(default=384, ge=1, le=16000)
+    vector_backend: Literal["auto", "pgvector", "array"] = "auto"
+    # Retention: newest K versions and everything younger than keep_all are kept; beyond
+    # that one version per hour up to `hourly` old, then one per day.
+    retention_keep_versions: int = Field(default=10, ge=1)
+    retention_keep_all_s: float = Field(default=86400.0, ge=0)
+    retention_hourly_s: float = Field(default=7 * 86400.0, ge=0)
+    retention_interval_s: float = Field(default=3600.0, ge=0)  # worker prunes this often; 0 = never
+    # Events of an erased user stamped up to this long after the erasure are dropped too
+    # (producer clock skew, events still on their way).
+    erasure_grace_s: float = Field(default=3600.0, ge=0)
+
     @property
     def event_topics(self) -> dict[str, str]:
         """topic -> event kind."""

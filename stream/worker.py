@@ -11,7 +11,7 @@ import faust
 
 from storage.db import upgrade
 from stream.processor import BatchOutcome, BatchProcessor, RawRecord, encode_dead_letter
-from stream.runtime import base_model_name, build_interest_model, build_store, limits
+from stream.runtime import base_model_name, build_interest_model, build_store, limits, retention_policy
 from stream.settings import Settings
 
 log = logging.getLogger("istream.worker")
@@ -101,6 +101,24 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     async def on_items(stream: Any) -> None:
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_seconds):
             await run_batch(list(batch))
+
+    if settings.retention_interval_s > 0:
+        # Retention (docs/storage.md), off the training thread: pruning only deletes
+        # superseded history rows, so it never waits on or blocks a batch.
+        @app.timer(interval=settings.retention_interval_s)
+        async def prune_history() -> None:
+            store = build_store(settings, database_url)
+            try:
+                report = await asyncio.get_running_loop().run_in_executor(
+                    None, store.prune, retention_policy(settings)
+                )
+            finally:
+                store.engine.dispose()
+            log.info(
+                "retention: %d old versions, %d unused item vectors pruned",
+                report.user_versions_deleted,
+                report.item_vectors_deleted,
+            )
 
     @app.task
     async def warm_up() -> None:

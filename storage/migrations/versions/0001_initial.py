@@ -1,5 +1,9 @@
 """Initial schema: versioned user vectors, item vectors, registry, offsets, SQL functions.
 
+Amended before its first release (and so before anyone ran it) for one thing only:
+on a Postgres without pgvector the vector columns are `real[]` and the functions,
+which need pgvector's operators, are left to 0002. With pgvector the DDL is as it was.
+
 Revision ID: 0001
 Revises:
 """
@@ -7,9 +11,11 @@ Revises:
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 from pgvector.sqlalchemy import Vector
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+from storage.vectors import Backend, choose_backend
 
 revision = "0001"
 down_revision = None
@@ -20,7 +26,13 @@ TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    backend = choose_backend(op.get_bind(), context.config.attributes.get("vector_backend"))
+    if backend is Backend.PGVECTOR:
+        op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+
+    def vector_type() -> sa.types.TypeEngine:
+        return Vector() if backend is Backend.PGVECTOR else ARRAY(sa.REAL)
+
     op.create_table(
         "model_versions",
         sa.Column("model_version", sa.String(200), primary_key=True),
@@ -43,7 +55,7 @@ def upgrade() -> None:
         "item_vectors",
         sa.Column("item_id", sa.String(128), primary_key=True),
         sa.Column("model_version", sa.String(200), primary_key=True),
-        sa.Column("vector", Vector(), nullable=False),
+        sa.Column("vector", vector_type(), nullable=False),
     )
     op.create_index("item_vectors_by_model", "item_vectors", ["model_version"])
     for name, extra in (
@@ -62,7 +74,7 @@ def upgrade() -> None:
             sa.Column("user_id", sa.String(128), primary_key=True),
             *key,
             sa.Column("model_version", sa.String(200), nullable=False),
-            sa.Column("vector", Vector(), nullable=False),
+            sa.Column("vector", vector_type(), nullable=False),
             sa.Column("n_events", sa.BigInteger, nullable=False),
             sa.Column("last_event_ts", TS, nullable=False),
             *extra,
@@ -98,9 +110,11 @@ def upgrade() -> None:
         "base_encodings",
         sa.Column("base_version", sa.String(200), primary_key=True),
         sa.Column("text_sha1", sa.String(40), primary_key=True),
-        sa.Column("vector", Vector(), nullable=False),
+        sa.Column("vector", vector_type(), nullable=False),
         sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
     )
+    if backend is not Backend.PGVECTOR:
+        return
     # Functions SQL users call by hand (documented in the README).
     op.execute(
         """
