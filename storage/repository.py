@@ -394,7 +394,7 @@ class VectorStore:
                         # The first slice starts at the bottom and the last is open-ended, so
                         # history rows of users without a current row are covered as well.
                         "lo": after,
-                        "hi": None if last else ids[-1] + "\x00",
+                        "hi": None if last else ids[-1],
                         "now": now,
                     },
                 ).scalar_one()

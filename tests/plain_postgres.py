@@ -42,7 +42,8 @@ class PlainPostgres:
     def start(self) -> str:
         if not (self.bin / "pg_ctl").is_file():
             raise FileNotFoundError(
-                f"no PostgreSQL binaries at {self.bin} (apt-get install -y postgresql-15, or set PLAIN_PG_BIN)"
+                f"no PostgreSQL binaries at {self.bin} "
+                "(apt-get install -y postgresql-15, or set PLAIN_PG_BIN)"
             )
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
@@ -60,7 +61,9 @@ class PlainPostgres:
             str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
             "--encoding=UTF8", "--no-sync",
         )  # fmt: skip
-        opts = f"-c listen_addresses='' -c unix_socket_directories={self.socket_dir} -p {self.port} -c fsync=off"
+        opts = (
+            f"-c listen_addresses='' -c unix_socket_directories={self.socket_dir} -p {self.port} -c fsync=off"
+        )
         self._run(
             str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
             "-o", opts, "-w", "start",

@@ -142,7 +142,7 @@ def _functions(backend: Backend, dim: int) -> list[str]:
         # at the bucket's end, so as-of answers stay exact at those boundaries.
         """
         CREATE FUNCTION prune_user_vectors(p_keep_versions int, p_keep_all interval, p_hourly interval,
-                                           p_from text DEFAULT NULL, p_to text DEFAULT NULL,
+                                           p_after text DEFAULT NULL, p_upto text DEFAULT NULL,
                                            p_now timestamptz DEFAULT now())
         RETURNS bigint
         LANGUAGE sql VOLATILE AS $$
@@ -156,7 +156,8 @@ def _functions(backend: Backend, dim: int) -> list[str]:
                        date_trunc(CASE WHEN v.created_at > p_now - p_hourly THEN 'hour' ELSE 'day' END,
                                   v.created_at - interval '1 microsecond', 'UTC') AS bucket
                 FROM user_interest_vectors v
-                WHERE (p_from IS NULL OR v.user_id >= p_from) AND (p_to IS NULL OR v.user_id < p_to)
+                -- One slice of users, (p_after, p_upto], so big tables prune in short transactions.
+                WHERE (p_after IS NULL OR v.user_id > p_after) AND (p_upto IS NULL OR v.user_id <= p_upto)
             ), doomed AS (
                 SELECT x.user_id, x.version FROM (
                     SELECT r.user_id, r.version,

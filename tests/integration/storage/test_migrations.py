@@ -39,11 +39,12 @@ def test_empty_database_to_head_and_back(new_database: Callable[[], str], server
         for table in ("item_vectors", "user_interest_vectors", "user_interests_current"):
             assert _column_type(conn, table) == expected
         functions = set(
-            conn.execute(text("SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace")).scalars()
+            conn.execute(
+                text("SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace")
+            ).scalars()
         )
-        assert {"user_top_items", "user_vector_as_of", "similar_users", "prune_user_vectors", "erase_user"} <= (
-            functions
-        )
+        wanted = {"user_top_items", "user_vector_as_of", "similar_users", "prune_user_vectors", "erase_user"}
+        assert wanted <= functions
         has_hnsw = conn.execute(text("SELECT to_regclass('item_vectors_hnsw') IS NOT NULL")).scalar()
     eng.dispose()
     # The embedded server has pgvector; Debian's postgresql-15 does not.
@@ -70,9 +71,7 @@ def _seed_0001(url: str) -> Backend:
         user_1 = [0.6, 0.8] + [0.0] * (DIM - 2)
         conn.execute(text("INSERT INTO model_versions (model_version, base_model) VALUES ('m1', 'base')"))
         conn.execute(
-            text(
-                f"INSERT INTO item_vectors VALUES ('a', 'm1', {vec(item_a)}), ('b', 'm1', {vec(item_b)})"
-            )
+            text(f"INSERT INTO item_vectors VALUES ('a', 'm1', {vec(item_a)}), ('b', 'm1', {vec(item_b)})")
         )
         conn.execute(
             text(
@@ -88,9 +87,7 @@ def _seed_0001(url: str) -> Backend:
                 "now() - interval '1 hour')"
             )
         )
-        conn.execute(
-            text("INSERT INTO applied_events VALUES ('e1', 'u1', 'rating', 'b', now(), 4.0)")
-        )
+        conn.execute(text("INSERT INTO applied_events VALUES ('e1', 'u1', 'rating', 'b', now(), 4.0)"))
         conn.execute(text("INSERT INTO user_states VALUES ('u1', 'm1', '{\"n\": 2}', now())"))
         conn.execute(text("INSERT INTO consumed_offsets VALUES ('g', 'interest.ratings', 0, 7, now())"))
     eng.dispose()
