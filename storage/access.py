@@ -15,6 +15,7 @@ READER_TABLES = (
     "item_vectors",
     "user_interest_vectors",
     "user_interests_current",
+    "user_current_versions",
     "applied_events",
     "consumed_offsets",
     "user_states",

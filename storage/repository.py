@@ -56,32 +56,29 @@ CREATE TEMP TABLE IF NOT EXISTS istream_stage_items (
 ) ON COMMIT DELETE ROWS;
 """
 
-# Versions come from the current row under its row lock (taken in user_id order, so
-# two writers cannot deadlock): 1, 2, 3... without gaps or duplicates however many
-# workers write. The history row is a copy of what the upsert returned, stamped with
-# the same moment, so as-of queries and the current row always agree.
+# Versions come from the user's pointer row under its row lock (taken in user_id order,
+# so two writers cannot deadlock): 1, 2, 3... without gaps or duplicates however many
+# workers write. The vector is written once, to the history; the pointer row (and the
+# user_interests_current view over it) names that version, stamped with the same moment,
+# so as-of queries and the current row always agree.
 _UPSERT_USERS = """
 WITH up AS (
-    INSERT INTO user_interests_current AS c
-        (user_id, version, model_version, vector, n_events, last_event_ts, updated_at, cold_start)
-    SELECT s.user_id, 1, s.model_version, s.vector, s.n_events, s.last_event_ts, clock_timestamp(),
-           s.cold_start
+    INSERT INTO user_current_versions AS c (user_id, version, n_events, last_event_ts, updated_at)
+    SELECT s.user_id, 1, s.n_events, s.last_event_ts, clock_timestamp()
     FROM istream_stage_users s
     ORDER BY s.user_id
     ON CONFLICT (user_id) DO UPDATE SET
         version = c.version + 1,
-        model_version = excluded.model_version,
-        vector = excluded.vector,
         n_events = c.n_events + excluded.n_events,
         last_event_ts = greatest(c.last_event_ts, excluded.last_event_ts),
-        updated_at = clock_timestamp(),
-        cold_start = excluded.cold_start
-    RETURNING c.user_id, c.version, c.model_version, c.vector, c.n_events, c.last_event_ts,
-              c.updated_at, c.cold_start
+        updated_at = clock_timestamp()
+    RETURNING c.user_id, c.version, c.n_events, c.last_event_ts, c.updated_at
 )
 INSERT INTO user_interest_vectors
     (user_id, version, model_version, vector, n_events, last_event_ts, created_at, cold_start)
-SELECT * FROM up
+SELECT up.user_id, up.version, s.model_version, s.vector, up.n_events, up.last_event_ts, up.updated_at,
+       s.cold_start
+FROM up JOIN istream_stage_users s ON s.user_id = up.user_id
 RETURNING user_id, version
 """
 
@@ -304,7 +301,7 @@ class VectorStore:
             return {}
         sql = """
             SELECT x.user_id, t.erased_at, t.drop_until,
-                   coalesce((SELECT c.updated_at > t.erased_at FROM user_interests_current c
+                   coalesce((SELECT c.updated_at > t.erased_at FROM user_current_versions c
                              WHERE c.user_id = x.user_id), false)
             FROM unnest(%s::bytea[], %s::text[]) AS x(user_hash, user_id)
             JOIN erased_users t ON t.user_hash = x.user_hash
@@ -364,7 +361,7 @@ class VectorStore:
 
         report = PruneReport()
         with self.engine.connect() as conn:
-            total = conn.execute(text("SELECT count(*) FROM user_interests_current")).scalar_one()
+            total = conn.execute(text("SELECT count(*) FROM user_current_versions")).scalar_one()
         bar = tqdm(total=total, unit="user", desc="prune", disable=not progress)
         after: str | None = None
         while True:
@@ -372,7 +369,7 @@ class VectorStore:
                 ids = list(
                     conn.execute(
                         text(
-                            "SELECT user_id FROM user_interests_current "
+                            "SELECT user_id FROM user_current_versions "
                             "WHERE (CAST(:after AS text) IS NULL OR user_id > :after) "
                             "ORDER BY user_id LIMIT :n"
                         ),

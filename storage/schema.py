@@ -104,8 +104,23 @@ class UserInterestVector(Base):
     cold_start: Mapped[str | None] = mapped_column(String(32))
 
 
+class UserCurrentVersion(Base):
+    """Which history row is each user's newest, with the running counters (written per batch)."""
+
+    __tablename__ = "user_current_versions"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    n_events: Mapped[int] = mapped_column(BigInteger)
+    last_event_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.clock_timestamp()
+    )
+
+
 class UserInterestCurrent(Base):
-    """One row per user: the newest version."""
+    """One row per user: the newest version. A read-only VIEW (user_current_versions joined to
+    the history) since migration 0002; mapped here for queries, never written."""
 
     __tablename__ = "user_interests_current"
 

@@ -47,6 +47,12 @@ def server_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def server_kind(server_url: str, request: pytest.FixtureRequest) -> str:
+    """'pgvector' or 'plain-pg15': which server this run of a test is on."""
+    return request.node.callspec.params["server_url"]
+
+
+@pytest.fixture
 def new_database(server_url: str) -> Iterator[Callable[[], str]]:
     """Factory of fresh, empty databases on the server under test; all dropped afterwards."""
     admin = make_engine(server_url, isolation_level="AUTOCOMMIT")

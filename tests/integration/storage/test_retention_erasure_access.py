@@ -40,10 +40,9 @@ def _timeline(engine: Engine, user_id: str, every: timedelta, span: timedelta) -
             )
         conn.execute(
             text(
-                "INSERT INTO user_interests_current (user_id, version, model_version, vector, n_events, "
-                "last_event_ts, updated_at) SELECT user_id, version, model_version, vector, n_events, "
-                "last_event_ts, created_at FROM user_interest_vectors WHERE user_id = :u "
-                "ORDER BY version DESC LIMIT 1"
+                "INSERT INTO user_current_versions (user_id, version, n_events, last_event_ts, updated_at) "
+                "SELECT user_id, version, n_events, last_event_ts, created_at FROM user_interest_vectors "
+                "WHERE user_id = :u ORDER BY version DESC LIMIT 1"
             ),
             {"u": user_id},
         )
@@ -150,18 +149,18 @@ def test_erasure_leaves_no_row_and_the_worker_rule_holds(store: VectorStore, eng
     assert set(_rows_mentioning(engine, who)) == {
         "applied_events",
         "user_states",
-        "user_interests_current",
+        "user_current_versions",
         "user_interest_vectors",
     }
     counts = store.erase_user(who, grace=timedelta(minutes=10))
     assert counts == {
         "applied_events": 3,
         "user_states": 1,
-        "user_interests_current": 1,
+        "user_current_versions": 1,
         "user_interest_vectors": 3,
     }
     assert _rows_mentioning(engine, who) == {}
-    assert set(_rows_mentioning(engine, other)) >= {"user_interests_current", "user_interest_vectors"}
+    assert set(_rows_mentioning(engine, other)) >= {"user_current_versions", "user_interest_vectors"}
     with engine.connect() as conn:
         audit = conn.execute(
             text("SELECT CAST(erasure_audit AS text), rows_deleted FROM erasure_audit")
@@ -213,7 +212,7 @@ def test_reader_role_reads_and_cannot_write(store: VectorStore, engine: Engine, 
             assert conn.execute("SELECT version FROM user_vector_as_of('u1', now())").fetchone() == (1,)
             assert conn.execute("SELECT count(*) FROM similar_users('u1')").fetchone() == (0,)
             writes = (
-                "DELETE FROM user_interests_current",
+                "DELETE FROM user_current_versions",
                 "INSERT INTO items (item_id, text) VALUES ('x', 'y')",
                 "SELECT erase_user('u1')",
                 "SELECT prune_user_vectors(1, interval '0', interval '0')",
