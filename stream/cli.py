@@ -132,7 +132,8 @@ def db_grant_reader(role: str, login: bool, password_prompt: bool) -> None:
         grant = grant_reader(store.engine, role, login=login, password=password)
     except AccessError as exc:
         raise UserError(str(exc)) from None
-    url = make_url(s.database_url or "").set(username=role, password="PASSWORD" if password else None)
+    # URL.set() keeps the old password when given None; _replace really drops it.
+    url = make_url(s.database_url or "")._replace(username=role, password="PASSWORD" if password else None)
     click.echo(f"{'created' if grant.created else 'updated'} read-only role {role} on {grant.database}")
     click.echo(f"connect with: {url.render_as_string(hide_password=False)}")
 

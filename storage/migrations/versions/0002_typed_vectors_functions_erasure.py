@@ -69,8 +69,9 @@ def _functions(backend: Backend, dim: int) -> list[str]:
         top_settings = "SET hnsw.iterative_scan = 'relaxed_order' SET hnsw.ef_search = 100"
         helpers: list[str] = []
     else:
-        score = "istream_dot(iv.vector, v_vec)"
-        order = "istream_dot(iv.vector, v_vec) DESC"
+        # Inline rather than istream_dot(): a SQL function call per item costs ~2x here.
+        score = "(SELECT sum(x::float8 * y::float8) FROM unnest(iv.vector, v_vec) AS t(x, y))"
+        order = "2 DESC"
         user_sim = "istream_cosine(o.vector, u.vector)"
         user_order = "istream_cosine(o.vector, u.vector) DESC"
         vec_type = "real[]"

@@ -194,7 +194,8 @@ def test_erasure_leaves_no_row_and_the_worker_rule_holds(store: VectorStore, eng
 
 
 def _as_role(url: str, role: str) -> str:
-    return libpq_url(make_url(url).set(username=role, password=None).render_as_string(hide_password=False))
+    as_role = make_url(url)._replace(username=role, password=None)
+    return libpq_url(as_role.render_as_string(hide_password=False))
 
 
 def test_reader_role_reads_and_cannot_write(store: VectorStore, engine: Engine, store_url: str) -> None:
