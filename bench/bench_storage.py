@@ -51,6 +51,26 @@ class Vectors:
         return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
+def server_cpu_s(url: str) -> float | None:
+    """CPU seconds used so far by the server's processes (postmaster and children), when local."""
+    try:
+        import psutil
+
+        with psycopg.connect(libpq_url(url)) as conn:
+            backend = psutil.Process(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+        postmaster = backend.parent()
+        total = 0.0
+        for proc in [postmaster, *postmaster.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+    except Exception:  # a remote server (--url): no CPU figure
+        return None
+
+
 def percentiles(samples: list[float]) -> tuple[float, float]:
     a = np.asarray(samples) * 1000
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
@@ -94,6 +114,7 @@ def main() -> None:
     ap.add_argument("--lookups", type=int, default=2000)
     ap.add_argument("--topk", type=int, default=300, help="top-10 queries with the index")
     ap.add_argument("--topk-exact", type=int, default=60, help="top-10 queries without the index")
+    ap.add_argument("--similar", type=int, default=10, help="similar_users calls (exact scan of all users)")
     ap.add_argument("--topics", type=int, default=200, help="vector clusters; 0 = uniform random")
     ap.add_argument("--server", choices=["embedded", "pg15"], default="embedded")
     ap.add_argument("--url", help="an existing, empty database instead of a fresh server")
@@ -133,6 +154,7 @@ def main() -> None:
         write_s = 0.0
         first_round_s = 0.0
         bar = tqdm(total=total, desc="versions", unit="ver", smoothing=0.1)
+        cpu_server0, cpu_client = server_cpu_s(url), 0.0
         event_no = 0
         for rnd in range(args.rounds):
             order = list(users)
@@ -151,9 +173,10 @@ def main() -> None:
                         event_no += 1
                         item = item_ids[event_no % args.items]
                         events.append(Event(f"ev-{event_no}", u, now, "rating", item_id=item, rating=4.0))
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 store.commit_batch("m1", updates, events, offsets=[OffsetMark("interest.ratings", 0, lo)])
                 dt = time.perf_counter() - t
+                cpu_client += time.process_time() - c
                 write_s += dt
                 if rnd == 0:
                     first_round_s += dt
@@ -161,6 +184,7 @@ def main() -> None:
                 bar.update(len(chunk))
                 bar.set_postfix(rate=f"{written / write_s:,.0f}/s")
         bar.close()
+        cpu_server1 = server_cpu_s(url)
         figures["versions_per_s"] = written / write_s
         figures["insert_versions_per_s"] = args.users / first_round_s
         later = total - args.users
@@ -171,6 +195,18 @@ def main() -> None:
             f"(first version of each user {figures['insert_versions_per_s']:,.0f}/s"
             + (f", later versions {figures['update_versions_per_s']:,.0f}/s)" if later else ")")
         )
+
+        if cpu_server0 is not None and cpu_server1 is not None:
+            # Wall-clock rates swing with whatever else runs on a shared machine; CPU time per
+            # version does not. One writer runs client and server work in turn, so on an idle
+            # machine a batch takes about client CPU + server CPU.
+            cpu_server = cpu_server1 - cpu_server0
+            figures["cpu_bound_versions_per_s"] = written / (cpu_client + cpu_server)
+            print(
+                f"CPU per 1,000 versions: client {1000 * cpu_client / written * 1000:.1f} ms, "
+                f"server {1000 * cpu_server / written * 1000:.1f} ms -> "
+                f"{figures['cpu_bound_versions_per_s']:,.0f} versions/s if nothing else ran"
+            )
 
         with psycopg.connect(libpq_url(url), autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
@@ -218,6 +254,14 @@ def main() -> None:
                 print(
                     f"top-10 (no index, exact): p50 {figures['top10_exact_p50_ms']:.1f} ms, "
                     f"p99 {figures['top10_exact_p99_ms']:.1f} ms; HNSW recall@10 vs exact {recall:.3f}"
+                )
+            if args.similar:
+                sim_users = [(u, 10) for u in random.Random(3).sample(users, args.similar)]
+                sim = timed(conn, "SELECT * FROM similar_users(%s, %s)", sim_users, "similar users")
+                figures["similar_p50_ms"], figures["similar_p99_ms"] = percentiles(sim)
+                print(
+                    f"similar_users(k=10) over {args.users:,} users (exact): "
+                    f"p50 {figures['similar_p50_ms']:.0f} ms, max {max(sim) * 1000:.0f} ms"
                 )
             sizes = conn.execute(
                 """
