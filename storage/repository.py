@@ -33,7 +33,7 @@ from storage.schema import (
     UserInterestCurrent,
     UserState,
 )
-from storage.vectors import Backend, Float4ArrayBinaryDumper
+from storage.vectors import FLOAT4_ARRAY_OID, Backend, Float4ArrayBinaryDumper, PgvectorBinaryDumper
 
 # Batch transactions hold this advisory lock shared and erase_user() holds it
 # exclusively (same number as in migration 0002): an erasure waits for batches in
@@ -43,10 +43,6 @@ ERASURE_LOCK = 7_315_001
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS istream_stage_events (
     event_id text, user_id text, kind text, item_id text, ts timestamptz, rating float8
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS istream_stage_users (
-    user_id text, model_version text, vector real[], n_events bigint, last_event_ts timestamptz,
-    cold_start text
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS istream_stage_states (
     user_id text, model_version text, state jsonb
@@ -58,28 +54,21 @@ CREATE TEMP TABLE IF NOT EXISTS istream_stage_items (
 
 # Versions come from the user's pointer row under its row lock (taken in user_id order,
 # so two writers cannot deadlock): 1, 2, 3... without gaps or duplicates however many
-# workers write. The vector is written once, to the history; the pointer row (and the
-# user_interests_current view over it) names that version, stamped with the same moment,
-# so as-of queries and the current row always agree.
-_UPSERT_USERS = """
-WITH up AS (
-    INSERT INTO user_current_versions AS c (user_id, version, n_events, last_event_ts, updated_at)
-    SELECT s.user_id, 1, s.n_events, s.last_event_ts, clock_timestamp()
-    FROM istream_stage_users s
-    ORDER BY s.user_id
-    ON CONFLICT (user_id) DO UPDATE SET
-        version = c.version + 1,
-        n_events = c.n_events + excluded.n_events,
-        last_event_ts = greatest(c.last_event_ts, excluded.last_event_ts),
-        updated_at = clock_timestamp()
-    RETURNING c.user_id, c.version, c.n_events, c.last_event_ts, c.updated_at
-)
-INSERT INTO user_interest_vectors
-    (user_id, version, model_version, vector, n_events, last_event_ts, created_at, cold_start)
-SELECT up.user_id, up.version, s.model_version, s.vector, up.n_events, up.last_event_ts, up.updated_at,
-       s.cold_start
-FROM up JOIN istream_stage_users s ON s.user_id = up.user_id
-RETURNING user_id, version
+# workers write. The vector is then written once, by COPY straight into the history;
+# the pointer row (and the user_interests_current view over it) names that version with
+# the same timestamp, so as-of queries and the current row always agree. Both happen in
+# the batch's transaction, so nobody sees a pointer without its history row.
+_UPSERT_POINTERS = """
+INSERT INTO user_current_versions AS c (user_id, version, n_events, last_event_ts, updated_at)
+SELECT u.user_id, 1, u.n_events, u.last_event_ts, clock_timestamp()
+FROM unnest(%s::text[], %s::bigint[], %s::timestamptz[]) AS u(user_id, n_events, last_event_ts)
+ORDER BY u.user_id
+ON CONFLICT (user_id) DO UPDATE SET
+    version = c.version + 1,
+    n_events = c.n_events + excluded.n_events,
+    last_event_ts = greatest(c.last_event_ts, excluded.last_event_ts),
+    updated_at = clock_timestamp()
+RETURNING c.user_id, c.version, c.n_events, c.last_event_ts, c.updated_at
 """
 
 # Stay well under Postgres' 65,535 bind parameters per statement.
@@ -177,6 +166,18 @@ class VectorStore:
     def user_hash(self, user_id: str) -> bytes:
         """The tombstone key: sha256(salt || user_id), as erase_user() computes it in SQL."""
         return hashlib.sha256((self._load_meta()["erasure_salt"] + user_id).encode("utf-8")).digest()
+
+    def _vector_oid(self, raw: psycopg.Connection[Any]) -> int:
+        """The oid COPY must send vectors as (pgvector's `vector` or real[]), with its binary dumper."""
+        if self.backend is Backend.ARRAY:
+            return FLOAT4_ARRAY_OID
+        oid = self._load_meta().get("_vector_oid")
+        if oid is None:
+            oid = str(raw.execute("SELECT CAST('vector' AS regtype)::oid").fetchone()[0])  # type: ignore[index]
+            self._load_meta()["_vector_oid"] = oid
+        dumper = type("PgvectorBinaryDumper", (PgvectorBinaryDumper,), {"oid": int(oid)})
+        raw.adapters.register_dumper(None, dumper)
+        return int(oid)
 
     def _check_width(self, what: str, vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -306,13 +307,14 @@ class VectorStore:
             FROM unnest(%s::bytea[], %s::text[]) AS x(user_hash, user_id)
             JOIN erased_users t ON t.user_hash = x.user_hash
         """
-        params = ([self.user_hash(u) for u in users], users)
         if isinstance(conn, Connection):
             raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
         else:
             raw = conn
+        # Nearly always empty: then no hashing at all.
         if not raw.execute("SELECT EXISTS (SELECT 1 FROM erased_users)").fetchone()[0]:  # type: ignore[index]
             return {}
+        params = ([self.user_hash(u) for u in users], users)
         return {u: Tombstone(e, d, bool(r)) for u, e, d, r in raw.execute(sql, params)}
 
     def screen_erased(self, events: Sequence[Event]) -> Screened:
@@ -454,6 +456,8 @@ class VectorStore:
         versions: dict[str, int] = {}
         with self.engine.begin() as conn:
             raw = _staged_connection(conn)
+            # Before any cursor exists: cursors copy the connection's dumpers when made.
+            vector_oid = self._vector_oid(raw)
             raw.execute("SELECT pg_advisory_xact_lock_shared(%s)", (ERASURE_LOCK,))
             # Read after taking the lock: an erasure that committed meanwhile is visible now.
             tombs = self._tombstones(raw, [*updates, *(e.user_id for e in events), *(user_states or {})])
@@ -484,23 +488,46 @@ class VectorStore:
                         "SELECT * FROM istream_stage_events ON CONFLICT DO NOTHING"
                     )
                 if ordered:
+                    pointers = cur.execute(
+                        _UPSERT_POINTERS,
+                        (
+                            [u.user_id for u in ordered],
+                            [int(u.n_applied) for u in ordered],
+                            [_ts(u.last_event_ts) for u in ordered],
+                        ),
+                    ).fetchall()
+                    by_user = {u.user_id: u for u in ordered}
                     with cur.copy(
-                        "COPY istream_stage_users (user_id, model_version, vector, n_events, last_event_ts, "
-                        "cold_start) FROM STDIN (FORMAT BINARY)"
+                        "COPY user_interest_vectors (user_id, version, model_version, vector, n_events, "
+                        "last_event_ts, created_at, cold_start) FROM STDIN (FORMAT BINARY)"
                     ) as cp:
-                        cp.set_types(["text", "text", "real[]", "int8", "timestamptz", "text"])
-                        for u in ordered:
+                        cp.set_types(
+                            [
+                                "text",
+                                "int4",
+                                "text",
+                                vector_oid,
+                                "int8",
+                                "timestamptz",
+                                "timestamptz",
+                                "text",
+                            ]
+                        )
+                        for user_id, version, n_events, last_ts, at in pointers:
+                            u = by_user[user_id]
                             cp.write_row(
                                 (
-                                    u.user_id,
+                                    user_id,
+                                    version,
                                     model_version,
                                     u.vector,
-                                    int(u.n_applied),
-                                    _ts(u.last_event_ts),
+                                    n_events,
+                                    last_ts,
+                                    at,
                                     u.cold_start,
                                 )
                             )
-                    versions = dict(cur.execute(_UPSERT_USERS).fetchall())
+                    versions = {p[0]: p[1] for p in pointers}
                 if user_states:
                     with cur.copy(
                         "COPY istream_stage_states (user_id, model_version, state) FROM STDIN (FORMAT BINARY)"

@@ -103,3 +103,15 @@ class Float4ArrayBinaryDumper(Dumper):
         body["len"] = 4
         body["value"] = values
         return struct.pack(">iiIii", 1, 0, FLOAT4_OID, values.shape[0], 1) + body.tobytes()
+
+
+class PgvectorBinaryDumper(Dumper):
+    """Dumps a 1-d numpy vector in pgvector's binary `vector` format: dim, unused, float4s.
+
+    `oid` is set per database (the extension's type has no fixed oid)."""
+
+    format = Format.BINARY
+
+    def dump(self, obj: object) -> bytes:
+        values = np.asarray(obj, dtype=">f4").reshape(-1)
+        return struct.pack(">HH", values.shape[0], 0) + values.tobytes()
