@@ -117,6 +117,15 @@ class RetentionPolicy:
     keep_all: timedelta = timedelta(days=1)
     hourly: timedelta = timedelta(days=7)
 
+    @classmethod
+    def from_seconds(cls, keep_versions: int, keep_all_s: float, hourly_s: float) -> RetentionPolicy:
+        """From settings in seconds; an hourly tier shorter than keep-all is just keep-all."""
+        return cls(
+            keep_versions=keep_versions,
+            keep_all=timedelta(seconds=keep_all_s),
+            hourly=timedelta(seconds=max(hourly_s, keep_all_s)),
+        )
+
     def __post_init__(self) -> None:
         if self.keep_versions < 1:
             raise ValueError("retention must keep at least the newest version (keep_versions >= 1)")

@@ -68,8 +68,9 @@ def db_upgrade(revision: str) -> None:
 
 def _store_for_maintenance() -> tuple[Settings, VectorStore]:
     """Settings and a VectorStore on ISTREAM_DATABASE_URL, whose schema has the storage functions."""
-    from storage.db import current_revision
-    from stream.runtime import build_store
+    # Not stream.runtime: these commands need no model, so they skip importing torch.
+    from storage.db import current_revision, make_engine
+    from storage.repository import VectorStore
 
     s = settings()
     if not s.database_url:
@@ -80,7 +81,7 @@ def _store_for_maintenance() -> tuple[Settings, VectorStore]:
         raise UserError(f"cannot reach Postgres: {str(exc).splitlines()[0]}") from None
     if revision is None or revision < "0002":
         raise UserError(f"schema is at {revision or 'nothing'}: run `istream db upgrade` first")
-    return s, build_store(s, s.database_url)
+    return s, VectorStore(make_engine(s.database_url), group_id=s.group_id)
 
 
 @db.command("prune")
@@ -89,24 +90,14 @@ def _store_for_maintenance() -> tuple[Settings, VectorStore]:
 @click.option("--hourly", "hourly_s", type=click.FloatRange(min=0), help="seconds: hourly up to this old")
 def db_prune(keep_versions: int | None, keep_all_s: float | None, hourly_s: float | None) -> None:
     """Thin the vector history by the retention policy (defaults: ISTREAM_RETENTION_*)."""
-    from stream.runtime import retention_policy
+    from storage.repository import RetentionPolicy
 
     s, store = _store_for_maintenance()
-    s = s.model_copy(
-        update={
-            k: v
-            for k, v in {
-                "retention_keep_versions": keep_versions,
-                "retention_keep_all_s": keep_all_s,
-                "retention_hourly_s": hourly_s,
-            }.items()
-            if v is not None
-        }
+    policy = RetentionPolicy.from_seconds(
+        s.retention_keep_versions if keep_versions is None else keep_versions,
+        s.retention_keep_all_s if keep_all_s is None else keep_all_s,
+        s.retention_hourly_s if hourly_s is None else hourly_s,
     )
-    try:
-        policy = retention_policy(s)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     report = store.prune(policy, progress=True)
     click.echo(
         f"pruned {report.user_versions_deleted} old versions of {report.users_scanned} users "

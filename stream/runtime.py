@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -53,10 +52,8 @@ def build_store(settings: Settings, url: str) -> VectorStore:
 
 
 def retention_policy(settings: Settings) -> RetentionPolicy:
-    return RetentionPolicy(
-        keep_versions=settings.retention_keep_versions,
-        keep_all=timedelta(seconds=settings.retention_keep_all_s),
-        hourly=timedelta(seconds=max(settings.retention_hourly_s, settings.retention_keep_all_s)),
+    return RetentionPolicy.from_seconds(
+        settings.retention_keep_versions, settings.retention_keep_all_s, settings.retention_hourly_s
     )
 
 
