@@ -114,8 +114,10 @@ class BaseEncoder:
         self.batch_size = batch_size
         self.dim: int = int(self.model.config.hidden_size)
         self.cache = EncodingCache(cache_entries)
-        cfg = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
-        # Cached encodings are only valid for the exact base they came from.
+        # Cached encodings are only valid for the exact base they came from; the install path is
+        # not part of that identity, so two installs of the same weights share a version.
+        config = {k: v for k, v in self.model.config.to_dict().items() if k != "_name_or_path"}
+        cfg = json.dumps(config, sort_keys=True, default=str)
         label = self.name.split(":")[-1].rstrip("/").split("/")[-1]
         self.version = f"{label}-{hashlib.sha1(cfg.encode()).hexdigest()[:10]}"
 

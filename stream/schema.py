@@ -71,7 +71,7 @@ def parse_ts(value: Any) -> float:
     if isinstance(value, str):
         text = value.strip()
         # RFC 3339 requires the 'T' (or space) separator, a full time and an offset.
-        if len(text) < 20 or text[10] not in "Tt ":
+        if len(text) < 19 or text[10] not in "Tt ":
             raise InvalidRecord(f"ts {value!r} is not an RFC 3339 date-time")
         try:
             parsed = datetime.fromisoformat(text.replace("z", "Z"))

@@ -68,11 +68,19 @@ def movielens_dir(path: Path) -> Path:
     return path
 
 
+def _decode_line(raw: bytes) -> str:
+    # The original files are Latin-1; some copies were re-encoded as UTF-8.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def movielens_items(path: Path) -> list[dict[str, Any]]:
     items = []
-    with (movielens_dir(path) / "u.item").open(encoding="latin-1") as fh:
-        for line in fh:
-            parts = line.rstrip("\n").split("|")
+    with (movielens_dir(path) / "u.item").open("rb") as fh:
+        for raw in fh:
+            parts = _decode_line(raw).rstrip("\n").split("|")
             if len(parts) < 24:
                 continue
             genres = [g for g, flag in zip(ML_GENRES, parts[5:24], strict=True) if flag == "1"]

@@ -1,0 +1,91 @@
+"""Helpers for tests that drive the real worker process against the embedded servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from storage.db import make_engine
+from stream.broker import make_consumer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_worker(bootstrap: str, db_url: str, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    full_env = {
+        **os.environ,
+        "ISTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "ISTREAM_DATABASE_URL": db_url,
+        "ISTREAM_BATCH_SECONDS": "0.5",
+        **env,
+    }
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "worker"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_worker(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def wait_for(
+    check: Callable[[], bool], timeout: float, what: str, proc: Any = None, log: Path | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log else ""
+            raise AssertionError(f"worker exited ({proc.returncode}) while waiting for {what}:\n{tail}")
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-4000:] if log else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
+
+
+def applied_events(db_url: str) -> int:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT coalesce(sum(n_events), 0) FROM user_interests_current")
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30) -> list[dict[str, Any]]:
+    """Read JSON values from a topic until `expect` records arrived (or timeout)."""
+    consumer = make_consumer(bootstrap, topic, group_id=None, consumer_timeout_ms=2000)
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expect and time.monotonic() < deadline:
+            for msg in consumer:
+                out.append(json.loads(msg.value))
+    finally:
+        consumer.close()
+    return out
