@@ -62,8 +62,20 @@ def db_upgrade(revision: str) -> None:
     s = settings()
     if not s.database_url:
         raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres to migrate")
-    upgrade(s.database_url, revision, vector_dim=s.vector_dim, vector_backend=s.vector_backend)
-    click.echo(f"schema at revision {current_revision(s.database_url)}")
+    try:
+        upgrade(s.database_url, revision, vector_dim=s.vector_dim, vector_backend=s.vector_backend)
+    except RuntimeError as exc:  # e.g. stored vectors of another width: the message says what to set
+        raise UserError(str(exc)) from None
+    at = current_revision(s.database_url)
+    vectors = ""
+    if at is not None and at >= "0002":
+        from storage.db import make_engine
+        from storage.repository import VectorStore
+
+        store = VectorStore(make_engine(s.database_url))
+        vectors = f" ({store.backend.value} vectors, {store.dim} dimensions)"
+        store.engine.dispose()
+    click.echo(f"schema at revision {at}{vectors}")
 
 
 def _store_for_maintenance() -> tuple[Settings, VectorStore]:
