@@ -32,12 +32,12 @@ def cli() -> None:
 @cli.command()
 def worker() -> None:
     """Run the Faust worker (embedded broker/Postgres when ISTREAM_KAFKA_BOOTSTRAP/DATABASE_URL are unset)."""
-    from stream.runtime import configure_logging
+    from stream.logs import configure
     from stream.servers import Servers
     from stream.worker import run_worker
 
     s = settings()
-    configure_logging(s.log_level)
+    configure(s.log_level, s.log_format)
     with Servers(s) as ep:
         if ep.embedded_broker or ep.embedded_postgres:
             click.echo(f"embedded servers: kafka={ep.bootstrap} postgres={ep.database_url}", err=True)

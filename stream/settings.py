@@ -51,6 +51,20 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # ---- stream processing (stream/worker.py, docs/stream.md) ----
+    # Read-but-uncommitted records a worker may hold; beyond it consumption pauses
+    # (bounded memory when training falls behind). 10 batches: enough to keep the
+    # trainer busy while the next batches fill.
+    max_pending_records: int = Field(default=5000, ge=1)
+    # Backoff cap while Postgres or the broker is away; retries go on until they come back.
+    retry_max_wait_s: float = Field(default=5.0, gt=0)
+    # SIGTERM: time to flush held batches; after it, retries stop and the rest is re-read on restart.
+    shutdown_grace_s: float = Field(default=15.0, ge=0)
+    # Prometheus /metrics port; 0 turns the endpoint off.
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    lag_interval_s: float = Field(default=5.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
+
     @property
     def event_topics(self) -> dict[str, str]:
         """topic -> event kind."""
