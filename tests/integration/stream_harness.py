@@ -147,7 +147,7 @@ class Stack:
         got = {r.user_id: r.n_events for r in rows}
         wrong = {u: (got.get(u), n) for u, n in expected.items() if got.get(u) != n}
         extra = set(got) - set(expected)
-        assert not wrong, f"{len(wrong)} users with wrong n_events (got, expected): {list(wrong.items())[:10]}"
+        assert not wrong, f"{len(wrong)} users with wrong n_events (got, want): {list(wrong.items())[:10]}"
         assert not extra, f"unexpected users: {sorted(extra)[:10]}"
         gaps = self.sql(
             """SELECT h.user_id, count(*) AS n, min(h.version) AS lo, max(h.version) AS hi, c.version AS cur

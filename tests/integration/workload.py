@@ -48,12 +48,16 @@ def build_workload(settings: Settings, n_users: int, n_events: int, seed: int = 
             events.append(rec)
     t = settings.topic_ratings
     c = settings.topic_clicks
+
+    def js(**fields: object) -> bytes:
+        return json.dumps(fields).encode()
+
     invalid: list[Record] = [
-        (t, b"user-1", b'{"event_id": "bad-rating", "user_id": "user-1", "item_id": "x", "rating": 9, "ts": 0}'),
-        (t, b"user-2", b'{"event_id": "bad-missing-user", "item_id": "x", "rating": 3, "ts": 0}'),
+        (t, b"user-1", js(event_id="bad-rating", user_id="user-1", item_id="x", rating=9, ts=0)),
+        (t, b"user-2", js(event_id="bad-missing-user", item_id="x", rating=3, ts=0)),
         (c, b"user-3", b"this is not json"),
-        (c, b"user-4", b'{"event_id": "bad-ts", "user_id": "user-4", "item_id": "x", "ts": "yesterday"}'),
-        (c, b"user-5", b'{"event_id": "bad-type", "type": "rating", "user_id": "user-5", "item_id": "x", "ts": 1}'),
+        (c, b"user-4", js(event_id="bad-ts", user_id="user-4", item_id="x", ts="yesterday")),
+        (c, b"user-5", js(event_id="bad-type", type="rating", user_id="user-5", item_id="x", ts=1)),
         (c, None, b"\xff\xfe not utf-8"),
         # Poison: valid by the contract, but Postgres refuses NUL in text, so the batch
         # fails on commit; the worker must isolate it and move on.
