@@ -147,6 +147,9 @@ class BatchProcessor:
         self._published: set[str] = set()
         self._versions: dict[str, int] = {}  # user -> stored version our in-memory state matches
         self._catalog_mark: tuple[int, datetime | None] = (0, None)
+        # One trainer per model: only this process trains shared parameters and
+        # publishes snapshots; the others follow the registry (see set_trainer).
+        self.trainer = True
 
     # ---- start-up ------------------------------------------------------------------
     def restore(self) -> None:
@@ -156,8 +159,11 @@ class BatchProcessor:
         self.ensure_published()
 
     def restore_weights(self) -> None:
-        # Models with trainable state expose `load_weights(bytes)`; the bytes are what
-        # their snapshots published (model_versions.weights).
+        """Load the newest published weights of this model, when it has trainable state.
+
+        Such models expose `load_weights(bytes)` (the bytes their snapshots carry) and
+        then report the loaded version as their `model_version`.
+        """
         load = getattr(self.model, "load_weights", None)
         if load is None:
             return
@@ -166,12 +172,25 @@ class BatchProcessor:
                 select(ModelVersion.model_version, ModelVersion.weights)
                 .where(ModelVersion.weights.is_not(None))
                 .where(ModelVersion.config["model"].astext == self.model.name)
-                .order_by(ModelVersion.created_at.desc())
+                .order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
                 .limit(1)
             ).first()
-        if row is not None:
+        if row is not None and row.model_version != self.model.model_version:
             load(row.weights)
-            log.info("restored trainable weights of %s", row.model_version)
+            self._published.add(row.model_version)
+            log.info("loaded trainable weights of %s", row.model_version)
+
+    def set_trainer(self, trainer: bool) -> None:
+        """Scale-out: one worker (the owner of partition 0) trains shared parameters.
+
+        The others keep learning their users' state against the newest published
+        snapshot, which they load before every batch, so every vector names a
+        version whose item vectors are in the registry and all workers converge on
+        the trainer's space within one batch. Models opt in with a `train_shared` flag.
+        """
+        self.trainer = trainer
+        if hasattr(self.model, "train_shared"):
+            self.model.train_shared = trainer  # type: ignore[attr-defined]
 
     def refresh_catalog(self) -> int:
         """Pick up catalog items that any worker stored since we last looked (cheap when none)."""
@@ -297,6 +316,8 @@ class BatchProcessor:
                     self.apply_items(items)
                     outcome.items = len(items)
                 self.refresh_catalog()
+                if not self.trainer:
+                    self.restore_weights()
                 self.sync_users(users)
                 # Dedup against what is already applied, and within the batch itself.
                 seen = self.store.applied_event_ids([e.event_id for _, e in pairs])

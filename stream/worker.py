@@ -96,6 +96,8 @@ class WorkerRuntime:
         self._processor: BatchProcessor | None = None
         self._runner: ResilientRunner | None = None
         self._lock = threading.Lock()
+        self.trainer = True  # owns partition 0 of the first event topic (see BatchProcessor.set_trainer)
+        self.trainer_tp = (next(iter(settings.event_topics)), 0)
 
     # Shutdown: flush what is held, but give up retrying after a grace period.
     def begin_shutdown(self) -> None:
@@ -128,10 +130,15 @@ class WorkerRuntime:
                 self._runner = runner
             return self._runner
 
+    def _run(self, batch: list[RawRecord]) -> BatchOutcome:
+        runner = self.runner
+        runner.processor.set_trainer(self.trainer)
+        return runner.run(batch)
+
     async def run_batch(self, batch: list[RawRecord]) -> BatchOutcome | None:
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(self.executor, self.runner.run, batch)
+            outcome = await loop.run_in_executor(self.executor, self._run, batch)
         except ShuttingDown:
             log.warning("shutting down with a batch of %d uncommitted; it is re-read on restart", len(batch))
             return None
@@ -289,8 +296,14 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
         install_seek_to_stored(app, rt)
         dropped = rt.batcher.drop_all()
+        rt.trainer = any((tp.topic, tp.partition) == rt.trainer_tp for tp in assigned)
         parts = sorted({tp.partition for tp in assigned})
-        log.info("partitions assigned: %s; dropped %d held records", parts, dropped)
+        log.info(
+            "partitions assigned: %s; dropped %d held records; %s",
+            parts,
+            dropped,
+            "trains shared parameters" if rt.trainer else "follows the registry",
+        )
 
     @app.on_before_shutdown.connect
     async def flush(app: faust.App, **_: Any) -> None:

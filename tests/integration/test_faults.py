@@ -86,3 +86,24 @@ def test_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
         log = worker.log_text()
         assert "seek " in log  # restarts resumed from Postgres' offsets
         assert "retrying" in log  # the Postgres outage was waited out, not crashed on
+
+
+def test_sigterm_flushes_the_open_batch(tmp_path: Path) -> None:
+    """Batches that would close only in 10 minutes are committed when the worker is asked to stop."""
+    with Stack(tmp_path) as stack:
+        work = build_workload(stack.settings, n_users=20, n_events=300)
+        stack.produce(work.catalog + work.events)
+        worker = WorkerProcess(
+            stack, "worker", ISTREAM_BATCH_SIZE="5000", ISTREAM_BATCH_SECONDS="600"
+        ).start()
+        with workers(worker):
+            deadline = time.monotonic() + 90
+            while "worker ready" not in worker.log_text():
+                worker.assert_alive()
+                assert time.monotonic() < deadline, worker.tail()
+                time.sleep(0.2)
+            time.sleep(5.0)  # let it read everything into its open batches
+            assert stack.applied_total() == 0  # nothing closed on size or age yet
+            assert worker.terminate() == 0, worker.tail()
+        assert "shutdown: flushed" in worker.log_text()
+        stack.check_invariants(work.expected)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from models.decayed_mean import DecayedMeanModel
@@ -146,3 +147,63 @@ def test_a_poison_record_is_isolated_and_dead_lettered(db_url: str) -> None:
     assert reasons == ["invalid JSON", "processing failed"]
     assert row(proc, "u1").n_events == 6
     assert proc.store.stored_offsets()[("interest.clicks", 0)] == 8
+
+
+class TrainableFake(DecayedMeanModel):
+    """Decayed mean plus one shared trainable scalar; a trainer publishes a snapshot per batch."""
+
+    name = "trainable_fake"
+
+    def __init__(self, encoder: HashEncoder) -> None:
+        super().__init__(encoder)
+        self.step = 0
+        self.train_shared = True
+
+    @property
+    def model_version(self) -> str:
+        return f"trainable_fake@{self.step}"
+
+    def config(self) -> dict[str, Any]:
+        return {"model": self.name}
+
+    def learn(self, events: Any) -> Any:
+        result = super().learn(events)
+        if not self.train_shared:
+            result.model_version = self.model_version
+            return result
+        self.step += 1
+        snap = self.snapshot()
+        from dataclasses import replace
+
+        result.snapshot = replace(snap, weights=str(self.step).encode())
+        result.model_version = self.model_version
+        return result
+
+    def load_weights(self, weights: bytes) -> None:
+        self.step = int(weights)
+
+
+def test_one_trainer_others_follow_the_registry(db_url: str) -> None:
+    def proc() -> BatchProcessor:
+        p = BatchProcessor(
+            TrainableFake(HashEncoder(16)), VectorStore(make_engine(db_url), "g"), TOPICS, Limits(), "h"
+        )
+        p.restore()
+        return p
+
+    trainer, follower = proc(), proc()
+    trainer.set_trainer(True)
+    follower.set_trainer(False)
+    trainer.process(items())
+    trainer.process(clicks(0, 3, user="a", partition=0))
+    trainer.process(clicks(3, 3, user="a", partition=0))
+    out = follower.process(clicks(0, 3, user="b", partition=1))
+    # The follower adopted the trainer's newest weights and published nothing of its own.
+    assert out.model_version == "trainable_fake@2"
+    published = {
+        r[0] for r in trainer.store.engine.connect().execute(text("SELECT model_version FROM model_versions"))
+    }
+    assert published == {"trainable_fake@0", "trainable_fake@1", "trainable_fake@2"}
+    # A restarted trainer continues from the newest weights, not from scratch.
+    again = proc()
+    assert again.model.model_version == "trainable_fake@2"
