@@ -77,19 +77,28 @@ class PartitionBatcher:
         self._has_ready.set()
 
     def close_expired(self) -> None:
+        """When a partition's batch is due, close the others too: they go in the same transaction."""
         now = self.clock()
-        for key in [k for k, t in self._opened_at.items() if now - t >= self.max_age_s]:
-            self._close(key)
+        if any(now - t >= self.max_age_s for t in self._opened_at.values()):
+            self.close_all()
 
     def close_all(self) -> None:
         for key in list(self._open):
             self._close(key)
 
     def take_ready(self) -> list[RawRecord] | None:
+        """The next closed batch, joined by the closed batches behind it up to `max_records`.
+
+        At low rates this makes one transaction per age window rather than one per
+        partition; at high rates batches are full and go one by one.
+        """
         if not self._ready:
             self._has_ready.clear()
             return None
-        return self._ready.popleft()
+        batch = self._ready.popleft()
+        while self._ready and len(batch) + len(self._ready[0]) <= self.max_records:
+            batch = batch + self._ready.popleft()
+        return batch
 
     async def next_batch(self) -> list[RawRecord]:
         while True:

@@ -147,6 +147,7 @@ class BatchProcessor:
         self._published: set[str] = set()
         self._versions: dict[str, int] = {}  # user -> stored version our in-memory state matches
         self._catalog_mark: tuple[int, datetime | None] = (0, None)
+        self._catalog_checked = float("-inf")
         # One trainer per model: only this process trains shared parameters and
         # publishes snapshots; the others follow the registry (see set_trainer).
         self.trainer = True
@@ -192,8 +193,12 @@ class BatchProcessor:
         if hasattr(self.model, "train_shared"):
             self.model.train_shared = trainer  # type: ignore[attr-defined]
 
-    def refresh_catalog(self) -> int:
+    def refresh_catalog(self, min_interval_s: float = 0.0) -> int:
         """Pick up catalog items that any worker stored since we last looked (cheap when none)."""
+        now = time.monotonic()
+        if now - self._catalog_checked < min_interval_s:
+            return 0
+        self._catalog_checked = now
         with self.store.engine.connect() as conn:
             n, newest = conn.execute(select(func.count(), func.max(CatalogItem.updated_at))).one()
             if (n, newest) == self._catalog_mark:
@@ -315,7 +320,8 @@ class BatchProcessor:
                 if items:
                     self.apply_items(items)
                     outcome.items = len(items)
-                self.refresh_catalog()
+                # Items stored by other workers (their partitions of the catalog topic).
+                self.refresh_catalog(min_interval_s=0.0 if items else 2.0)
                 if not self.trainer:
                     self.restore_weights()
                 self.sync_users(users)

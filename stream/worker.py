@@ -143,10 +143,10 @@ class WorkerRuntime:
             log.warning("shutting down with a batch of %d uncommitted; it is re-read on restart", len(batch))
             return None
         self.metrics.observe(outcome, len(batch))
-        first = batch[0]
+        parts = ",".join(str(p) for p in sorted({r.partition for r in batch}))
         log.info(
-            "batch p%d: %d records, %d applied, %d duplicates, %d dead-lettered, %d users, %.3fs",
-            first.partition,
+            "batch p%s: %d records, %d applied, %d duplicates, %d dead-lettered, %d users, %.3fs",
+            parts,
             len(batch),
             outcome.applied,
             outcome.duplicates,
@@ -154,7 +154,7 @@ class WorkerRuntime:
             outcome.users,
             outcome.seconds,
             extra={
-                "partition": first.partition,
+                "partitions": parts,
                 "records": len(batch),
                 "applied": outcome.applied,
                 "duplicates": outcome.duplicates,
@@ -267,7 +267,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
             finally:
                 rt.batcher.done(batch)
 
-    @app.timer(interval=min(settings.batch_seconds / 4, 0.25))
+    @app.timer(interval=min(settings.batch_seconds / 10, 0.1))
     async def close_aged_batches() -> None:
         rt.batcher.close_expired()
         rt.metrics.pending.set(rt.batcher.pending)

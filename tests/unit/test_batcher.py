@@ -43,10 +43,23 @@ def test_batches_close_on_age_and_catalog_goes_first() -> None:
         await b.add(rec(0, 0, topic="items"))
         b.close_expired()
         assert b.take_ready() is None
-        clock.now = 1.6
-        b.close_expired()
-        assert b.take_ready()[0].topic == "items"  # type: ignore[index]
-        assert b.take_ready()[0].topic == "interest.clicks"  # type: ignore[index]
+        clock.now = 1.1
+        b.close_expired()  # the clicks batch is due; the younger items batch goes with it
+        batch = b.take_ready()
+        assert batch is not None and [r.topic for r in batch] == ["items", "interest.clicks"]
+        assert b.take_ready() is None
+
+
+def test_ready_batches_coalesce_up_to_the_size() -> None:
+    async def go() -> None:
+        b = PartitionBatcher(max_records=4, max_age_s=10, max_pending=100)
+        for p in range(3):
+            await b.add(rec(p, 0))
+            await b.add(rec(p, 1))
+        b.close_all()
+        first, second = b.take_ready(), b.take_ready()
+        assert first is not None and sorted({r.partition for r in first}) == [0, 1] and len(first) == 4
+        assert second is not None and {r.partition for r in second} == {2}
 
     asyncio.run(go())
 
