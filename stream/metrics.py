@@ -43,6 +43,12 @@ class WorkerMetrics:
             buckets=_FRESH_BUCKETS,
             registry=r,
         )
+        self.fetch_delay = Histogram(
+            "istream_fetch_delay_seconds",
+            "Broker timestamp of the record to the worker reading it",
+            buckets=_FRESH_BUCKETS,
+            registry=r,
+        )
         self.lag = Gauge(
             "istream_consumer_lag",
             "Records not yet committed to Postgres",

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
 
     # Batching: a batch closes at batch_size events or batch_seconds after its first event.
     batch_size: int = Field(default=500, ge=1)
-    batch_seconds: float = Field(default=1.0, gt=0)
+    # 0.5 s: freshness at low rates is about half of it plus one commit (p99 < 2 s at 100 ev/s).
+    batch_seconds: float = Field(default=0.5, gt=0)
 
     # Consumer liveness: Tansu joins a group in ~3 s with these, ~23 s with client defaults.
     session_timeout_s: float = 10.0
@@ -63,6 +64,9 @@ class Settings(BaseSettings):
     # Prometheus /metrics port; 0 turns the endpoint off.
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     lag_interval_s: float = Field(default=5.0, gt=0)
+    # Longest a fetch waits at the broker for records (Faust's own is 1,500 ms; Tansu
+    # answers at the end of the wait, so this bounds the read delay at low rates).
+    fetch_max_wait_ms: int = Field(default=100, ge=0)
     log_format: Literal["text", "json"] = "text"
 
     @property

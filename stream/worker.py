@@ -226,6 +226,21 @@ def install_seek_to_stored(app: faust.App, rt: WorkerRuntime) -> None:
     consumer._istream_seek_installed = True
 
 
+def shorten_fetch_wait(app: faust.App, max_wait_ms: int) -> None:
+    """Cap how long a fetch waits at the broker for new records.
+
+    Faust hard-codes 1,500 ms, and Tansu answers a waiting fetch at the end of the
+    wait rather than when records arrive: measured, that alone put ~0.9 s between
+    produce and read at 100 events/s. A short wait costs a few idle requests a second.
+    """
+    try:
+        fetcher = app.consumer._thread._ensure_consumer()._fetcher
+    except Exception as exc:
+        log.warning("could not shorten the fetch wait (%s); freshness may suffer", exc)
+        return
+    fetcher._fetch_max_wait_ms = max_wait_ms
+
+
 def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.App:
     app = faust.App(
         settings.group_id,
@@ -254,8 +269,15 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     @app.agent(records, name="interest-records")
     async def intake(stream: Any) -> None:
         async for event in stream.events():
+            # A record fetched before the last rebalance is re-read from Postgres' offsets;
+            # taking it too could commit an offset past records not yet re-read.
+            generation = getattr(event.message, "generation_id", None)
+            if generation is not None and generation != app.consumer_generation_id:
+                continue
             rec = _raw(event)
             rt.metrics.events_in.labels(rec.topic).inc()
+            if rec.timestamp_ms:
+                rt.metrics.fetch_delay.observe(max(time.time() - rec.timestamp_ms / 1000.0, 0.0))
             await rt.batcher.add(rec)
 
     @app.task
@@ -295,6 +317,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
         install_seek_to_stored(app, rt)
+        shorten_fetch_wait(app, settings.fetch_max_wait_ms)
         dropped = rt.batcher.drop_all()
         rt.trainer = any((tp.topic, tp.partition) == rt.trainer_tp for tp in assigned)
         parts = sorted({tp.partition for tp in assigned})
