@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from storage.repository import VectorStore
 from storage.schema import ConsumedOffset
+from stream.broker import high_watermarks
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ def partition_status(bootstrap: str, store: VectorStore, topics: Sequence[str]) 
         tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
         if not tps:
             return []
-        ends = consumer.end_offsets(tps)
+        ends = high_watermarks(consumer, tps)
         consumer.assign(tps)
         now = time.time()
         out: list[PartitionStatus] = []

@@ -104,3 +104,15 @@ def test_replay_keeps_each_users_order_and_scales_time(
     assert rows[("interest.clicks", done)][4] == "0"  # lag 0 for the committed partition
     assert int(rows[("interest.clicks", other)][4]) == len(clicks) - len(first)
     assert f"total lag {len(clicks) - len(first) + 1} records" in status.stdout  # + the item
+
+
+def test_end_offsets_count_every_record_of_a_batch(broker: EmbeddedBroker) -> None:
+    """Tansu's ListOffsets answers per record batch; lag and counts must not shrink with batching."""
+    from stream.broker import make_producer, topic_end_offsets
+
+    ensure_topics(broker.bootstrap, ["t"], 1)
+    producer = make_producer(broker.bootstrap, linger_ms=100)
+    futures = [producer.send("t", key=b"k", value=b"v%d" % i) for i in range(4)]
+    assert [f.get(10).offset for f in futures] == [0, 1, 2, 3]
+    producer.close()
+    assert topic_end_offsets(broker.bootstrap, "t") == 4
