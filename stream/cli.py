@@ -32,16 +32,23 @@ def cli() -> None:
 @cli.command()
 def worker() -> None:
     """Run the Faust worker (embedded broker/Postgres when ISTREAM_KAFKA_BOOTSTRAP/DATABASE_URL are unset)."""
+    from models.registry import available
     from stream.logs import configure
+    from stream.metrics import MetricsPortError
     from stream.servers import Servers
     from stream.worker import run_worker
 
     s = settings()
+    if s.model.partition(":")[0] not in available():
+        raise UserError(f"unknown model {s.model!r} (ISTREAM_MODEL); choose one of: {', '.join(available())}")
     configure(s.log_level, s.log_format)
     with Servers(s) as ep:
         if ep.embedded_broker or ep.embedded_postgres:
             click.echo(f"embedded servers: kafka={ep.bootstrap} postgres={ep.database_url}", err=True)
-        run_worker(s, ep.bootstrap, ep.database_url)
+        try:
+            run_worker(s, ep.bootstrap, ep.database_url)
+        except MetricsPortError as exc:
+            raise UserError(str(exc)) from None
 
 
 @cli.group()

@@ -83,7 +83,17 @@ class WorkerMetrics:
             self._version = outcome.model_version
 
 
+class MetricsPortError(OSError):
+    """The metrics port cannot be bound (a configuration mistake, reported in one line)."""
+
+
 def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
     """Expose /metrics over HTTP in a daemon thread (port 0: don't)."""
     if port:
-        start_http_server(port, registry=registry)
+        try:
+            start_http_server(port, registry=registry)
+        except OSError as exc:
+            raise MetricsPortError(
+                f"cannot serve metrics on port {port} ({exc.strerror or exc}); "
+                "set ISTREAM_METRICS_PORT to a free port, or 0 to turn the endpoint off"
+            ) from None

@@ -62,12 +62,28 @@ def test_cli_misuse_is_one_line_and_nonzero(tmp_path: object) -> None:
         (("replay", "/no/such.jsonl"), "ISTREAM_KAFKA_BOOTSTRAP is not set"),
         (("replay", "x.jsonl", "--speed", "-1"), "--speed"),
         (("status",), "set ISTREAM_KAFKA_BOOTSTRAP and ISTREAM_DATABASE_URL"),
+        (("worker",), "unknown model 'nope' (ISTREAM_MODEL)"),
     ]
     for args, expected in cases:
-        out = run_cli(*args)
+        out = run_cli(*args, ISTREAM_MODEL="nope")
         assert out.returncode != 0, args
         assert expected in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_taken_metrics_port_is_one_line() -> None:
+    import socket
+
+    import pytest
+
+    from stream.metrics import MetricsPortError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsPortError, match="ISTREAM_METRICS_PORT"):
+            serve(port, CollectorRegistry())
 
 
 def test_replay_of_a_missing_log_says_so() -> None:
