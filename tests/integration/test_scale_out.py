@@ -1,0 +1,72 @@
+"""Two workers in one group share the partitions; one leaves midway (real servers).
+
+Same invariants as the fault test: every user's n_events equals the valid
+events produced for them, versions gapless, nothing valid dead-lettered; and
+both workers wrote vectors in one model space (one model_version, whose item
+vectors exist).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.stream_harness import Stack, WorkerProcess, workers
+from tests.integration.workload import build_workload, dead_letter_ids
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _partitions_in(log: str) -> set[int]:
+    """Partitions a worker ever committed a batch for."""
+    found = re.findall(r"batch p([\d,]+): \d+ records, [1-9]", log)
+    return {int(p) for parts in found for p in parts.split(",")}
+
+
+def _batches(log: str) -> int:
+    return len(re.findall(r"batch p[\d,]+: \d+ records, [1-9]", log))
+
+
+def test_two_workers_share_partitions_and_one_leaves(tmp_path: Path) -> None:
+    with Stack(tmp_path) as stack:
+        work = build_workload(stack.settings, n_users=300, n_events=8000)
+        chunks = work.chunks(4)
+        stack.produce(work.catalog + chunks[0])
+        a = WorkerProcess(stack, "worker-a", ISTREAM_BATCH_SIZE="100").start()
+        b = WorkerProcess(stack, "worker-b", ISTREAM_BATCH_SIZE="100").start()
+        with workers(a, b):
+            # Both in the group: wait until each has committed batches of its own.
+            deadline = time.monotonic() + 120
+            while min(_batches(a.log_text()), _batches(b.log_text())) < 3:
+                a.assert_alive()
+                b.assert_alive()
+                assert time.monotonic() < deadline, a.tail() + b.tail()
+                stack.produce(chunks[1][:200])
+                chunks[1] = chunks[1][200:]
+                time.sleep(1.0)
+            stack.produce(chunks[1] + chunks[2])
+            # B leaves midway (SIGTERM: it flushes, leaves the group); A takes its partitions
+            # over from Postgres' offsets. (test_faults covers SIGKILL.)
+            time.sleep(2.0)
+            assert b.terminate() == 0, b.tail()
+            stack.produce(chunks[3])
+            stack.wait_applied(sum(work.expected.values()), timeout=180, workers=[a])
+            assert a.terminate() == 0, a.tail()
+        assert _partitions_in(a.log_text()) == set(range(stack.settings.partitions))
+        assert "partitions assigned: [0, 1, 2, 3]" in a.log_text().split("shutdown: flushed")[0]
+        assert _partitions_in(b.log_text())  # B did its share while it was there
+        stack.check_invariants(work.expected)
+        dead = dead_letter_ids(stack.topic_values(stack.settings.topic_dead_letter))
+        assert not [e for e in dead if e.startswith("syn-")]
+        # One model space: every vector names the same model version, and its item vectors exist.
+        versions = stack.sql("SELECT DISTINCT model_version FROM user_interest_vectors")
+        assert len(versions) == 1
+        missing = stack.sql(
+            """SELECT count(*) FROM items i LEFT JOIN item_vectors v
+               ON v.item_id = i.item_id AND v.model_version = :mv WHERE v.item_id IS NULL""",
+            mv=versions[0][0],
+        )
+        assert missing[0][0] == 0
