@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +18,26 @@ ML100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ml-10
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+def servers_root() -> Iterator[Path]:
+    """Where server data lives. Not under pytest's tmp tree: pytest closes that to its owner
+    (0700) whenever a session starts, and the servers run as other system users."""
+    root = Path(tempfile.mkdtemp(prefix="istream-servers-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def server_tmp(servers_root: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh folder for one test's servers."""
+    path = Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=servers_root))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres(servers_root: Path) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(servers_root / "pg" / "data")
     pg.start()
     yield pg
     pg.stop()

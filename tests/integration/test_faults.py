@@ -35,9 +35,9 @@ def wait_progress(stack: Stack, worker: WorkerProcess, timeout: float = 60.0) ->
         time.sleep(0.2)
 
 
-def test_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+def test_faults_lose_and_duplicate_nothing(server_tmp: Path) -> None:
     rng = random.Random(int(os.environ.get("FAULT_SEED", "5")))
-    with Stack(tmp_path) as stack:
+    with Stack(server_tmp) as stack:
         work = build_workload(stack.settings, N_USERS, N_EVENTS)
         chunks = work.chunks(KILLS + 3)
         stack.produce(work.catalog + chunks[0])
@@ -91,9 +91,9 @@ def test_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
         assert "retrying" in running  # the outage hit a running worker, which waited it out
 
 
-def test_sigterm_flushes_the_open_batch(tmp_path: Path) -> None:
+def test_sigterm_flushes_the_open_batch(server_tmp: Path) -> None:
     """Batches that would close only in 10 minutes are committed when the worker is asked to stop."""
-    with Stack(tmp_path) as stack:
+    with Stack(server_tmp) as stack:
         work = build_workload(stack.settings, n_users=20, n_events=300)
         stack.produce(work.catalog + work.events)
         worker = WorkerProcess(

@@ -11,12 +11,20 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from models.decayed_mean import DecayedMeanModel
-from storage.db import make_engine
+from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
 from stream.processor import BatchProcessor, RawRecord
 from stream.resilience import ResilientRunner
 from stream.schema import Limits
 from tests.fakes import HashEncoder
+
+
+@pytest.fixture
+def db_url(empty_db_url: str) -> str:
+    """These tests use the 16-d HashEncoder, so the schema is migrated for 16-d vectors."""
+    upgrade(empty_db_url, vector_dim=16)
+    return empty_db_url
+
 
 pytestmark = pytest.mark.integration
 

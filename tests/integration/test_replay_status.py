@@ -12,13 +12,21 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from models.decayed_mean import DecayedMeanModel
-from storage.db import make_engine
+from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
 from stream.broker import EmbeddedBroker, ensure_topics, env_without_proxies
 from stream.processor import BatchProcessor, RawRecord
 from stream.schema import Limits
 from stream.settings import Settings
 from tests.fakes import HashEncoder
+
+
+@pytest.fixture
+def db_url(empty_db_url: str) -> str:
+    """These tests use the 16-d HashEncoder, so the schema is migrated for 16-d vectors."""
+    upgrade(empty_db_url, vector_dim=16)
+    return empty_db_url
+
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -30,8 +30,8 @@ def _batches(log: str) -> int:
     return len(re.findall(r"batch p[\d,]+: \d+ records, [1-9]", log))
 
 
-def test_two_workers_share_partitions_and_one_leaves(tmp_path: Path) -> None:
-    with Stack(tmp_path) as stack:
+def test_two_workers_share_partitions_and_one_leaves(server_tmp: Path) -> None:
+    with Stack(server_tmp) as stack:
         work = build_workload(stack.settings, n_users=300, n_events=8000)
         chunks = work.chunks(4)
         stack.produce(work.catalog + chunks[0])

@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,13 +25,13 @@ DIM = 8  # small vectors keep the tests fast; the width is a migration-time sett
 
 
 @pytest.fixture(scope="session")
-def plain_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlainPostgres]:
+def plain_postgres(servers_root: Path) -> Iterator[PlainPostgres]:
     if not (plain_pg_bin() / "pg_ctl").is_file():
         message = f"PostgreSQL 15 is not installed at {plain_pg_bin()} (apt-get install -y postgresql-15)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
-    server = PlainPostgres(tmp_path_factory.mktemp("pg15"))
+    server = PlainPostgres(servers_root / "pg15")
     server.start()
     yield server
     server.stop()
