@@ -106,6 +106,84 @@ def demo(data: Path | None, n_events: int, n_show: int) -> None:
     run_demo(settings(), data, n_events, n_show)
 
 
+@cli.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder")
+@click.option("--models", "model_list", help="comma-separated models [ISTREAM_BACKTEST_MODELS]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="events per micro-batch")
+@click.option("--threshold", type=float, help="ratings at or above this are positives (default 4)")
+@click.option("--window-hours", type=click.FloatRange(min=0, min_open=True), help="rolling-curve window")
+@click.option("--limit", type=click.IntRange(min=1), help="at most this many events")
+@click.option("--seed", type=int, help="random seed for every model [ISTREAM_SEED]")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="report folder")
+@click.option("--no-report", is_flag=True, help="print the table only, write no report folder")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def backtest(
+    file: Path | None,
+    movielens: Path | None,
+    model_list: str | None,
+    batch_size: int | None,
+    threshold: float | None,
+    window_hours: float | None,
+    limit: int | None,
+    seed: int | None,
+    out_dir: Path | None,
+    no_report: bool,
+    quiet: bool,
+) -> None:
+    """Replay an event log through the models (predict, then learn) and report how well they did."""
+    from stream.backtest.data import load_jsonl, load_movielens
+    from stream.backtest.models import check_models, parse_model_list
+    from stream.backtest.report import table
+    from stream.backtest.run import config_from, default_out_dir, run
+    from stream.runtime import limits
+
+    if (file is None) == (movielens is None):
+        raise UserError("give either FILE (a JSONL event log) or --movielens DIR")
+    s = settings()
+    try:
+        names = check_models(parse_model_list(model_list or s.backtest_models))
+        config = config_from(
+            s,
+            batch_size=batch_size,
+            positive_threshold=threshold,
+            window_s=window_hours * 3600 if window_hours else None,
+            seed=seed,
+            progress=not quiet,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if movielens is not None:
+        data = load_movielens(movielens, limits(s), limit)
+    else:
+        assert file is not None
+        data = load_jsonl(file, limits(s), limit)
+    if not data.events:
+        raise UserError("the event log holds no valid events")
+    if data.rejected:
+        click.echo(
+            f"{len(data.rejected)} invalid records skipped, e.g. {data.rejected[0].where}: "
+            f"{data.rejected[0].reason}",
+            err=True,
+        )
+    target = None if no_report else (out_dir or default_out_dir(s))
+    try:
+        outcome = run(data, names, s, config, target)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    res = outcome.result
+    pct = round(res.config.tail_fraction * 100)
+    click.echo(f"full stream ({res.totals()[names[0]]['n']} warm positives):")
+    click.echo(table(res, "warm"))
+    click.echo(f"\nlast {pct}% of events:")
+    click.echo(table(res, "tail"))
+    click.echo(f"\ncold start ({res.counts['cold']} positives):")
+    click.echo(table(res, "cold"))
+    click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")
+    if outcome.out_dir is not None:
+        click.echo(f"report: {outcome.out_dir}")
+
+
 def main() -> None:
     from stream.sources import SourceError
 

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # Backtests (stream/backtest, docs/backtest.md).
+    backtest_models: str = "popularity,biased_mf,decayed_mean"  # comma-separated registry specs
+    backtest_batch_size: int = Field(default=100, ge=1)  # events per predict-then-learn micro-batch
+    backtest_positive_threshold: float = 4.0  # ratings at or above this are positives
+    backtest_windows: int = Field(default=40, ge=1)  # rolling-curve windows over the event-time span
+    backtest_tail_fraction: float = Field(default=0.2, gt=0, le=1)  # totals also over this last fraction
+    backtest_out_dir: Path = Path(".istream/backtests")  # a report folder per run is made under it
+
     @property
     def event_topics(self) -> dict[str, str]:
         """topic -> event kind."""

@@ -1,0 +1,179 @@
+"""A backtest's report: one JSON with every figure, a Markdown summary, PNG rolling curves."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from models.metrics import RANKING_METRICS
+from stream.backtest.driver import BacktestResult
+
+SLICES = {
+    "warm": "full stream",
+    "tail": "last {pct}% of events",
+    "learned": "users with an event in an earlier batch",
+    "cold": "cold start (the user's first event)",
+}
+_PACKAGES = ("interest-stream", "numpy", "torch", "transformers", "river")
+
+
+def code_version(repo: Path | None = None) -> dict[str, Any]:
+    """Git commit of the code that ran, and whether the tree had uncommitted changes."""
+    cwd = repo or Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: missing figures are null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def summary(result: BacktestResult) -> dict[str, Any]:
+    return {
+        "totals": {s: result.totals(s) for s in SLICES},
+        "ratings": result.rating_totals(),
+        "counts": {**result.counts, "events": result.n_events, "items": result.n_items},
+        "tail_start_event": result.tail_start,
+    }
+
+
+def to_json(result: BacktestResult, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc = {
+        "protocol": "predict-then-learn per micro-batch; full catalog minus the user's seen items; "
+        "ties at their expected rank under a random tie-break (docs/backtest.md)",
+        "config": dataclasses.asdict(result.config),
+        "models": {m: result.model_configs.get(m, {}) for m in result.models},
+        **summary(result),
+        "seconds": result.seconds,
+        "rolling": result.rolling(),
+        **(meta or {}),
+    }
+    return _clean(doc)
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def table(result: BacktestResult, slice_name: str = "warm") -> str:
+    """A Markdown table of one slice: a row per model."""
+    totals = result.totals(slice_name)
+    ratings = result.rating_totals() if slice_name == "warm" else {}
+    head = ["model", *RANKING_METRICS, "n"] + (["rmse", "mae"] if ratings else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for model in result.models:
+        row = totals[model]
+        cells = [model, *(_fmt(row[k]) for k in RANKING_METRICS), str(row["n"])]
+        if ratings:
+            r = ratings.get(model)
+            cells += [_fmt(r["rmse"]), _fmt(r["mae"])] if r else ["—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: BacktestResult, meta: dict[str, Any] | None = None) -> str:
+    pct = round(result.config.tail_fraction * 100)
+    c = result.counts
+    parts = [
+        "# Backtest summary",
+        "",
+        f"{result.n_events} events, {result.n_items} items, micro-batches of {result.config.batch_size}; "
+        f"{c['ranked']} positives ranked ({c['cold']} cold start), {c['repeats']} repeats and "
+        f"{c['unknown_item']} unknown items not ranked. "
+        f"Positive: rating ≥ {result.config.positive_threshold:g}, clicks, searches with a click.",
+        "",
+    ]
+    for s, label in SLICES.items():
+        parts += [f"## {label.format(pct=pct)}", "", table(result, s), ""]
+    speed = ["| model | setup s | predict s | learn s | events/s (learn) |", "|---|---|---|---|---|"]
+    for m in result.models:
+        sec = result.seconds[m]
+        rate = result.n_events / sec["learn_s"] if sec["learn_s"] > 0 else float("inf")
+        speed.append(
+            f"| {m} | {sec['setup_s']:.1f} | {sec['predict_s']:.1f} | {sec['learn_s']:.1f} | {rate:,.0f} |"
+        )
+    parts += ["## time", "", *speed, ""]
+    if meta:
+        parts += ["## provenance", "", "```json", json.dumps(_clean(meta), indent=2, default=str), "```", ""]
+    return "\n".join(parts)
+
+
+def plot_rolling(result: BacktestResult, out_dir: Path) -> list[Path]:
+    """One PNG per metric (a line per model) and one grid of all metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roll = result.rolling()
+    if not roll["start"]:
+        return []
+    x = [datetime.fromtimestamp(t, tz=UTC) for t in roll["start"]]
+    paths: list[Path] = []
+    fig_all, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax_all, metric in zip(axes.flat, RANKING_METRICS, strict=True):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for target in (ax, ax_all):
+            for model in result.models:
+                ys = [math.nan if v is None else v for v in roll["models"][model][metric]]
+                target.plot(x, ys, marker=".", label=model)
+            target.set_title(f"{metric} per {roll['window_s'] / 3600:.3g} h window (warm positives)")
+            target.set_ylabel(metric)
+            target.grid(alpha=0.3)
+        ax.legend()
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        path = out_dir / f"rolling_{metric.replace('@', '_at_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    axes.flat[0].legend()
+    fig_all.autofmt_xdate()
+    fig_all.tight_layout()
+    grid = out_dir / "rolling.png"
+    fig_all.savefig(grid, dpi=110)
+    plt.close(fig_all)
+    return [grid, *paths]
+
+
+def write_report(result: BacktestResult, out_dir: Path, meta: dict[str, Any] | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = to_json(result, meta)
+    json_path = out_dir / "result.json"
+    json_path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    md_path = out_dir / "summary.md"
+    md_path.write_text(markdown(result, meta))
+    return [json_path, md_path, *plot_rolling(result, out_dir)]
