@@ -63,14 +63,19 @@ class PopularityModel(InterestModel):
         self,
         encoder: TextEncoder | None = None,
         *,
-        half_life_s: float = 7 * DAY_S,
+        half_life_days: float = 30.0,
         arg: str | None = None,
-        **_other_options: Any,  # options the runtime passes to every strategy; none apply here
+        # Options the runtime passes to every strategy. ISTREAM_HALF_LIFE_S is how fast a *user's*
+        # interest fades; catalog popularity moves on a slower clock, so it has its own.
+        **_other_options: Any,
     ) -> None:
-        # `popularity:<days>` sets the half-life; otherwise the configured one.
-        self.half_life_s = float(arg) * DAY_S if arg else float(half_life_s)
-        if not self.half_life_s > 0:
-            raise ValueError(f"popularity half-life must be > 0, got {arg or half_life_s!r}")
+        try:
+            days = float(arg) if arg else float(half_life_days)
+        except ValueError:
+            raise ValueError(f"popularity:<half-life days> expected, got popularity:{arg}") from None
+        if not days > 0:
+            raise ValueError(f"popularity half-life must be > 0 days, got {days:g}")
+        self.half_life_s = days * DAY_S
         self.catalog = _IdCatalog()
         self.counts = np.zeros(0, dtype=np.float64)
         self.now: float | None = None  # counts are expressed as of this event time
@@ -152,13 +157,16 @@ class BiasedMFModel(InterestModel):
         *,
         arg: str | None = None,
         n_factors: int = 10,
-        learning_rate: float = 0.025,
+        learning_rate: float = 0.01,
         l2: float = 0.0,
         implicit_rating: float = 4.0,
         seed: int = 0,
         **_other_options: Any,  # options the runtime passes to every strategy; none apply here
     ) -> None:
-        self.n_factors = int(arg) if arg else n_factors
+        try:
+            self.n_factors = int(arg) if arg else n_factors
+        except ValueError:
+            raise ValueError(f"biased_mf:<factors> expected, got biased_mf:{arg}") from None
         if self.n_factors < 1:
             raise ValueError(f"biased_mf needs at least 1 factor, got {self.n_factors}")
         self.learning_rate = learning_rate

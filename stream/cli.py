@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
 
 from stream.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from stream.backtest.data import BacktestData
 
 
 class UserError(click.ClickException):
@@ -109,6 +113,11 @@ def demo(data: Path | None, n_events: int, n_show: int) -> None:
 @cli.command()
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder")
+@click.option("--topics", is_flag=True, help="read the event topics of ISTREAM_KAFKA_BOOTSTRAP")
+@click.option("--from-offset", type=click.IntRange(min=0), help="topic range start, per partition")
+@click.option("--to-offset", type=click.IntRange(min=0), help="topic range end (exclusive), per partition")
+@click.option("--from-ts", help="topic range start: record time, RFC 3339 or epoch ms")
+@click.option("--to-ts", help="topic range end (exclusive): record time, RFC 3339 or epoch ms")
 @click.option("--models", "model_list", help="comma-separated models [ISTREAM_BACKTEST_MODELS]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="events per micro-batch")
 @click.option("--threshold", type=float, help="ratings at or above this are positives (default 4)")
@@ -121,6 +130,11 @@ def demo(data: Path | None, n_events: int, n_show: int) -> None:
 def backtest(
     file: Path | None,
     movielens: Path | None,
+    topics: bool,
+    from_offset: int | None,
+    to_offset: int | None,
+    from_ts: str | None,
+    to_ts: str | None,
     model_list: str | None,
     batch_size: int | None,
     threshold: float | None,
@@ -138,8 +152,10 @@ def backtest(
     from stream.backtest.run import config_from, default_out_dir, run
     from stream.runtime import limits
 
-    if (file is None) == (movielens is None):
-        raise UserError("give either FILE (a JSONL event log) or --movielens DIR")
+    if sum((file is not None, movielens is not None, topics)) != 1:
+        raise UserError("give one source: FILE (a JSONL event log), --movielens DIR or --topics")
+    if not topics and any(v is not None for v in (from_offset, to_offset, from_ts, to_ts)):
+        raise UserError("--from-offset/--to-offset/--from-ts/--to-ts only apply with --topics")
     s = settings()
     try:
         names = check_models(parse_model_list(model_list or s.backtest_models))
@@ -153,7 +169,9 @@ def backtest(
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if movielens is not None:
+    if topics:
+        data = _topic_source(s, from_offset, to_offset, from_ts, to_ts)
+    elif movielens is not None:
         data = load_movielens(movielens, limits(s), limit)
     else:
         assert file is not None
@@ -182,6 +200,31 @@ def backtest(
     click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")
     if outcome.out_dir is not None:
         click.echo(f"report: {outcome.out_dir}")
+
+
+def _topic_source(
+    s: Settings, from_offset: int | None, to_offset: int | None, from_ts: str | None, to_ts: str | None
+) -> BacktestData:
+    from stream.backtest.topics import TopicRange, load_topic_range
+    from stream.runtime import limits
+    from stream.schema import InvalidRecord, parse_ts
+
+    if not s.kafka_bootstrap:
+        raise UserError("ISTREAM_KAFKA_BOOTSTRAP is not set: say which broker holds the topics")
+
+    def when(value: str | None, flag: str) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_ts(int(value) if value.strip().isdigit() else value)
+        except InvalidRecord as exc:
+            raise UserError(f"{flag}: {exc.reason}") from None
+
+    try:
+        rng = TopicRange(from_offset, to_offset, when(from_ts, "--from-ts"), when(to_ts, "--to-ts"))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return load_topic_range(s.kafka_bootstrap, s, rng, limits(s))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from models.events import Event, Item, UserProfile
 from stream.schema import DEFAULT_LIMITS, InvalidRecord, Limits, parse_log_record
 from stream.sources import (
     LogLine,
+    SourceError,
     movielens_dir,
     movielens_items,
     movielens_ratings,
@@ -42,38 +43,30 @@ class BacktestData:
     source: dict[str, Any] = field(default_factory=dict)  # what was read, with content hashes
 
 
-def from_records(
-    records: Iterable[dict[str, Any] | LogLine],
-    limits: Limits = DEFAULT_LIMITS,
+Parsed = Event | Item | Rejected
+
+
+def assemble(
+    parsed: Iterable[Parsed],
     source: dict[str, Any] | None = None,
     profiles: Iterable[UserProfile] = (),
 ) -> BacktestData:
-    """Validate records (dicts or JSONL lines), keep the last version of each item, order events."""
+    """Keep the last version of each item, drop duplicate event ids, order events by event time."""
     items: dict[str, Item] = {}
     events: list[Event] = []
     rejected: list[Rejected] = []
     seen: set[str] = set()
     duplicates = 0
-    for n, rec in enumerate(records, 1):
-        if isinstance(rec, LogLine):
-            where, raw = f"line {rec.lineno}", rec.record
-            if raw is None:
-                rejected.append(Rejected(where, "not a JSON object"))
-                continue
-        else:
-            where, raw = f"record {n}", rec
-        try:
-            parsed = parse_log_record(raw, limits)
-        except InvalidRecord as exc:
-            rejected.append(Rejected(where, exc.reason))
-            continue
-        if isinstance(parsed, Item):
-            items[parsed.item_id] = parsed
-        elif parsed.event_id in seen:
+    for p in parsed:
+        if isinstance(p, Rejected):
+            rejected.append(p)
+        elif isinstance(p, Item):
+            items[p.item_id] = p
+        elif p.event_id in seen:
             duplicates += 1  # a replayed or retried event: applied once, as the worker does
         else:
-            seen.add(parsed.event_id)
-            events.append(parsed)
+            seen.add(p.event_id)
+            events.append(p)
     events.sort(key=lambda e: e.ts)  # stable: equal times keep log order
     return BacktestData(
         items=list(items.values()),
@@ -85,6 +78,31 @@ def from_records(
     )
 
 
+def _parse_records(records: Iterable[dict[str, Any] | LogLine], limits: Limits) -> Iterable[Parsed]:
+    for n, rec in enumerate(records, 1):
+        if isinstance(rec, LogLine):
+            where, raw = f"line {rec.lineno}", rec.record
+            if raw is None:
+                yield Rejected(where, "not a JSON object")
+                continue
+        else:
+            where, raw = f"record {n}", rec
+        try:
+            yield parse_log_record(raw, limits)
+        except InvalidRecord as exc:
+            yield Rejected(where, exc.reason)
+
+
+def from_records(
+    records: Iterable[dict[str, Any] | LogLine],
+    limits: Limits = DEFAULT_LIMITS,
+    source: dict[str, Any] | None = None,
+    profiles: Iterable[UserProfile] = (),
+) -> BacktestData:
+    """Validate records (dicts or JSONL lines) as the worker does, then `assemble`."""
+    return assemble(_parse_records(records, limits), source, profiles)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -94,6 +112,8 @@ def file_sha256(path: Path) -> str:
 
 
 def load_jsonl(path: Path, limits: Limits = DEFAULT_LIMITS, limit: int | None = None) -> BacktestData:
+    if not path.is_file():
+        raise SourceError(f"no such event log: {path}")
     lines: Iterable[LogLine] = read_jsonl(path)
     if limit is not None:
         lines = _first_events(lines, limit)

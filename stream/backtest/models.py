@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import models.baselines  # noqa: F401  (registers the baselines with the registry)
 from models.catalog import TextEncoder
@@ -31,6 +32,26 @@ def check_models(names: list[str]) -> list[str]:
     return names
 
 
+class LazyEncoder:
+    """The base encoder, loaded on first use: baselines that never read text never pay for it.
+
+    Every attribute is the real encoder's, so models see the `BaseEncoder` they expect.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._encoder: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._encoder is None:
+            from stream.runtime import build_encoder
+
+            self._encoder = build_encoder(self._settings)
+        return getattr(self._encoder, name)
+
+
 def build_models(
     names: Sequence[str], settings: Settings, encoder: TextEncoder | None = None
 ) -> dict[str, InterestModel]:
@@ -39,9 +60,9 @@ def build_models(
     Each is built after re-seeding from `settings.seed`, so a model's numbers do not
     depend on which other models run beside it.
     """
-    from stream.runtime import build_encoder, build_interest_model
+    from stream.runtime import build_interest_model
 
-    shared = encoder if encoder is not None else build_encoder(settings)
+    shared = encoder if encoder is not None else LazyEncoder(settings)
     return {
         name: build_interest_model(settings.model_copy(update={"model": name}), shared)  # type: ignore[arg-type]
         for name in names

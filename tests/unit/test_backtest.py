@@ -118,7 +118,7 @@ def test_events_are_replayed_in_event_time_order() -> None:
 
 def _baselines(seed: int) -> dict:
     return {
-        "popularity": PopularityModel(half_life_s=3600.0),
+        "popularity": PopularityModel(half_life_days=0.1),
         "biased_mf": BiasedMFModel(seed=seed),
         "decayed_mean": DecayedMeanModel(HashEncoder(16), half_life_s=3600.0),
     }
