@@ -127,6 +127,8 @@ def demo(data: Path | None, n_events: int, n_show: int) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="report folder")
 @click.option("--no-report", is_flag=True, help="print the table only, write no report folder")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--pit", "pit_prefix", help="also write vectors to Postgres schemas <PIT>_<model>")
+@click.option("--pit-replace", is_flag=True, help="drop and recreate those schemas if they exist")
 def backtest(
     file: Path | None,
     movielens: Path | None,
@@ -144,12 +146,14 @@ def backtest(
     out_dir: Path | None,
     no_report: bool,
     quiet: bool,
+    pit_prefix: str | None,
+    pit_replace: bool,
 ) -> None:
     """Replay an event log through the models (predict, then learn) and report how well they did."""
     from stream.backtest.data import load_jsonl, load_movielens
     from stream.backtest.models import check_models, parse_model_list
     from stream.backtest.report import table
-    from stream.backtest.run import config_from, default_out_dir, run
+    from stream.backtest.run import PointInTime, config_from, default_out_dir, run
     from stream.runtime import limits
 
     if sum((file is not None, movielens is not None, topics)) != 1:
@@ -157,6 +161,13 @@ def backtest(
     if not topics and any(v is not None for v in (from_offset, to_offset, from_ts, to_ts)):
         raise UserError("--from-offset/--to-offset/--from-ts/--to-ts only apply with --topics")
     s = settings()
+    pit = None
+    if pit_prefix is not None:
+        if not s.database_url:
+            raise UserError(
+                "--pit needs ISTREAM_DATABASE_URL: say which Postgres gets the backtest's schemas"
+            )
+        pit = PointInTime(s.database_url, pit_prefix, pit_replace)
     try:
         names = check_models(parse_model_list(model_list or s.backtest_models))
         config = config_from(
@@ -186,7 +197,7 @@ def backtest(
         )
     target = None if no_report else (out_dir or default_out_dir(s))
     try:
-        outcome = run(data, names, s, config, target)
+        outcome = run(data, names, s, config, target, pit=pit)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     res = outcome.result
@@ -200,6 +211,8 @@ def backtest(
     click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")
     if outcome.out_dir is not None:
         click.echo(f"report: {outcome.out_dir}")
+    for model, schema in outcome.pit_schemas.items():
+        click.echo(f"point-in-time vectors of {model}: schema {schema}")
 
 
 def _topic_source(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from models.catalog import TextEncoder
+from models.core import BatchResult
+from models.events import Event
 from stream.backtest.data import BacktestData
 from stream.backtest.driver import BacktestConfig, BacktestResult, LearnHook, run_backtest
 from stream.backtest.models import build_models
@@ -22,6 +25,16 @@ class RunOutcome:
     out_dir: Path | None
     files: list[Path]
     seconds: float
+    pit_schemas: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class PointInTime:
+    """Where the point-in-time mode writes: a database, a schema-name prefix, may it replace."""
+
+    url: str
+    prefix: str
+    replace: bool = False
 
 
 def default_out_dir(settings: Settings) -> Path:
@@ -49,12 +62,28 @@ def run(
     encoder: TextEncoder | None = None,
     on_learned: LearnHook | None = None,
     extra_meta: dict[str, Any] | None = None,
+    pit: PointInTime | None = None,
 ) -> RunOutcome:
     started = time.perf_counter()
     # The seed is the backtest's, so that `--seed` alone makes a run reproducible.
     settings = settings.model_copy(update={"seed": config.seed})
     models = build_models(model_names, settings, encoder)
-    result = run_backtest(models, data, config, on_learned=on_learned)
+    pit_schemas: dict[str, str] = {}
+    if pit is None:
+        result = run_backtest(models, data, config, on_learned=on_learned)
+    else:
+        from stream.backtest.pit import PointInTimeWriter
+        from stream.runtime import base_model_name
+
+        with PointInTimeWriter(pit.url, pit.prefix, models, base_model_name(settings), pit.replace) as w:
+
+            def hook(name: str, events: Sequence[Event], res: BatchResult) -> None:
+                w(name, events, res)
+                if on_learned is not None:
+                    on_learned(name, events, res)
+
+            result = run_backtest(models, data, config, on_learned=hook)
+            pit_schemas = dict(w.schemas)
     seconds = time.perf_counter() - started
     files: list[Path] = []
     if out_dir is not None:
@@ -75,8 +104,9 @@ def run(
                 "seed": settings.seed,
             },
             "wall_seconds": seconds,
+            "point_in_time_schemas": pit_schemas,
             "finished_at": datetime.now(UTC).isoformat(),
             **(extra_meta or {}),
         }
         files = write_report(result, out_dir, meta)
-    return RunOutcome(result=result, out_dir=out_dir, files=files, seconds=seconds)
+    return RunOutcome(result=result, out_dir=out_dir, files=files, seconds=seconds, pit_schemas=pit_schemas)
