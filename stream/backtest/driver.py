@@ -149,6 +149,9 @@ class BacktestResult:
         t0, t1 = float(self.ts.min()), float(self.ts.max())
         window = self.config.window_s or max((t1 - t0) / self.config.windows, 1.0)
         idx = np.floor((self.ts - t0) / window).astype(np.int64)
+        if self.config.window_s is None:
+            # The last event sits exactly on the span's end: keep it in the last window, not its own.
+            idx = np.minimum(idx, self.config.windows - 1)
         n_win = int(idx.max()) + 1
         counts = np.bincount(idx[warm], minlength=n_win)
         models: dict[str, dict[str, list[float | None]]] = {}

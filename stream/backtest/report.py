@@ -21,6 +21,8 @@ SLICES = {
     "learned": "users with an event in an earlier batch",
     "cold": "cold start (the user's first event)",
 }
+# Windows with fewer positives than this are left out of the plots (the JSON keeps them): noise.
+MIN_WINDOW_N = 20
 _PACKAGES = ("interest-stream", "numpy", "torch", "transformers", "river")
 
 
@@ -148,7 +150,10 @@ def plot_rolling(result: BacktestResult, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for target in (ax, ax_all):
             for model in result.models:
-                ys = [math.nan if v is None else v for v in roll["models"][model][metric]]
+                ys = [
+                    math.nan if v is None or n < MIN_WINDOW_N else v
+                    for v, n in zip(roll["models"][model][metric], roll["n"], strict=True)
+                ]
                 target.plot(x, ys, marker=".", label=model)
             target.set_title(f"{metric} per {roll['window_s'] / 3600:.3g} h window (warm positives)")
             target.set_ylabel(metric)
