@@ -53,7 +53,7 @@ class RatingPredictor(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class BacktestConfig:
-    batch_size: int = 500
+    batch_size: int = 100
     positive_threshold: float = 4.0
     window_s: float | None = None  # rolling-curve window in event time; None = span / windows
     windows: int = 40
@@ -190,14 +190,16 @@ def score_users(model: InterestModel, users: Sequence[str]) -> tuple[np.ndarray,
         return mat, known
     known = np.zeros(len(users), dtype=bool)
     if type(model).predict is InterestModel.predict:
-        items = np.asarray(model.item_matrix(), dtype=np.float64)
-        u = np.zeros((len(users), items.shape[1]), dtype=np.float64)
+        items = np.asarray(model.item_matrix())
+        # Score in the model's own precision: converting the catalog per batch costs more than the product.
+        dtype = items.dtype if items.dtype in (np.float32, np.float64) else np.float64
+        u = np.zeros((len(users), items.shape[1]), dtype=dtype)
         for row, user in enumerate(users):
             vec = model.user_vector(user)
             if vec is not None:
                 u[row] = vec
                 known[row] = True
-        return u @ items.T, known
+        return (u @ items.astype(dtype, copy=False).T).astype(np.float64), known
     mat = np.zeros((len(users), len(model.item_ids())), dtype=np.float64)
     for row, user in enumerate(users):
         s = model.predict(user)
