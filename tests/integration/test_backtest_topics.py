@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -10,9 +11,10 @@ from models.baselines import PopularityModel
 from stream.backtest import BacktestConfig, from_records, run_backtest
 from stream.backtest.topics import TopicRange, load_topic_range
 from stream.broker import EmbeddedBroker, ensure_topics, make_producer
+from stream.cli import main
 from stream.producer import EventProducer
 from stream.runtime import limits
-from stream.settings import Settings
+from stream.settings import Settings, get_settings
 from stream.sources import synthetic_log
 
 pytestmark = pytest.mark.integration
@@ -65,3 +67,25 @@ def test_topic_range_by_offsets_and_by_timestamps(broker: EmbeddedBroker) -> Non
     a = run_backtest({"p": PopularityModel()}, whole, cfg)
     b = run_backtest({"p": PopularityModel()}, from_records([*items, *events]), cfg)
     assert a.totals() == b.totals()
+
+
+def test_cli_backtests_a_topic_range(
+    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = Settings(partitions=1)
+    ensure_topics(broker.bootstrap, s.all_topics, s.partitions, compacted=[s.topic_items])
+    _produce(broker, s, synthetic_log(n_users=4, n_events=100, seed=2))
+    monkeypatch.setenv("ISTREAM_KAFKA_BOOTSTRAP", broker.bootstrap)
+    monkeypatch.setenv("ISTREAM_PARTITIONS", "1")
+    get_settings.cache_clear()
+    argv = ["istream", "backtest", "--topics", "--from-offset", "10", "--models", "popularity"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--no-report", "--quiet"])
+    try:
+        main()
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr().out
+    assert "| popularity |" in out
+    # Offsets 0-9 of each event topic are skipped: fewer than all 100 events are replayed.
+    n_events = int(out.split(" events in ")[0].rsplit("\n", 1)[-1])
+    assert 60 < n_events < 100
