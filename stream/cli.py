@@ -218,6 +218,8 @@ def backtest(
 def _topic_source(
     s: Settings, from_offset: int | None, to_offset: int | None, from_ts: str | None, to_ts: str | None
 ) -> BacktestData:
+    from kafka.errors import KafkaError
+
     from stream.backtest.topics import TopicRange, load_topic_range
     from stream.runtime import limits
     from stream.schema import InvalidRecord, parse_ts
@@ -237,7 +239,10 @@ def _topic_source(
         rng = TopicRange(from_offset, to_offset, when(from_ts, "--from-ts"), when(to_ts, "--to-ts"))
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return load_topic_range(s.kafka_bootstrap, s, rng, limits(s))
+    try:
+        return load_topic_range(s.kafka_bootstrap, s, rng, limits(s))
+    except KafkaError as exc:
+        raise UserError(f"cannot read the topics at {s.kafka_bootstrap}: {exc}") from None
 
 
 def main() -> None:
