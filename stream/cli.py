@@ -150,6 +150,8 @@ def backtest(
     pit_replace: bool,
 ) -> None:
     """Replay an event log through the models (predict, then learn) and report how well they did."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from stream.backtest.data import load_jsonl, load_movielens
     from stream.backtest.models import check_models, parse_model_list
     from stream.backtest.report import table
@@ -200,6 +202,8 @@ def backtest(
         outcome = run(data, names, s, config, target, pit=pit)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise UserError(f"point-in-time database: {str(exc).splitlines()[0]}") from None
     res = outcome.result
     pct = round(res.config.tail_fraction * 100)
     click.echo(f"full stream ({res.totals()[names[0]]['n']} warm positives):")
