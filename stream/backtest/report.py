@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import platform
+import re
 import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
@@ -171,6 +172,24 @@ def plot_rolling(result: BacktestResult, out_dir: Path) -> list[Path]:
     grid = out_dir / "rolling.png"
     fig_all.savefig(grid, dpi=110)
     plt.close(fig_all)
+    # And one per model, every metric on it: how a single model's tracking evolves.
+    for model in result.models:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for metric in RANKING_METRICS:
+            ys = [
+                math.nan if v is None or n < MIN_WINDOW_N else v
+                for v, n in zip(roll["models"][model][metric], roll["n"], strict=True)
+            ]
+            ax.plot(x, ys, marker=".", label=metric)
+        ax.set_title(f"{model}: rolling metrics per {roll['window_s'] / 3600:.3g} h window (warm positives)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        path = out_dir / f"model_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     return [grid, *paths]
 
 

@@ -75,3 +75,4 @@ def test_a_jsonl_log_gives_a_table_and_a_report_folder(tmp_path: Path, istream: 
     assert doc["code"]["git_commit"]
     assert (out_dir / "summary.md").read_text().startswith("# Backtest summary")
     assert (out_dir / "rolling.png").stat().st_size > 10_000
+    assert (out_dir / "model_biased_mf.png").is_file() and (out_dir / "rolling_ndcg_at_10.png").is_file()
