@@ -212,20 +212,26 @@ class BiasedMFModel(InterestModel):
     def item_ids(self) -> Sequence[str]:
         return self.catalog.ids
 
+    def _item_row(self, item: str) -> np.ndarray:
+        """[b_i, 1, q_i]; items river has not met yet: zero factors and bias (reading river's
+        defaultdicts would invent random ones as a side effect)."""
+        row = np.zeros(self.dim, dtype=np.float64)
+        row[1] = 1.0
+        if item in self.mf.i_latents:
+            row[0] = self.mf.i_biases.get(item, 0.0)
+            row[2:] = self.mf.i_latents[item]
+        return row
+
     def item_matrix(self) -> np.ndarray:
-        if self._items_cache is None:
-            # Items river has not met yet have no latent vector: zero factors, zero bias
-            # (reading river's defaultdicts would invent random ones as a side effect).
-            mu = self.mf.global_mean.get()
-            mat = np.zeros((len(self.catalog.ids), self.dim), dtype=np.float64)
-            mat[:, 0] = mu
-            mat[:, 1] = 1.0
-            for row, item in enumerate(self.catalog.ids):
-                if item in self.mf.i_latents:
-                    mat[row, 0] += self.mf.i_biases.get(item, 0.0)
-                    mat[row, 2:] = self.mf.i_latents[item]
-            self._items_cache = mat
-        return self._items_cache
+        if self._items_cache is None or len(self._items_cache) != len(self.catalog.ids):
+            self._items_cache = (
+                np.stack([self._item_row(i) for i in self.catalog.ids])
+                if self.catalog.ids
+                else (np.zeros((0, self.dim)))
+            )
+        out = self._items_cache.copy()
+        out[:, 0] += self.mf.global_mean.get()  # mu moves with every rating, so it is added last
+        return out
 
     def user_vector(self, user_id: str) -> np.ndarray | None:
         if user_id not in self.mf.u_latents:
@@ -264,14 +270,21 @@ class BiasedMFModel(InterestModel):
         return (item, self.implicit_rating) if item is not None else None
 
     def learn(self, events: Sequence[Event]) -> BatchResult:
+        touched: set[str] = set()
         for e in events:
             target = self._target(e)
             if target is not None:
                 self.mf.learn_one(e.user_id, target[0], target[1])
+                touched.add(target[0])
             self.users[e.user_id] = self.users.get(e.user_id, 0) + 1
         if events:
-            self._items_cache = None
             self._batches += 1
+        if self._items_cache is not None:
+            # Only the items of this batch changed (besides mu): refresh their rows alone.
+            for item in touched:
+                row = self.catalog.index.get(item)
+                if row is not None and row < len(self._items_cache):
+                    self._items_cache[row] = self._item_row(item)
         updates = {}
         for u, (n, ts) in _touched(events).items():
             vec = self.user_vector(u)
