@@ -81,6 +81,7 @@ class EvalLog:
     ts: list[float] = field(default_factory=list)
     position: list[int] = field(default_factory=list)  # index of the event in the stream
     cold: list[bool] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
     learned: list[bool] = field(default_factory=list)
     greater: dict[str, list[np.ndarray]] = field(default_factory=dict)
     ties: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -96,6 +97,7 @@ class BacktestResult:
     ts: np.ndarray  # per ranked positive
     position: np.ndarray
     cold: np.ndarray
+    kind: np.ndarray  # event kind of each ranked positive (click, search, rating)
     learned: np.ndarray  # the user has an event in an earlier micro-batch
     greater: dict[str, np.ndarray]
     ties: dict[str, np.ndarray]
@@ -117,6 +119,8 @@ class BacktestResult:
             return ~self.cold & (self.position >= self.tail_start)
         if slice_name == "learned":
             return self.learned.copy()
+        if slice_name.startswith("kind:"):
+            return ~self.cold & (self.kind == slice_name[5:])
         raise ValueError(f"unknown slice {slice_name!r}")
 
     @property
@@ -309,6 +313,7 @@ def run_backtest(
                         log.ts.append(e.ts)
                         log.position.append(start + offset)
                         log.cold.append(cold)
+                        log.kind.append(e.kind)
                         log.learned.append(e.user_id in learned_users)
                         counts["ranked"] += 1
                         counts["cold"] += int(cold)
@@ -375,6 +380,7 @@ def run_backtest(
         ts=np.asarray(log.ts, dtype=np.float64),
         position=np.asarray(log.position, dtype=np.int64),
         cold=np.asarray(log.cold, dtype=bool),
+        kind=np.asarray(log.kind, dtype=str),
         learned=np.asarray(log.learned, dtype=bool),
         greater={n: cat(log.greater[n]) for n in names},
         ties={n: cat(log.ties[n]) for n in names},

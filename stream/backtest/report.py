@@ -67,6 +67,8 @@ def _clean(value: Any) -> Any:
 def summary(result: BacktestResult) -> dict[str, Any]:
     return {
         "totals": {s: result.totals(s) for s in SLICES},
+        # Warm positives split by what they were: clicks, searches that led to a click, ratings.
+        "totals_by_kind": {k: result.totals(f"kind:{k}") for k in sorted(set(result.kind.tolist()))},
         "ratings": result.rating_totals(),
         "counts": {**result.counts, "events": result.n_events, "items": result.n_items},
         "tail_start_event": result.tail_start,

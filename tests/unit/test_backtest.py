@@ -96,6 +96,8 @@ def test_slices_cold_start_and_seen_item_exclusion() -> None:
     assert res.ties["m"][3] == 27
     totals = res.totals("warm")["m"]
     assert totals["n"] == 2
+    assert res.totals("kind:click")["m"]["n"] == 2
+    assert res.totals("kind:rating")["m"]["n"] == 0
 
 
 def test_invalid_and_duplicate_records_are_reported_not_dropped() -> None:
