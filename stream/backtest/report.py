@@ -38,7 +38,7 @@ def code_version(repo: Path | None = None) -> dict[str, Any]:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain")
     versions = {}
     for pkg in _PACKAGES:
         try:
@@ -47,7 +47,11 @@ def code_version(repo: Path | None = None) -> dict[str, Any]:
             versions[pkg] = None
     return {
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        # Uncommitted changes, and files git does not track yet (code a commit id does not pin down).
+        "git_dirty": None if status is None else any(not ln.startswith("??") for ln in status.splitlines()),
+        "git_untracked": None
+        if status is None
+        else [ln[3:] for ln in status.splitlines() if ln.startswith("??")],
         "python": platform.python_version(),
         "packages": versions,
     }
