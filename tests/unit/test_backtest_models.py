@@ -38,7 +38,12 @@ def _tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
 
 
-@pytest.mark.parametrize("name", available())
+_FAST = {"popularity", "biased_mf", "decayed_mean"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in _FAST else pytest.mark.slow) for n in available()]
+)
 def test_model_is_reproducible_through_the_backtest(name: str) -> None:
     data = from_records(synthetic_log(n_users=8, n_events=240, seed=11))
     cfg = BacktestConfig(batch_size=40, progress=False)
