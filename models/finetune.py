@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 class FineTuneOptions:
     """Hyperparameters; every field can be set through `build_model(..., field=value)`."""
 
-    dim: int | None = None  # interest dimension; None = the base's
+    # Interest dimension; 0/None = the base's. 64 learns as well on MovieLens and runs ~6x faster.
+    dim: int | None = 64
     history: int = 50  # recent behaviours attended over
     lr: float = 3e-3
     weight_decay: float = 1e-5
@@ -92,8 +93,9 @@ class FineTuneOptions:
     rollback_threshold: float = 0.5
     rollback_patience: int = 3
     rollback_window: int = 20
-    publish_every_batches: int = 10
+    publish_every_batches: int = 1
     publish_every_s: float = 60.0
+    good_state_every: int = 20  # publishes between copies of the weights kept for rollback
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
@@ -264,6 +266,7 @@ class FineTunedModel(InterestModel):
         self._bad_batches = 0
         self.rollbacks = 0
         self._good_state: dict[str, Any] | None = None
+        self._publishes = 0
         self.batches = 0
         self._publish(initial=True)
 
@@ -850,7 +853,7 @@ class FineTunedModel(InterestModel):
         vec = self._uvec.get(user_id)
         if row is None or vec is None:
             return None
-        scale = float(self.net.log_scale.exp())
+        scale = float(self.net.log_scale.detach().exp())
         dot = float(vec[:-1] @ self._live_vec[row].numpy()) / scale
         with torch.no_grad():
             pred = (
@@ -880,7 +883,12 @@ class FineTunedModel(InterestModel):
         loss = None
         if any(ep.targets for ep in episodes):
             batch = [ep for ep in episodes if ep.targets] + self.replay.sample(o.replay_per_batch)
-            losses = [self._step(batch) for _ in range(max(1, o.steps_per_batch))]
+            # Dropout draws from a generator seeded by (seed, batch number): the numbers depend
+            # on the data alone, not on what else ran in the process before.
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(o.seed * 1_000_003 + self.batches)
+                losses = [self._step(batch) for _ in range(max(1, o.steps_per_batch))]
             loss = losses[0]
             self.replay.extend(self._replay_items(episodes))
         # Popularity counts move after the step: training saw the counts as they were before.
@@ -889,14 +897,15 @@ class FineTunedModel(InterestModel):
         self._batches_since_publish += 1
         if loss is not None and math.isfinite(loss):
             self._check_rollback(loss)
-        self._refresh_items()
-        self._refresh_users(list(touched))
         snapshot = None
         due = self._batches_since_publish >= o.publish_every_batches or (
             time.monotonic() - self._last_publish >= o.publish_every_s
         )
         if due:
             snapshot = self._publish()
+        else:
+            self._refresh_items()
+        self._refresh_users(list(touched))
         updates = {}
         for uid, n in touched.items():
             state = self.users[uid]
@@ -959,7 +968,17 @@ class FineTunedModel(InterestModel):
         """The trainable state (including the item residuals), as torch.save bytes."""
         trainable = {k: v for k, v in self.net.state_dict().items() if not k.startswith("tower.base")}
         buf = io.BytesIO()
-        torch.save({"net": trainable, "item_ids": list(self.catalog.ids), "config": self.config()}, buf)
+        torch.save(
+            {
+                "net": trainable,
+                "item_ids": list(self.catalog.ids),
+                "config": self.config(),
+                # Not trained, but part of the scores: the items' time-decayed counts.
+                "popularity": torch.from_numpy(self._pop.copy()),
+                "popularity_t": self._pop_t,
+            },
+            buf,
+        )
         return buf.getvalue()
 
     def load_weights(self, blob: bytes) -> None:
@@ -976,6 +995,13 @@ class FineTunedModel(InterestModel):
                 if row is not None and row < n:
                     dst[row] = src[j]
             state[key] = dst
+        if "popularity" in saved:
+            pop = saved["popularity"].numpy()
+            for j, item_id in enumerate(ids):
+                row = self.catalog.row(item_id)
+                if row is not None and row < n:
+                    self._pop[row] = pop[j]
+            self._pop_t = saved.get("popularity_t")
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)
@@ -985,7 +1011,11 @@ class FineTunedModel(InterestModel):
         self._refresh_users(list(self.users))
 
     def _publish(self, initial: bool = False) -> ModelSnapshot | None:
-        """A new model version: re-encode every item from the cached base with the current weights."""
+        """A new model version: re-encode every item from the cached base with the current weights.
+
+        Users touched by the batch get vectors against the new version in the same result;
+        the others keep the (older) version their stored vectors name.
+        """
         self._refresh_items(full_tower=True)
         blob = self.weights()
         digest = hashlib.sha1(blob).hexdigest()[:12]
@@ -993,9 +1023,9 @@ class FineTunedModel(InterestModel):
         self._batches_since_publish = 0
         self._last_publish = time.monotonic()
         self._published_aug = self._live_aug.copy()
-        # User vectors name the version they are scored against: refresh them all on publish.
-        self._refresh_users(list(self.users))
-        self._good_state = self._capture()
+        self._publishes += 1
+        if self._good_state is None or self._publishes % self.opts.good_state_every == 0:
+            self._good_state = self._capture()
         if initial:
             self._version = version
             return None

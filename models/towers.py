@@ -161,8 +161,7 @@ class TopLayersTower(ItemTower):
         super().__init__(encoder)
         if not hasattr(encoder, "model") or not hasattr(encoder, "tokenizer"):
             raise ValueError("top_layers/lora need a transformers base encoder, not a plain text encoder")
-        self.base_model: nn.Module = encoder.model
-        layers = find_layers(self.base_model)
+        layers = find_layers(encoder.model)
         if not 1 <= k <= len(layers):
             raise ValueError(f"k must be between 1 and {len(layers)} for this base, not {k}")
         self.k = k
@@ -174,7 +173,9 @@ class TopLayersTower(ItemTower):
                 p.requires_grad_(False)
             add_lora(self.top, lora_rank, dropout=0.0)
         self.strategy = f"lora:{lora_rank}" if lora_rank is not None else f"top_layers:{k}"
-        self._layers = layers
+        # Kept out of the module tree (a tuple is not registered): the frozen base is neither
+        # trained, nor saved with the tower's weights, nor moved by `.to()`.
+        self._frozen = (encoder.model, layers)
         self.max_length = max_length or getattr(encoder, "max_length", 64)
         self.drop = nn.Dropout(dropout)
         # Per catalog row: lower-layer token states (S_i, H) and which text they came from.
@@ -188,7 +189,8 @@ class TopLayersTower(ItemTower):
         tok = self.encoder.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        device = next(self.base_model.parameters()).device
+        base_model, layers = self._frozen
+        device = next(base_model.parameters()).device
         tok = {k: v.to(device) for k, v in tok.items()}
         captured: dict[str, torch.Tensor] = {}
 
@@ -196,9 +198,9 @@ class TopLayersTower(ItemTower):
             captured["h"] = args[0] if args else kwargs["hidden_states"]
             raise _StopForward
 
-        handle = self._layers[self.split].register_forward_pre_hook(grab, with_kwargs=True)
+        handle = layers[self.split].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            self.base_model(**tok)
+            base_model(**tok)
         except _StopForward:
             pass
         finally:
@@ -230,7 +232,7 @@ class TopLayersTower(ItemTower):
             from transformers.masking_utils import create_bidirectional_mask
 
             out = create_bidirectional_mask(
-                config=self.base_model.config, inputs_embeds=hidden, attention_mask=mask
+                config=self._frozen[0].config, inputs_embeds=hidden, attention_mask=mask
             )
             if out is not None:
                 return out
