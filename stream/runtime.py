@@ -43,8 +43,31 @@ def build_encoder(settings: Settings) -> BaseEncoder:
 def build_interest_model(settings: Settings, encoder: BaseEncoder | None = None) -> InterestModel:
     seed_everything(settings.seed)
     encoder = encoder or build_encoder(settings)
+    return build_model(settings.model, encoder, **model_options(settings))
+
+
+FINE_TUNED = ("adapter", "top_layers", "lora")
+
+
+def model_options(settings: Settings) -> dict[str, object]:
+    """Settings -> options of the configured model (each family takes its own)."""
     options: dict[str, object] = {"half_life_s": settings.half_life_s, "rating_max": settings.rating_max}
-    return build_model(settings.model, encoder, **options)
+    if settings.model.partition(":")[0] in FINE_TUNED:
+        options.update(
+            dim=settings.model_dim,
+            history=settings.model_history,
+            lr=settings.model_lr,
+            steps_per_batch=settings.model_steps_per_batch,
+            replay_size=settings.model_replay_size,
+            publish_every_batches=settings.model_publish_every_batches,
+            publish_every_s=settings.model_publish_every_s,
+            rating_min=settings.rating_min,
+            seed=settings.seed,
+            deterministic=settings.model_deterministic,
+            device=settings.device,
+            bf16=settings.model_bf16,
+        )
+    return options
 
 
 def build_store(settings: Settings, url: str) -> VectorStore:
