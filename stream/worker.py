@@ -10,6 +10,7 @@ from typing import Any
 import faust
 
 from storage.db import upgrade
+from storage.encodings import model_encoder, persist_encodings, restore_encodings
 from stream.processor import BatchOutcome, BatchProcessor, RawRecord, encode_dead_letter
 from stream.runtime import base_model_name, build_interest_model, build_store, limits
 from stream.settings import Settings
@@ -64,10 +65,15 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
             state["p"] = BatchProcessor(
                 model, store, topic_kinds, limits(settings), base_model_name(settings)
             )
+            encoder = model_encoder(model)
+            if encoder is not None:
+                log.info("restored %d base encodings", restore_encodings(store.engine, encoder))
             catalog = store.load_catalog()
             if catalog:
                 state["p"].model.upsert_items(catalog)
                 log.info("restored %d catalog items from Postgres", len(catalog))
+                if encoder is not None:
+                    persist_encodings(store.engine, encoder)
             state["p"].ensure_published()
         return state["p"]
 
@@ -75,6 +81,9 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
         records = [_raw(e) for e in events]
         loop = asyncio.get_running_loop()
         outcome = await loop.run_in_executor(executor, lambda: processor().process(records))
+        encoder = model_encoder(processor().model) if outcome.items else None
+        if encoder is not None:  # new catalog texts: keep their encodings across restarts
+            await loop.run_in_executor(executor, persist_encodings, processor().store.engine, encoder)
         for entry in outcome.dead_letters:
             await dead_letter_topic.send(
                 key=(entry.get("key") or "").encode("utf-8") or None,
