@@ -1052,6 +1052,15 @@ class FineTunedModel(InterestModel):
             weights=self.weights(),
         )
 
+    def rebuild_user(self, user_id: str, events: Sequence[Event]) -> None:
+        """Rebuild a user's state from their events (time order) without training on them."""
+        profile = self.profiles.get(user_id)
+        self.forget_user(user_id)
+        if profile is not None:
+            self.profiles[user_id] = profile
+        self._observe([e for e in events if e.user_id == user_id])
+        self._refresh_users([user_id])
+
     # ---- explain ------------------------------------------------------------------------------
     def explain(self, user_id: str, top: int = 10) -> list[dict[str, Any]]:
         """The behaviours that contributed most to the user's vector, with their share of it.

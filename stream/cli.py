@@ -249,6 +249,43 @@ def _topic_source(
         raise UserError(f"cannot read the topics at {s.kafka_bootstrap}: {exc}") from None
 
 
+@cli.command()
+@click.argument("user_id")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="events to show")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def explain(user_id: str, top: int, as_json: bool) -> None:
+    """Which of USER_ID's events shaped their current interest vector, with weights (ISTREAM_MODEL)."""
+    import json
+    from datetime import UTC, datetime
+
+    from storage.db import make_engine
+    from stream.explain import ExplainError, explain_user
+
+    s = settings()
+    if not s.database_url:
+        raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres holds the user's events")
+    engine = make_engine(s.database_url)
+    try:
+        result = explain_user(s, engine, user_id, top=top)
+    except ExplainError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:  # e.g. an unknown ISTREAM_MODEL
+        raise UserError(str(exc)) from None
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps({**result.__dict__}, default=str, indent=2))
+        return
+    version = result.model_version or "untrained weights (no published version found)"
+    click.echo(f"user {result.user_id}: {result.n_events} events, model {result.model} ({version})")
+    click.echo(f"{'weight':>8} {'attn':>6}  {'kind':<9} {'when (UTC)':<19}  what")
+    for r in result.rows:
+        when = datetime.fromtimestamp(r["ts"], UTC).strftime("%Y-%m-%d %H:%M:%S") if r.get("ts") else ""
+        what = r.get("title") or r.get("item_id") or r.get("query") or ""
+        attn = f"{r['attention']:.3f}" if "attention" in r else ""
+        click.echo(f"{r['weight']:>8.3f} {attn:>6}  {r['kind']:<9} {when:<19}  {what}")
+
+
 def main() -> None:
     from stream.sources import SourceError
 
