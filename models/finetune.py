@@ -64,6 +64,7 @@ class FineTuneOptions:
     dim: int | None = 64
     history: int = 50  # recent behaviours attended over
     lr: float = 3e-3
+    item_lr_multiplier: float = 1.0
     weight_decay: float = 1e-5
     dropout: float = 0.1
     clip_norm: float = 5.0
@@ -86,6 +87,7 @@ class FineTuneOptions:
     long_term_rate: float = 0.05
     # top_layers/lora: at most this many items run through the trained layers per step.
     tower_items_per_step: int = 128
+    tower_refresh_every: int = 10  # publishes between full re-encodings of the catalog (top_layers/lora)
     replay_size: int = 20_000
     replay_per_batch: int = 64
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
@@ -102,8 +104,8 @@ class FineTuneOptions:
     bf16: bool = True
     # Accepted for interface compatibility with the other models (runtime passes it to all).
     half_life_s: float | None = None
-    init_scale: float = 5.0  # logit scale on u·e at the start (learned)
-    init_pop_weight: float = 0.5  # weight of log(1 + decayed count) at the start (learned)
+    init_scale: float = 1.0  # logit scale on u·e at the start (learned)
+    init_pop_weight: float = 1.0  # weight of log(1 + decayed count) at the start (learned)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:
@@ -414,19 +416,25 @@ class FineTunedModel(InterestModel):
             setattr(net, name, p_new)
 
     def _make_optimizer(self) -> None:
-        decay, no_decay = [], []
+        decay, no_decay, items = [], [], []
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
             # Biases, scales and sparse per-item rows are not decayed: decay would shrink
             # every item's row on every step, also the items the batch never saw.
-            (no_decay if p.ndim < 2 or name.startswith("item_") else decay).append(p)
+            if name.startswith(("item_", "rating_bias")):
+                items.append(p)
+            else:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        lr = self.opts.lr
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.opts.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
+                # Each item's row sees few steps in one pass over a stream: it gets a larger rate.
+                {"params": items, "weight_decay": 0.0, "lr": lr * self.opts.item_lr_multiplier},
             ],
-            lr=self.opts.lr,
+            lr=lr,
         )
 
     # ---- item vectors ----------------------------------------------------------------------------
@@ -1016,7 +1024,10 @@ class FineTunedModel(InterestModel):
         Users touched by the batch get vectors against the new version in the same result;
         the others keep the (older) version their stored vectors name.
         """
-        self._refresh_items(full_tower=True)
+        # Trained transformer layers: every item through them only every few publishes (the
+        # items of each step are refreshed as they are trained); the adapter is cheap, always.
+        full = initial or self._publishes % self.opts.tower_refresh_every == 0
+        self._refresh_items(full_tower=full)
         blob = self.weights()
         digest = hashlib.sha1(blob).hexdigest()[:12]
         version = f"{self.spec}-{digest}@{self.encoder.version}"
