@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 
 from models.baselines import BiasedMFModel, PopularityModel
 from models.core import BatchResult
 from models.decayed_mean import DecayedMeanModel
 from models.events import Event
+from models.registry import build_model
 from stream.backtest import BacktestConfig, from_records, run_backtest
 from stream.backtest.wrappers import FrozenAfter
+from stream.runtime import model_options
+from stream.settings import Settings
 from stream.sources import synthetic_log
 from tests.fakes import HashEncoder
 
@@ -152,15 +156,18 @@ def test_tail_slice_is_the_last_fraction_of_events() -> None:
     assert not (res.position[res.mask("warm") & ~tail] >= 300).any()
 
 
-def test_rolling_recall_recovers_after_an_interest_switch_only_with_updates() -> None:
+@pytest.mark.parametrize("spec", ["decayed_mean", pytest.param("adapter", marks=pytest.mark.slow)])
+def test_rolling_recall_recovers_after_an_interest_switch_only_with_updates(spec: str) -> None:
     """Users switch topics halfway; the dynamic model follows, a frozen copy does not."""
     records = synthetic_log(n_users=30, n_events=3000, switch_at=0.5, seed=0)
     data = from_records(records)
     switch_ts = data.events[1500].ts
     enc = HashEncoder(64)
+    # Events are a minute apart: a user's interest should fade within hours, not days.
+    settings = Settings(model=spec, half_life_s=3 * 3600.0, seed=0, device="cpu")
     models = {
-        "dynamic": DecayedMeanModel(enc, half_life_s=3 * 3600.0),
-        "frozen": FrozenAfter(DecayedMeanModel(enc, half_life_s=3 * 3600.0), frozen_at=switch_ts),
+        "dynamic": build_model(spec, enc, **model_options(settings)),
+        "frozen": FrozenAfter(build_model(spec, enc, **model_options(settings)), frozen_at=switch_ts),
     }
     res = run_backtest(models, data, BacktestConfig(batch_size=50, windows=20, progress=False))
     roll = res.rolling()
