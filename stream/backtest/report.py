@@ -71,6 +71,7 @@ def _clean(value: Any) -> Any:
 def summary(result: BacktestResult) -> dict[str, Any]:
     return {
         "totals": {s: result.totals(s) for s in SLICES},
+        "versus_best_baseline": {s: versus_baselines(result, s) for s in ("warm", "tail")},
         # Warm positives split by what they were: clicks, searches that led to a click, ratings.
         "totals_by_kind": {k: result.totals(f"kind:{k}") for k in sorted(set(result.kind.tolist()))},
         "ratings": result.rating_totals(),
@@ -113,6 +114,40 @@ def table(result: BacktestResult, slice_name: str = "warm") -> str:
     return "\n".join(lines)
 
 
+BASELINES = frozenset({"popularity", "biased_mf", "decayed_mean"})
+
+
+def versus_baselines(result: BacktestResult, slice_name: str = "warm") -> dict[str, dict[str, float]]:
+    """For every non-baseline model: each metric relative to the best baseline of the run (1.10 = +10%)."""
+    totals = result.totals(slice_name)
+    base = [m for m in result.models if m.partition(":")[0] in BASELINES]
+    if not base:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for model in result.models:
+        if model in base:
+            continue
+        row = {}
+        for k in RANKING_METRICS:
+            best = max(totals[b][k] for b in base)
+            row[k] = totals[model][k] / best if best > 0 else float("nan")
+        out[model] = row
+    return out
+
+
+def _versus_table(result: BacktestResult, slice_name: str) -> list[str]:
+    rel = versus_baselines(result, slice_name)
+    if not rel:
+        return []
+    head = ["model", *RANKING_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for model, row in rel.items():
+        lines.append(
+            "| " + " | ".join([model, *(f"{(row[k] - 1) * 100:+.1f}%" for k in RANKING_METRICS)]) + " |"
+        )
+    return lines
+
+
 def markdown(result: BacktestResult, meta: dict[str, Any] | None = None) -> str:
     pct = round(result.config.tail_fraction * 100)
     c = result.counts
@@ -127,6 +162,8 @@ def markdown(result: BacktestResult, meta: dict[str, Any] | None = None) -> str:
     ]
     for s, label in SLICES.items():
         parts += [f"## {label.format(pct=pct)}", "", table(result, s), ""]
+        if s in ("warm", "tail") and (vs := _versus_table(result, s)):
+            parts += ["Relative to the best baseline of this run on each metric:", "", *vs, ""]
     speed = ["| model | setup s | predict s | learn s | events/s (learn) |", "|---|---|---|---|---|"]
     for m in result.models:
         sec = result.seconds[m]

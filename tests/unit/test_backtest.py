@@ -181,3 +181,18 @@ def test_rolling_recall_recovers_after_an_interest_switch_only_with_updates(spec
     assert pre > 0.5  # the topic is learnable (random would be 10/120)
     assert curve["dynamic"][settled].mean() > 0.8 * pre  # recovered
     assert curve["frozen"][settled].mean() < 0.5 * pre  # stuck on the old topic
+
+
+def test_strategies_are_compared_with_the_best_baseline_per_metric() -> None:
+    from stream.backtest.report import markdown, versus_baselines
+
+    data = from_records(synthetic_log(n_users=10, n_events=400, seed=6))
+    models = {**_baselines(0), "mine": DecayedMeanModel(HashEncoder(32), half_life_s=600.0)}
+    res = run_backtest(models, data, BacktestConfig(batch_size=50, progress=False))
+    rel = versus_baselines(res)
+    assert set(rel) == {"mine"}
+    totals = res.totals()
+    for k, v in rel["mine"].items():
+        best = max(totals[b][k] for b in ("popularity", "biased_mf", "decayed_mean"))
+        assert v == pytest.approx(totals["mine"][k] / best)
+    assert "Relative to the best baseline" in markdown(res)
