@@ -65,6 +65,7 @@ def run(
     pit: PointInTime | None = None,
 ) -> RunOutcome:
     started = time.perf_counter()
+    code = code_version()  # before the run: the code that ran, not what the tree holds by the end
     # The seed is the backtest's, so that `--seed` alone makes a run reproducible.
     settings = settings.model_copy(update={"seed": config.seed})
     models = build_models(model_names, settings, encoder)
@@ -96,7 +97,7 @@ def run(
                 "rejected_first": [{"where": r.where, "reason": r.reason} for r in data.rejected[:20]],
                 "duplicates": data.duplicates,
             },
-            "code": code_version(),
+            "code": code,
             "settings": {
                 "base_model": settings.base_model,
                 "device": settings.device,
