@@ -122,7 +122,9 @@ def demo(data: Path | None, n_events: int, n_show: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), help="events per micro-batch")
 @click.option("--threshold", type=float, help="ratings at or above this are positives (default 4)")
 @click.option("--window-hours", type=click.FloatRange(min=0, min_open=True), help="rolling-curve window")
-@click.option("--limit", type=click.IntRange(min=1), help="at most this many events")
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="at most this many events (the first of the source)"
+)
 @click.option("--seed", type=int, help="random seed for every model [ISTREAM_SEED]")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="report folder")
 @click.option("--no-report", is_flag=True, help="print the table only, write no report folder")
@@ -184,6 +186,8 @@ def backtest(
         raise UserError(str(exc)) from None
     if topics:
         data = _topic_source(s, from_offset, to_offset, from_ts, to_ts)
+        if limit is not None:
+            data.events = data.events[:limit]  # the earliest by event time
     elif movielens is not None:
         data = load_movielens(movielens, limits(s), limit)
     else:
