@@ -76,15 +76,13 @@ LearnHook = Callable[[str, Sequence[Event], BatchResult], None]
 
 @dataclass(slots=True)
 class EvalLog:
-    """One row per ranked positive: when, which event, cold or not; per model the rank counts."""
+    """One row per ranked positive: when, which event, which kind, cold or not."""
 
     ts: list[float] = field(default_factory=list)
     position: list[int] = field(default_factory=list)  # index of the event in the stream
     cold: list[bool] = field(default_factory=list)
     kind: list[str] = field(default_factory=list)
     learned: list[bool] = field(default_factory=list)
-    greater: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    ties: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -238,6 +236,113 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="backtest", unit="ev", disable=not enabled, smoothing=0.1)
 
 
+@dataclass(slots=True)
+class BatchPlan:
+    """What every model is asked about one micro-batch, before any of them learns it."""
+
+    users: list[str]  # the users to score, each once
+    rows: np.ndarray  # per ranked positive: its row in `users`
+    targets: np.ndarray  # per ranked positive: the true item's catalog column
+    excluded: np.ndarray | None  # (positives, items): the items each user already had
+    rating_asks: list[Event]  # ratings with a known user and a known item
+
+
+class _Evaluator:
+    """The evaluator's memory of the stream, separate from any model's: who had what, and when."""
+
+    def __init__(self, catalog: Sequence[str], config: BacktestConfig) -> None:
+        self.config = config
+        self.cat_index = {item: row for row, item in enumerate(catalog)}
+        self.n_items = len(catalog)
+        self.seen: dict[str, list[int]] = {}  # user -> catalog rows interacted with, in order
+        self.seen_set: dict[str, set[int]] = {}
+        self.had_event: set[str] = set()  # users with any earlier event (searches without a click count)
+        self.learned_users: set[str] = set()  # users with an event in an earlier batch
+        self.learned_items: set[str] = set()
+        self.log = EvalLog()
+        self.counts = {
+            "positives": 0,
+            "ranked": 0,
+            "cold": 0,
+            "repeats": 0,
+            "unknown_item": 0,
+            "ratings_scored": 0,
+        }
+
+    def is_positive(self, e: Event) -> bool:
+        return (
+            (e.kind == "rating" and e.rating is not None and e.rating >= self.config.positive_threshold)
+            or e.kind == "click"
+            or (e.kind == "search" and e.clicked_item_id is not None)
+        )
+
+    def plan(self, start: int, batch: Sequence[Event]) -> BatchPlan:
+        """Walk the batch in event order, noting each positive against the history before it."""
+        rows: list[int] = []
+        targets: list[int] = []
+        ex_rows: list[np.ndarray] = []
+        ex_cols: list[np.ndarray] = []
+        users: dict[str, int] = {}
+        rating_asks: list[Event] = []
+        counts, log = self.counts, self.log
+        for offset, e in enumerate(batch):
+            target = e.target_item
+            row = self.cat_index.get(target) if target is not None else None
+            history = self.seen.get(e.user_id)
+            history_set = self.seen_set.get(e.user_id, set())
+            if self.is_positive(e):
+                counts["positives"] += 1
+                if row is None:
+                    counts["unknown_item"] += 1
+                elif row in history_set:
+                    counts["repeats"] += 1
+                else:
+                    k = len(rows)
+                    rows.append(users.setdefault(e.user_id, len(users)))
+                    targets.append(row)
+                    if history:
+                        ex_rows.append(np.full(len(history), k, dtype=np.int64))
+                        ex_cols.append(np.asarray(history, dtype=np.int64))  # a copy: the prefix so far
+                    cold = e.user_id not in self.had_event
+                    log.ts.append(e.ts)
+                    log.position.append(start + offset)
+                    log.cold.append(cold)
+                    log.kind.append(e.kind)
+                    log.learned.append(e.user_id in self.learned_users)
+                    counts["ranked"] += 1
+                    counts["cold"] += int(cold)
+            if (
+                e.kind == "rating"
+                and e.rating is not None
+                and e.user_id in self.learned_users
+                and e.item_id in self.learned_items
+            ):
+                rating_asks.append(e)
+            self.had_event.add(e.user_id)
+            if row is not None and row not in history_set:
+                self.seen.setdefault(e.user_id, []).append(row)
+                self.seen_set.setdefault(e.user_id, set()).add(row)
+        excluded = None
+        if rows:
+            excluded = np.zeros((len(rows), self.n_items), dtype=bool)
+            if ex_rows:
+                excluded[np.concatenate(ex_rows), np.concatenate(ex_cols)] = True
+        counts["ratings_scored"] += len(rating_asks)
+        return BatchPlan(
+            users=list(users),
+            rows=np.asarray(rows, dtype=np.int64),
+            targets=np.asarray(targets, dtype=np.int64),
+            excluded=excluded,
+            rating_asks=rating_asks,
+        )
+
+    def learned(self, batch: Sequence[Event]) -> None:
+        for e in batch:
+            self.learned_users.add(e.user_id)
+            if e.target_item is not None:
+                self.learned_items.add(e.target_item)
+
+
 def run_backtest(
     models: Mapping[str, InterestModel],
     data: BacktestData,
@@ -252,8 +357,6 @@ def run_backtest(
         raise ValueError("the event log has no catalog (no item records)")
     names = list(models)
     catalog = [i.item_id for i in data.items]
-    cat_index = {item: row for row, item in enumerate(catalog)}
-    n_items = len(catalog)
 
     seconds = {name: {"setup_s": 0.0, "predict_s": 0.0, "learn_s": 0.0} for name in names}
     scorers: dict[str, _Scorer] = {}
@@ -266,90 +369,25 @@ def run_backtest(
         seconds[name]["setup_s"] = time.perf_counter() - t
     raters = {n: m for n, m in models.items() if isinstance(m, RatingPredictor)}
 
-    log = EvalLog(greater={n: [] for n in names}, ties={n: [] for n in names})
+    ev = _Evaluator(catalog, config)
+    greater: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    ties: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rating_true: dict[str, list[float]] = {n: [] for n in raters}
     rating_pred: dict[str, list[float]] = {n: [] for n in raters}
-    counts = {"positives": 0, "ranked": 0, "cold": 0, "repeats": 0, "unknown_item": 0, "ratings_scored": 0}
-
-    seen: dict[str, list[int]] = {}  # user -> catalog rows interacted with, in order
-    seen_set: dict[str, set[int]] = {}
-    had_event: set[str] = set()  # users with any earlier event (searches without a click count)
-    learned_users: set[str] = set()  # users with an event in an earlier batch
-    learned_items: set[str] = set()
 
     with _progress(len(data.events), config.progress) as bar:
         for start, batch in _batches(data.events, config.batch_size):
-            # ---- what is asked of the models in this batch (shared by all of them) ----
-            ev_rows: list[int] = []  # per ranked positive: row into the batch's user list
-            targets: list[int] = []
-            ex_rows: list[np.ndarray] = []
-            ex_cols: list[np.ndarray] = []
-            users: dict[str, int] = {}
-            rating_asks: list[Event] = []
-            for offset, e in enumerate(batch):
-                target = e.target_item
-                row = cat_index.get(target) if target is not None else None
-                positive = (
-                    (e.kind == "rating" and e.rating is not None and e.rating >= config.positive_threshold)
-                    or e.kind == "click"
-                    or (e.kind == "search" and e.clicked_item_id is not None)
-                )
-                history = seen.get(e.user_id)
-                history_set = seen_set.get(e.user_id, set())
-                if positive:
-                    counts["positives"] += 1
-                    if row is None:
-                        counts["unknown_item"] += 1
-                    elif row in history_set:
-                        counts["repeats"] += 1
-                    else:
-                        k = len(ev_rows)
-                        ev_rows.append(users.setdefault(e.user_id, len(users)))
-                        targets.append(row)
-                        if history:
-                            ex_rows.append(np.full(len(history), k, dtype=np.int64))
-                            ex_cols.append(np.asarray(history, dtype=np.int64))
-                        cold = e.user_id not in had_event
-                        log.ts.append(e.ts)
-                        log.position.append(start + offset)
-                        log.cold.append(cold)
-                        log.kind.append(e.kind)
-                        log.learned.append(e.user_id in learned_users)
-                        counts["ranked"] += 1
-                        counts["cold"] += int(cold)
-                if (
-                    e.kind == "rating"
-                    and e.rating is not None
-                    and e.user_id in learned_users
-                    and e.item_id in learned_items
-                ):
-                    rating_asks.append(e)
-                # The evaluator's own memory of interactions grows event by event.
-                had_event.add(e.user_id)
-                if row is not None and row not in history_set:
-                    seen.setdefault(e.user_id, []).append(row)
-                    seen_set.setdefault(e.user_id, set()).add(row)
-
-            excluded = None
-            if ev_rows:
-                excluded = np.zeros((len(ev_rows), n_items), dtype=bool)
-                if ex_rows:
-                    excluded[np.concatenate(ex_rows), np.concatenate(ex_cols)] = True
-            user_list = list(users)
-            ev_idx = np.asarray(ev_rows, dtype=np.int64)
-            tgt = np.asarray(targets, dtype=np.int64)
-            counts["ratings_scored"] += len(rating_asks)
-
-            # ---- predict with every model, then learn with every model ----
+            plan = ev.plan(start, batch)
+            # Every model scores the whole batch before any model learns any of it.
             for name in names:
                 t = time.perf_counter()
-                if ev_rows:
-                    s = scorers[name].scores(user_list)[ev_idx]
-                    g, ti = rank_counts(s, tgt, excluded)
-                    log.greater[name].append(g)
-                    log.ties[name].append(ti)
+                if len(plan.rows):
+                    s = scorers[name].scores(plan.users)[plan.rows]
+                    g, ti = rank_counts(s, plan.targets, plan.excluded)
+                    greater[name].append(g)
+                    ties[name].append(ti)
                 if name in raters:
-                    for e in rating_asks:
+                    for e in plan.rating_asks:
                         assert e.item_id is not None and e.rating is not None
                         p = raters[name].predict_rating(e.user_id, e.item_id)
                         if p is not None:
@@ -362,28 +400,26 @@ def run_backtest(
                 seconds[name]["learn_s"] += time.perf_counter() - t
                 if on_learned is not None:
                     on_learned(name, batch, result)
-            for e in batch:
-                learned_users.add(e.user_id)
-                if e.target_item is not None:
-                    learned_items.add(e.target_item)
+            ev.learned(batch)
             bar.update(len(batch))
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
+    log = ev.log
     return BacktestResult(
         config=config,
         models=names,
         n_events=len(data.events),
-        n_items=n_items,
-        counts=counts,
+        n_items=len(catalog),
+        counts=ev.counts,
         ts=np.asarray(log.ts, dtype=np.float64),
         position=np.asarray(log.position, dtype=np.int64),
         cold=np.asarray(log.cold, dtype=bool),
-        kind=np.asarray(log.kind, dtype=str),
         learned=np.asarray(log.learned, dtype=bool),
-        greater={n: cat(log.greater[n]) for n in names},
-        ties={n: cat(log.ties[n]) for n in names},
+        kind=np.asarray(log.kind, dtype=str),
+        greater={n: cat(greater[n]) for n in names},
+        ties={n: cat(ties[n]) for n in names},
         rating_true=rating_true,
         rating_pred=rating_pred,
         seconds=seconds,
