@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     backtest_windows: int = Field(default=40, ge=1)  # rolling-curve windows over the event-time span
     backtest_tail_fraction: float = Field(default=0.2, gt=0, le=1)  # totals also over this last fraction
     backtest_out_dir: Path = Path(".istream/backtests")  # a report folder per run is made under it
+    backtest_encoding_cache: bool = True  # keep base encodings in data_dir/encodings between backtests
 
     @property
     def event_topics(self) -> dict[str, str]:

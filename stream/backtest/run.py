@@ -14,7 +14,7 @@ from models.core import BatchResult
 from models.events import Event
 from stream.backtest.data import BacktestData
 from stream.backtest.driver import BacktestConfig, BacktestResult, LearnHook, run_backtest
-from stream.backtest.models import build_models
+from stream.backtest.models import LazyEncoder, build_models
 from stream.backtest.report import code_version, write_report
 from stream.settings import Settings
 
@@ -68,7 +68,11 @@ def run(
     code = code_version()  # before the run: the code that ran, not what the tree holds by the end
     # The seed is the backtest's, so that `--seed` alone makes a run reproducible.
     settings = settings.model_copy(update={"seed": config.seed})
-    models = build_models(model_names, settings, encoder)
+    lazy = None
+    if encoder is None:
+        cache_dir = settings.data_dir / "encodings" if settings.backtest_encoding_cache else None
+        lazy = LazyEncoder(settings, cache_dir)
+    models = build_models(model_names, settings, encoder or lazy)
     pit_schemas: dict[str, str] = {}
     if pit is None:
         result = run_backtest(models, data, config, on_learned=on_learned)
@@ -85,6 +89,8 @@ def run(
 
             result = run_backtest(models, data, config, on_learned=hook)
             pit_schemas = dict(w.schemas)
+    if lazy is not None:
+        lazy.save()
     seconds = time.perf_counter() - started
     files: list[Path] = []
     if out_dir is not None:

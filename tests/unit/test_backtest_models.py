@@ -8,6 +8,7 @@ the `model`/`tokenizer` that layer-training strategies need).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import models.baselines  # noqa: F401  (registers the baselines)
 from models.encoder import BaseEncoder, packaged_minilm_path
 from models.registry import available
 from stream.backtest import BacktestConfig, build_models, from_records, run_backtest
+from stream.backtest.models import LazyEncoder
 from stream.settings import Settings
 from stream.sources import synthetic_log
 
@@ -58,3 +60,29 @@ def test_model_is_reproducible_through_the_backtest(name: str) -> None:
     # alignment, which moves a predicted rating in its 9th digit, never a rank here.
     for model, errs in a.rating_totals().items():
         assert errs == pytest.approx(b.rating_totals()[model], rel=1e-6)
+
+
+def test_base_encodings_are_kept_between_backtests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream.runtime
+
+    monkeypatch.setattr(stream.runtime, "build_encoder", lambda settings: tiny_encoder())
+    texts = ["space rocket galaxy", "pasta recipe kitchen"]
+    first = LazyEncoder(Settings(), tmp_path)
+    assert not first.loaded
+    vecs = first.encode(texts)
+    assert first.cache.misses == 2
+    assert first.save() == 2
+    second = LazyEncoder(Settings(), tmp_path)
+    again = second.encode(texts)
+    assert second.cache.misses == 0  # restored, not re-encoded
+    np.testing.assert_array_equal(vecs, again)
+    assert second.save() == 0  # nothing new to write
+    third = LazyEncoder(Settings(), tmp_path)
+    third.encode(["a third text"])
+    assert third.save() == 3  # merged with what was stored
+    # A cache file that cannot be read is ignored (and replaced), never fatal.
+    (path,) = tmp_path.glob("*.npz")
+    path.write_bytes(b"not a zip")
+    fourth = LazyEncoder(Settings(), tmp_path)
+    assert fourth.encode(texts).shape == (2, 32)
+    assert fourth.save() == 2
