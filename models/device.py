@@ -12,7 +12,7 @@ import torch
 
 from models.encoder import pick_device
 
-__all__ = ["autocast", "pick_device", "set_deterministic"]
+__all__ = ["autocast", "cpu_threads", "pick_device", "set_deterministic"]
 
 
 def set_deterministic(seed: int, deterministic: bool = True) -> None:
@@ -40,3 +40,20 @@ def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
             yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, n: int) -> Iterator[None]:
+    """Run the block with `n` torch threads on CPU (0 or a CUDA device: unchanged)."""
+    if n <= 0 or device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
