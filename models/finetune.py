@@ -194,7 +194,7 @@ class InterestNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """User vectors (U, Q, d) at positions `qpos` (each from the behaviours before it),
         and the attention over the behaviours (U, Q, T)."""
-        U, T, d = vec.shape
+        _, T, d = vec.shape
         h = self.drop(vec + self.signal_emb(signal)) * valid[..., None].to(vec.dtype)
         prev_idx = (qpos - 1).clamp(min=0)
         prev = h.gather(1, prev_idx[..., None].expand(-1, -1, d)) * (qpos > 0)[..., None].to(h.dtype)

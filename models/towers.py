@@ -110,7 +110,7 @@ class _StopForward(Exception):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear map plus a trainable low-rank update B·A (B starts at zero, so it starts as the base)."""
+    """A frozen linear map plus a trainable low-rank update B·A (B starts at zero: it starts as the base)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
