@@ -89,7 +89,7 @@ class FineTuneOptions:
     tower_items_per_step: int = 128
     tower_refresh_every: int = 10  # publishes between full re-encodings of the catalog (top_layers/lora)
     replay_size: int = 20_000
-    replay_per_batch: int = 32
+    replay_per_batch: int = 64
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.
     rollback_threshold: float = 0.5
