@@ -734,10 +734,11 @@ class FineTunedModel(InterestModel):
         need = set(cand_rows) | own
         need_rows = sorted(need)
         col = {r: i for i, r in enumerate(need_rows)}
-        # The tower runs with gradients on the batch's own items (targets and contexts); the
-        # catalog's other items enter the softmax from the tower cache (refreshed every batch
-        # for the adapter, on publish for transformer layers).
-        grad_rows: set[int] | None = own
+        # A cheap tower (the adapter) runs with gradients over every candidate: the negatives'
+        # gradients through it are worth it (ML-100K NDCG@10 0.0569 vs 0.0515 with gradients
+        # on the batch's own items only). Transformer layers train on a sample of the targets;
+        # the other items come from the tower cache.
+        grad_rows: set[int] | None = None
         if not net.tower.cheap:
             targets = list(dict.fromkeys(t.row for _, t in pos))
             if len(targets) > o.tower_items_per_step:
