@@ -37,7 +37,9 @@ def tiny() -> BaseEncoder:
 
 
 def items(n: int = 12) -> list[Item]:
-    return [Item(str(i), f"{TEXTS[i % len(TEXTS)]} number {i}", {"genre": ["x", "y"][i % 2]}) for i in range(n)]
+    return [
+        Item(str(i), f"{TEXTS[i % len(TEXTS)]} number {i}", {"genre": ["x", "y"][i % 2]}) for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -104,7 +106,9 @@ def test_losses() -> None:
     # Masking the strong wrong candidate of row 2 lowers the loss; the target is never masked.
     assert sampled_softmax(logits, target, mask) < sampled_softmax(logits, target)
     assert sampled_softmax(logits, target, torch.ones(2, 3, dtype=torch.bool)) < 1e-6
-    assert bpr(torch.tensor([3.0]), torch.tensor([[0.0, -1.0]])) < bpr(torch.tensor([0.0]), torch.tensor([[0.0, -1.0]]))
+    assert bpr(torch.tensor([3.0]), torch.tensor([[0.0, -1.0]])) < bpr(
+        torch.tensor([0.0]), torch.tensor([[0.0, -1.0]])
+    )
     q = torch.eye(3)
     assert info_nce(q, q) < info_nce(q, q.flip(0))
 
