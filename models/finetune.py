@@ -503,7 +503,7 @@ class FineTunedModel(InterestModel):
         (indexed by catalog row, or through `row_col` when it holds a subset of rows)."""
         U = len(episodes)
         T = max(1, max(len(ep.behaviours) for ep in episodes))
-        idx = np.zeros((U, T), dtype=np.int64)
+        idx = np.full((U, T), -1, dtype=np.int64)  # -1: padding (a zero row appended below)
         signal = np.zeros((U, T), dtype=np.int64)
         ts = np.zeros((U, T), dtype=np.float64)
         valid = np.zeros((U, T), dtype=bool)
@@ -528,10 +528,13 @@ class FineTunedModel(InterestModel):
                 idx[u, k] = col
                 signal[u, k] = b.signal
                 valid[u, k] = True
-        table = item_vec
+        parts = [item_vec]
         if queries:
             qv = self.net.proj(self.net.tower.encode_texts(list(queries)))
-            table = torch.cat([item_vec, qv.to(item_vec.dtype)])
+            parts.append(qv.to(item_vec.dtype))
+        parts.append(torch.zeros(1, item_vec.shape[1], dtype=item_vec.dtype, device=item_vec.device))
+        table = torch.cat(parts)
+        idx[idx < 0] = table.shape[0] - 1
         dev = self.device
         vec = table[torch.from_numpy(idx).to(dev).reshape(-1)].reshape(U, T, -1)
         return (
@@ -651,8 +654,10 @@ class FineTunedModel(InterestModel):
             new: list[Behaviour] = []
             if e.kind == "search" and e.query:
                 new.append(Behaviour(SIGNAL_SEARCH, e.ts, None, e.query, e.event_id))
-            if row is not None:
+            if e.target_item is not None:
+                # Kept even when the item is not in the catalog yet: it counts once it arrives.
                 new.append(Behaviour(self._signal(e), e.ts, e.target_item, None, e.event_id))
+            if row is not None:
                 weight = 1.0
                 if e.kind == "rating" and e.rating is not None:
                     weight = (e.rating - o.rating_min) / max(o.rating_max - o.rating_min, 1e-9)

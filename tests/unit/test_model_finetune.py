@@ -223,3 +223,14 @@ def test_sampled_negatives_for_large_catalogs() -> None:
     assert r.loss is not None and np.isfinite(r.loss)
     m2 = model(loss="bpr")
     assert np.isfinite(m2.learn(walk_events(40, 3, 3)).loss)
+
+
+def test_events_before_their_items_arrive() -> None:
+    """A worker can see events before the catalog records they name (topics are read in parallel)."""
+    m = FineTunedModel(HashEncoder(24), "adapter", dim=8, history=4)
+    r = m.learn([Event("a", "u", 1.0, "click", item_id="1"), Event("b", "u", 2.0, "click", item_id="2")])
+    assert r.updates["u"].vector.shape == (9,)
+    m.upsert_items(catalog(5))
+    r = m.learn([Event("c", "u", 3.0, "click", item_id="3")])
+    assert r.loss is not None and np.isfinite(r.loss)
+    assert {e["item_id"] for e in m.explain("u", top=5) if e.get("item_id")} == {"1", "2", "3"}
