@@ -1031,8 +1031,7 @@ class FineTunedModel(InterestModel):
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)
         self._make_optimizer()
-        self._refresh_items(full_tower=True)
-        self._published_aug = self._live_aug.copy()
+        self._publish(initial=True)  # the restored weights are the version user vectors name now
         self._refresh_users(list(self.users))
 
     def _publish(self, initial: bool = False) -> ModelSnapshot | None:

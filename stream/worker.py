@@ -11,6 +11,7 @@ import faust
 
 from storage.db import upgrade
 from storage.encodings import model_encoder, persist_encodings, restore_encodings
+from stream.explain import latest_weights
 from stream.processor import BatchOutcome, BatchProcessor, RawRecord, encode_dead_letter
 from stream.runtime import base_model_name, build_interest_model, build_store, limits
 from stream.settings import Settings
@@ -74,6 +75,10 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
                 log.info("restored %d catalog items from Postgres", len(catalog))
                 if encoder is not None:
                     persist_encodings(store.engine, encoder)
+            saved = latest_weights(store.engine, getattr(model, "spec", settings.model))
+            if saved is not None and hasattr(model, "load_weights"):
+                model.load_weights(saved[1])  # continue training where the last worker stopped
+                log.info("restored the weights of %s", saved[0])
             state["p"].ensure_published()
         return state["p"]
 
