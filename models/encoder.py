@@ -47,12 +47,22 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def text_key(text: str) -> str:
+    """The persisted key of a text's encoding (the text itself is not stored)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
 class EncodingCache:
-    """A bounded LRU of text -> vector for one base version; exportable for persistence."""
+    """A bounded LRU of text -> vector for one base version; exportable for persistence.
+
+    Encodings restored from storage are keyed by `text_key(text)` (the store keeps
+    hashes, not texts); they move into the LRU the first time their text is asked for.
+    """
 
     def __init__(self, max_entries: int = 200_000) -> None:
         self.max_entries = max_entries
         self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._restored: dict[str, np.ndarray] = {}
         self.hits = 0
         self.misses = 0
 
@@ -61,6 +71,10 @@ class EncodingCache:
 
     def get(self, text: str) -> np.ndarray | None:
         vec = self._data.get(text)
+        if vec is None and self._restored:
+            vec = self._restored.pop(text_key(text), None)
+            if vec is not None:
+                self.put(text, vec)
         if vec is None:
             self.misses += 1
             return None
@@ -76,6 +90,16 @@ class EncodingCache:
 
     def items(self) -> Iterable[tuple[str, np.ndarray]]:
         return list(self._data.items())
+
+    def restore_hashed(self, entries: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Add persisted (text_key, vector) pairs; returns how many."""
+        n = 0
+        for key, vec in entries:
+            if len(self._restored) >= self.max_entries:
+                break
+            self._restored[key] = np.asarray(vec, dtype=np.float32)
+            n += 1
+        return n
 
     def load(self, entries: Iterable[tuple[str, np.ndarray]]) -> int:
         n = 0

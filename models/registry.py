@@ -8,11 +8,16 @@ from typing import Any
 from models.catalog import TextEncoder
 from models.core import InterestModel
 from models.decayed_mean import DecayedMeanModel
+from models.finetune import adapter_model, lora_model, top_layers_model
 
 ModelFactory = Callable[..., InterestModel]
 
 _FACTORIES: dict[str, ModelFactory] = {
     "decayed_mean": DecayedMeanModel,
+    # Fine-tuning strategies (models/finetune.py): `adapter`, `top_layers:k`, `lora:r`.
+    "adapter": adapter_model,
+    "top_layers": top_layers_model,
+    "lora": lora_model,
 }
 
 

@@ -239,6 +239,17 @@ class VectorStore:
             ).all()
         return {u: s for u, s in rows}
 
+    def latest_weights(self, model_spec: str) -> tuple[str, bytes] | None:
+        """The newest published (version, weights) of a model spec (config["model"]), if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(ModelVersion.model_version, ModelVersion.weights)
+                .where(ModelVersion.weights.is_not(None), ModelVersion.config["model"].astext == model_spec)
+                .order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else (row[0], row[1])
+
     def load_catalog(self) -> list[Item]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(CatalogItem.item_id, CatalogItem.text, CatalogItem.attrs)).all()

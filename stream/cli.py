@@ -13,6 +13,7 @@ from stream.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from storage.repository import VectorStore
+    from stream.backtest.data import BacktestData
 
 
 class UserError(click.ClickException):
@@ -40,7 +41,7 @@ def worker() -> None:
     from stream.logs import configure
     from stream.metrics import MetricsPortError
     from stream.servers import Servers
-    from stream.worker import run_worker
+    from stream.worker import VectorWidthMismatch, run_worker
 
     s = settings()
     if s.model.partition(":")[0] not in available():
@@ -51,7 +52,7 @@ def worker() -> None:
             click.echo(f"embedded servers: kafka={ep.bootstrap} postgres={ep.database_url}", err=True)
         try:
             run_worker(s, ep.bootstrap, ep.database_url)
-        except MetricsPortError as exc:
+        except (MetricsPortError, VectorWidthMismatch) as exc:
             raise UserError(str(exc)) from None
 
 
@@ -282,6 +283,186 @@ def replay(log: Path | None, movielens: Path | None, speed: float, limit: int | 
         click.echo(f"{topic}: {n}")
     if report.dead_lettered:
         click.echo(f"{s.topic_dead_letter}: {report.dead_lettered} (unroutable lines)")
+
+
+@cli.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder")
+@click.option("--topics", is_flag=True, help="read the event topics of ISTREAM_KAFKA_BOOTSTRAP")
+@click.option("--from-offset", type=click.IntRange(min=0), help="topic range start, per partition")
+@click.option("--to-offset", type=click.IntRange(min=0), help="topic range end (exclusive), per partition")
+@click.option("--from-ts", help="topic range start: record time, RFC 3339 or epoch ms")
+@click.option("--to-ts", help="topic range end (exclusive): record time, RFC 3339 or epoch ms")
+@click.option("--models", "model_list", help="comma-separated models [ISTREAM_BACKTEST_MODELS]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="events per micro-batch")
+@click.option("--threshold", type=float, help="ratings at or above this are positives (default 4)")
+@click.option("--window-hours", type=click.FloatRange(min=0, min_open=True), help="rolling-curve window")
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="at most this many events (the first of the source)"
+)
+@click.option("--seed", type=int, help="random seed for every model [ISTREAM_SEED]")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="report folder")
+@click.option("--no-report", is_flag=True, help="print the table only, write no report folder")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--pit", "pit_prefix", help="also write vectors to Postgres schemas <PIT>_<model>")
+@click.option("--pit-replace", is_flag=True, help="drop and recreate those schemas if they exist")
+def backtest(
+    file: Path | None,
+    movielens: Path | None,
+    topics: bool,
+    from_offset: int | None,
+    to_offset: int | None,
+    from_ts: str | None,
+    to_ts: str | None,
+    model_list: str | None,
+    batch_size: int | None,
+    threshold: float | None,
+    window_hours: float | None,
+    limit: int | None,
+    seed: int | None,
+    out_dir: Path | None,
+    no_report: bool,
+    quiet: bool,
+    pit_prefix: str | None,
+    pit_replace: bool,
+) -> None:
+    """Replay an event log through the models (predict, then learn) and report how well they did."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from stream.backtest.data import load_jsonl, load_movielens
+    from stream.backtest.models import check_models, parse_model_list
+    from stream.backtest.report import table
+    from stream.backtest.run import PointInTime, config_from, default_out_dir, run
+    from stream.runtime import limits
+
+    if sum((file is not None, movielens is not None, topics)) != 1:
+        raise UserError("give one source: FILE (a JSONL event log), --movielens DIR or --topics")
+    if not topics and any(v is not None for v in (from_offset, to_offset, from_ts, to_ts)):
+        raise UserError("--from-offset/--to-offset/--from-ts/--to-ts only apply with --topics")
+    s = settings()
+    pit = None
+    if pit_prefix is not None:
+        if not s.database_url:
+            raise UserError(
+                "--pit needs ISTREAM_DATABASE_URL: say which Postgres gets the backtest's schemas"
+            )
+        pit = PointInTime(s.database_url, pit_prefix, pit_replace)
+    try:
+        names = check_models(parse_model_list(model_list or s.backtest_models))
+        config = config_from(
+            s,
+            batch_size=batch_size,
+            positive_threshold=threshold,
+            window_s=window_hours * 3600 if window_hours else None,
+            seed=seed,
+            progress=not quiet,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if topics:
+        data = _topic_source(s, from_offset, to_offset, from_ts, to_ts)
+        if limit is not None:
+            data.events = data.events[:limit]  # the earliest by event time
+    elif movielens is not None:
+        data = load_movielens(movielens, limits(s), limit)
+    else:
+        assert file is not None
+        data = load_jsonl(file, limits(s), limit)
+    if not data.events:
+        raise UserError("the event log holds no valid events")
+    if data.rejected:
+        click.echo(
+            f"{len(data.rejected)} invalid records skipped, e.g. {data.rejected[0].where}: "
+            f"{data.rejected[0].reason}",
+            err=True,
+        )
+    target = None if no_report else (out_dir or default_out_dir(s))
+    try:
+        outcome = run(data, names, s, config, target, pit=pit)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise UserError(f"point-in-time database: {str(exc).splitlines()[0]}") from None
+    res = outcome.result
+    pct = round(res.config.tail_fraction * 100)
+    click.echo(f"full stream ({res.totals()[names[0]]['n']} warm positives):")
+    click.echo(table(res, "warm"))
+    click.echo(f"\nlast {pct}% of events:")
+    click.echo(table(res, "tail"))
+    click.echo(f"\ncold start ({res.counts['cold']} positives):")
+    click.echo(table(res, "cold"))
+    click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")
+    if outcome.out_dir is not None:
+        click.echo(f"report: {outcome.out_dir}")
+    for model, schema in outcome.pit_schemas.items():
+        click.echo(f"point-in-time vectors of {model}: schema {schema}")
+
+
+def _topic_source(
+    s: Settings, from_offset: int | None, to_offset: int | None, from_ts: str | None, to_ts: str | None
+) -> BacktestData:
+    from kafka.errors import KafkaError
+
+    from stream.backtest.topics import TopicRange, load_topic_range
+    from stream.runtime import limits
+    from stream.schema import InvalidRecord, parse_ts
+
+    if not s.kafka_bootstrap:
+        raise UserError("ISTREAM_KAFKA_BOOTSTRAP is not set: say which broker holds the topics")
+
+    def when(value: str | None, flag: str) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_ts(int(value) if value.strip().isdigit() else value)
+        except InvalidRecord as exc:
+            raise UserError(f"{flag}: {exc.reason}") from None
+
+    try:
+        rng = TopicRange(from_offset, to_offset, when(from_ts, "--from-ts"), when(to_ts, "--to-ts"))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        return load_topic_range(s.kafka_bootstrap, s, rng, limits(s))
+    except KafkaError as exc:
+        raise UserError(f"cannot read the topics at {s.kafka_bootstrap}: {exc}") from None
+
+
+@cli.command()
+@click.argument("user_id")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="events to show")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def explain(user_id: str, top: int, as_json: bool) -> None:
+    """Which of USER_ID's events shaped their current interest vector, with weights (ISTREAM_MODEL)."""
+    import json
+    from datetime import UTC, datetime
+
+    from storage.db import make_engine
+    from stream.explain import ExplainError, explain_user
+
+    s = settings()
+    if not s.database_url:
+        raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres holds the user's events")
+    engine = make_engine(s.database_url)
+    try:
+        result = explain_user(s, engine, user_id, top=top)
+    except ExplainError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:  # e.g. an unknown ISTREAM_MODEL
+        raise UserError(str(exc)) from None
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps({**result.__dict__}, default=str, indent=2))
+        return
+    version = result.model_version or "untrained weights (no published version found)"
+    click.echo(f"user {result.user_id}: {result.n_events} events, model {result.model} ({version})")
+    click.echo(f"{'weight':>8} {'attn':>6}  {'kind':<9} {'when (UTC)':<19}  what")
+    for r in result.rows:
+        when = datetime.fromtimestamp(r["ts"], UTC).strftime("%Y-%m-%d %H:%M:%S") if r.get("ts") else ""
+        what = r.get("title") or r.get("item_id") or r.get("query") or ""
+        attn = f"{r['attention']:.3f}" if "attention" in r else ""
+        click.echo(f"{r['weight']:>8.3f} {attn:>6}  {r['kind']:<9} {when:<19}  {what}")
 
 
 def main() -> None:

@@ -33,8 +33,9 @@ from sqlalchemy import func, select, text
 
 from models.core import InterestModel
 from models.events import Event, Item
+from storage.encodings import model_encoder, persist_encodings, restore_encodings
 from storage.repository import OffsetMark, VectorStore
-from storage.schema import CatalogItem, ModelVersion, UserInterestCurrent, UserState
+from storage.schema import CatalogItem, UserInterestCurrent, UserState
 from stream.schema import InvalidRecord, Limits, parse_topic_record
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,20 @@ class BatchProcessor:
 
     # ---- start-up ------------------------------------------------------------------
     def restore(self) -> None:
-        """Continue from Postgres: catalog, the newest trainable weights of this model, the registry."""
-        self.refresh_catalog()
+        """Continue from Postgres: base encodings, catalog, the newest trainable weights, the registry."""
+        encoder = model_encoder(self.model)
+        if encoder is not None:
+            log.info("restored %d base encodings", restore_encodings(self.store.engine, encoder))
+        if self.refresh_catalog():
+            self.persist_encodings()
         self.restore_weights()
         self.ensure_published()
+
+    def persist_encodings(self) -> None:
+        """Keep new catalog texts' base encodings across restarts (stored rows are skipped)."""
+        encoder = model_encoder(self.model)
+        if encoder is not None:
+            persist_encodings(self.store.engine, encoder)
 
     def restore_weights(self) -> None:
         """Load the newest published weights of this model, when it has trainable state.
@@ -170,18 +181,11 @@ class BatchProcessor:
         load = getattr(self.model, "load_weights", None)
         if load is None:
             return
-        with self.store.engine.connect() as conn:
-            row = conn.execute(
-                select(ModelVersion.model_version, ModelVersion.weights)
-                .where(ModelVersion.weights.is_not(None))
-                .where(ModelVersion.config["model"].astext == self.model.name)
-                .order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
-                .limit(1)
-            ).first()
-        if row is not None and row.model_version != self.model.model_version:
-            load(row.weights)
-            self._published.add(row.model_version)
-            log.info("loaded trainable weights of %s", row.model_version)
+        saved = self.store.latest_weights(str(self.model.config().get("model", self.model.name)))
+        if saved is not None and saved[0] != self.model.model_version:
+            load(saved[1])
+            self._published.add(saved[0])
+            log.info("loaded trainable weights of %s", saved[0])
 
     def set_trainer(self, trainer: bool) -> None:
         """Scale-out: one worker (the owner of partition 0) trains shared parameters.
@@ -396,6 +400,7 @@ class BatchProcessor:
         latest = list({i.item_id: i for i in items}.values())
         self.model.upsert_items(latest)
         self.store.upsert_items(latest)
+        self.persist_encodings()
         ids = self.model.item_ids()
         index = {item_id: row for row, item_id in enumerate(ids)}
         matrix = self.model.item_matrix()

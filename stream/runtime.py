@@ -43,8 +43,48 @@ def build_encoder(settings: Settings) -> BaseEncoder:
 def build_interest_model(settings: Settings, encoder: BaseEncoder | None = None) -> InterestModel:
     seed_everything(settings.seed)
     encoder = encoder or build_encoder(settings)
+    return build_model(settings.model, encoder, **model_options(settings))
+
+
+FINE_TUNED = ("adapter", "top_layers", "lora")
+
+
+def model_options(settings: Settings) -> dict[str, object]:
+    """Settings -> options of the configured model (each family takes its own)."""
     options: dict[str, object] = {"half_life_s": settings.half_life_s, "rating_max": settings.rating_max}
-    return build_model(settings.model, encoder, **options)
+    if settings.model.partition(":")[0] in FINE_TUNED:
+        options.update(
+            dim=settings.model_dim,
+            history=settings.model_history,
+            lr=settings.model_lr,
+            steps_per_batch=settings.model_steps_per_batch,
+            replay_size=settings.model_replay_size,
+            publish_every_batches=settings.model_publish_every_batches,
+            publish_every_s=settings.model_publish_every_s,
+            rating_min=settings.rating_min,
+            seed=settings.seed,
+            deterministic=settings.model_deterministic,
+            device=settings.device,
+            bf16=settings.model_bf16,
+        )
+    return options
+
+
+def published_dim(settings: Settings) -> int:
+    """Width of the vectors the configured model writes to Postgres, without loading the model.
+
+    The database's vector width is fixed when it is migrated, so the embedded server is
+    migrated with this width and a worker refuses a database migrated for another.
+    """
+    from transformers import AutoConfig
+
+    from models.encoder import resolve_base_path
+
+    base = int(AutoConfig.from_pretrained(resolve_base_path(settings.base_model)).hidden_size)
+    if settings.model.partition(":")[0] in FINE_TUNED:
+        # Fine-tuned models publish [user, 1] / [item, bias] so a plain inner product ranks.
+        return (settings.model_dim or base) + 1
+    return base
 
 
 def build_store(settings: Settings, url: str) -> VectorStore:

@@ -49,7 +49,13 @@ class Servers:
                 url = self.pg.url
                 log.info("embedded PostgreSQL at %s", url)
             if self.postgres:
-                upgrade(url)
+                dim = s.vector_dim
+                if self.pg is not None and "vector_dim" not in s.model_fields_set:
+                    # A fresh embedded database takes the width of what the configured model writes.
+                    from stream.runtime import published_dim
+
+                    dim = published_dim(s)
+                upgrade(url, vector_dim=dim, vector_backend=s.vector_backend)
         except BaseException:
             self._stack.close()
             raise

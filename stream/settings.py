@@ -35,6 +35,17 @@ class Settings(BaseSettings):
     half_life_s: float = Field(default=3 * 86400.0, gt=0)
     seed: int = 0
 
+    # Fine-tuned interest models (ISTREAM_MODEL=adapter | top_layers:k | lora:r; docs/model.md).
+    model_dim: int = Field(default=64, ge=0)  # interest-space dimension; 0 = the base's (slower)
+    model_history: int = Field(default=50, ge=1)  # recent behaviours a user vector attends over
+    model_lr: float = Field(default=3e-3, gt=0)
+    model_steps_per_batch: int = Field(default=1, ge=1)
+    model_replay_size: int = Field(default=20_000, ge=0)  # recent positives replayed against forgetting
+    model_publish_every_batches: int = Field(default=1, ge=1)  # a new model version every N batches...
+    model_publish_every_s: float = Field(default=60.0, gt=0)  # ...or T seconds, whichever comes first
+    model_deterministic: bool = False  # deterministic kernels (with ISTREAM_SEED): same data, same numbers
+    model_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+
     # Event contract.
     rating_min: float = 0.5
     rating_max: float = 5.0
@@ -82,6 +93,15 @@ class Settings(BaseSettings):
     # answers at the end of the wait, so this bounds the read delay at low rates).
     fetch_max_wait_ms: int = Field(default=100, ge=0)
     log_format: Literal["text", "json"] = "text"
+
+    # Backtests (stream/backtest, docs/backtest.md).
+    backtest_models: str = "popularity,biased_mf,decayed_mean"  # comma-separated registry specs
+    backtest_batch_size: int = Field(default=100, ge=1)  # events per predict-then-learn micro-batch
+    backtest_positive_threshold: float = 4.0  # ratings at or above this are positives
+    backtest_windows: int = Field(default=40, ge=1)  # rolling-curve windows over the event-time span
+    backtest_tail_fraction: float = Field(default=0.2, gt=0, le=1)  # totals also over this last fraction
+    backtest_out_dir: Path = Path(".istream/backtests")  # a report folder per run is made under it
+    backtest_encoding_cache: bool = True  # keep base encodings in data_dir/encodings between backtests
 
     @property
     def event_topics(self) -> dict[str, str]:

@@ -125,7 +125,11 @@ def movielens_users(path: Path) -> dict[str, dict[str, Any]]:
         return users
     with file.open(encoding="latin-1") as fh:
         for line in fh:
-            uid, age, gender, occupation, _zip = line.rstrip("\n").split("|")
+            parts = line.rstrip("\n").split("|")
+            # Some copies carry a header line ("id|age|..."); data rows start with a numeric id.
+            if len(parts) < 4 or not parts[0].isdigit() or not parts[1].isdigit():
+                continue
+            uid, age, gender, occupation = parts[:4]
             users[uid] = {"age": int(age), "gender": gender, "occupation": occupation}
     return users
 

@@ -26,7 +26,14 @@ from stream.logs import logging_config
 from stream.metrics import WorkerMetrics, serve
 from stream.processor import BatchOutcome, BatchProcessor, RawRecord, encode_dead_letter
 from stream.resilience import ResilientRunner, ShuttingDown, is_transient
-from stream.runtime import base_model_name, build_interest_model, build_store, limits, retention_policy
+from stream.runtime import (
+    base_model_name,
+    build_interest_model,
+    build_store,
+    limits,
+    published_dim,
+    retention_policy,
+)
 from stream.settings import Settings
 
 log = logging.getLogger("istream.worker")
@@ -362,6 +369,23 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     return app
 
 
+class VectorWidthMismatch(ValueError):
+    """The database was migrated for vectors of another width than the model writes."""
+
+
+def check_vector_width(settings: Settings, database_url: str) -> None:
+    store = build_store(settings, database_url)
+    try:
+        stored, wanted = store.dim, published_dim(settings)
+    finally:
+        store.engine.dispose()
+    if stored != wanted:
+        raise VectorWidthMismatch(
+            f"the database stores {stored}-d vectors but ISTREAM_MODEL={settings.model} writes {wanted}-d; "
+            f"use a database migrated with ISTREAM_VECTOR_DIM={wanted}"
+        )
+
+
 def run_worker(settings: Settings, bootstrap: str, database_url: str) -> None:
     # A worker that starts while Postgres is down waits for it rather than exiting.
     for attempt in Retrying(
@@ -371,6 +395,7 @@ def run_worker(settings: Settings, bootstrap: str, database_url: str) -> None:
     ):
         with attempt:
             upgrade(database_url)
+    check_vector_width(settings, database_url)
     serve(settings.metrics_port)
     app = create_app(settings, bootstrap, database_url)
     worker = faust.Worker(

@@ -1,0 +1,216 @@
+"""Throughput and peak memory of the interest-model core per strategy, on MovieLens 100K.
+
+    python bench/bench_models.py                                # all strategies, CPU or CUDA
+    python bench/bench_models.py --models decayed_mean,adapter --events 100000 --plot bench-models.png
+
+Each model runs in its own process (so peak memory is its own) over the same
+event-time-ordered ML-100K ratings in micro-batches (`--batch-size`, the worker's
+default 500), `learn` only, after the catalog is loaded (base encodings are made
+once, up front, and shared, so no model pays for encoding the catalog). Printed
+per model: events/s, the ratio to the untrained `decayed_mean` measured in the
+same run, the time per batch, and peak memory (process RSS; on CUDA also the
+peak allocated GPU memory). Figures on a shared machine are noisy: compare the
+ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "ml-100k"
+BASELINE = "decayed_mean"
+
+
+def _load(data: Path, limit: int | None) -> tuple[list[Any], list[Any]]:
+    from models.events import Event, Item
+    from stream.sources import movielens_items, movielens_ratings
+
+    items = [Item(r["item_id"], r["text"], r["attrs"]) for r in movielens_items(data)]
+    events = [
+        Event(
+            r["event_id"], r["user_id"], r["ts"] / 1000.0, "rating", item_id=r["item_id"], rating=r["rating"]
+        )
+        for r in movielens_ratings(data, limit)
+    ]
+    return items, events
+
+
+def _encoder(device: str, cache_file: Path | None) -> Any:
+    import numpy as np
+
+    from models.encoder import BaseEncoder
+
+    enc = BaseEncoder(device=device)
+    if cache_file is not None and cache_file.exists():
+        blob = np.load(cache_file, allow_pickle=False)
+        enc.cache.load(zip(blob["texts"].tolist(), blob["vectors"], strict=True))
+    return enc
+
+
+def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
+    """Child process: build one model, learn the stream, report figures through `out`."""
+    import torch
+
+    from models.registry import build_model
+
+    torch.set_num_threads(args["threads"]) if args["threads"] else None
+    items, events = _load(Path(args["data"]), args["events"])
+    enc = _encoder(args["device"], Path(args["cache"]))
+    options: dict[str, Any] = {}
+    if spec.partition(":")[0] in ("adapter", "top_layers", "lora"):
+        options = {"device": args["device"], "seed": 0}
+    model = build_model(spec, enc, **options)
+    t = time.perf_counter()
+    model.upsert_items(items)
+    setup_s = time.perf_counter() - t
+    cuda = torch.cuda.is_available() and args["device"] != "cpu"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    bs = args["batch_size"]
+    learn_s = 0.0
+    n = 0
+    next_report = time.perf_counter() + 15
+    for start in range(0, len(events), bs):
+        batch = events[start : start + bs]
+        t = time.perf_counter()
+        model.learn(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        learn_s += time.perf_counter() - t
+        n += len(batch)
+        if time.perf_counter() > next_report:
+            rate = n / learn_s
+            eta = (len(events) - n) / rate
+            print(f"  {spec}: {n}/{len(events)} events, {rate:,.0f} ev/s, eta {eta:.0f}s", flush=True)
+            next_report = time.perf_counter() + 15
+    t = time.perf_counter()
+    users = list(model.known_users())[:500]
+    for u in users:
+        model.predict(u)
+    predict_s = time.perf_counter() - t
+    out.put(
+        {
+            "model": spec,
+            "events": n,
+            "batches": -(-n // bs),
+            "learn_s": learn_s,
+            "events_per_s": n / learn_s if learn_s else float("inf"),
+            "ms_per_batch": 1000 * learn_s / max(1, -(-n // bs)),
+            "predict_users_per_s": len(users) / predict_s if predict_s else float("inf"),
+            "setup_s": setup_s,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        }
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--models", default="decayed_mean,adapter,top_layers:1,lora:8")
+    p.add_argument("--events", type=int, default=20_000, help="events per model (0 = all 100,000)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart of events/s here")
+    a = p.parse_args()
+    if not (a.data / "u.data").is_file():
+        sys.exit(f"bench_models: {a.data} is not a MovieLens 100K folder")
+    specs = [s.strip() for s in a.models.split(",") if s.strip()]
+    if BASELINE not in specs:
+        specs.insert(0, BASELINE)
+
+    import numpy as np
+    import torch
+
+    from models.catalog import item_text
+
+    device = a.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(
+        f"bench_models: {platform.node()} python {platform.python_version()} torch {torch.__version__} "
+        f"device {device} ({torch.cuda.get_device_name(0) if device == 'cuda' else os.cpu_count()} "
+        f"{'GPU' if device == 'cuda' else 'CPU cores'}), {torch.get_num_threads()} threads, "
+        f"batch {a.batch_size}, events {a.events or 'all'}",
+        flush=True,
+    )
+    # Encode the catalog once; every model process starts from this cache.
+    items, _ = _load(a.data, 1)
+    enc = _encoder(device, None)
+    t = time.perf_counter()
+    texts = [item_text(i.text, i.attrs) for i in items]
+    vecs = enc.encode(texts, progress=True)
+    print(f"catalog: {len(texts)} items encoded in {time.perf_counter() - t:.1f}s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "enc.npz"
+        np.savez(cache, texts=np.asarray(texts), vectors=vecs)
+        args = {
+            "data": str(a.data),
+            "events": a.events or None,
+            "batch_size": a.batch_size,
+            "device": device,
+            "cache": str(cache),
+            "threads": a.threads,
+        }
+        ctx = mp.get_context("spawn")
+        results = []
+        for spec in specs:
+            q = ctx.Queue()
+            proc = ctx.Process(target=run_one, args=(spec, args, q))
+            proc.start()
+            res = q.get()
+            proc.join()
+            results.append(res)
+            print(
+                f"  {spec}: {res['events_per_s']:,.0f} ev/s, peak RSS {res['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+    base = next(r for r in results if r["model"] == BASELINE)
+    print()
+    print(f"| model | events/s | × {BASELINE} | ms/batch | predict users/s | peak RSS MiB | peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        r["ratio_to_untrained"] = r["events_per_s"] / base["events_per_s"]
+        gpu = f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] is not None else "-"
+        print(
+            f"| {r['model']} | {r['events_per_s']:,.0f} | {r['ratio_to_untrained']:.4f} | "
+            f"{r['ms_per_batch']:.1f} | {r['predict_users_per_s']:,.0f} | {r['peak_rss_mib']:.0f} | {gpu} |"
+        )
+    if a.json:
+        a.json.write_text(
+            json.dumps({"device": device, "batch_size": a.batch_size, "results": results}, indent=2)
+        )
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar([r["model"] for r in results], [r["events_per_s"] for r in results], color="#4c72b0")
+        ax.set_yscale("log")
+        ax.set_ylabel("events/s (log)")
+        ax.set_title(f"interest-model learn throughput, ML-100K, {device}, batch {a.batch_size}")
+        for x, r in enumerate(results):
+            ax.text(x, r["events_per_s"], f"{r['events_per_s']:,.0f}", ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=120)
+        print(f"plot: {a.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Losses of the incremental training step. Pure tensor functions, easy to test in isolation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sampled_softmax(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of each row's target among its candidates.
+
+    `logits` (P, C), `target` (P,) column of the positive, `mask` (P, C) True where a
+    candidate must not count as a negative (e.g. items the user already has); the
+    target column itself is never masked.
+    """
+    if mask is not None:
+        mask = mask.clone()
+        mask[torch.arange(len(target), device=mask.device), target] = False
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min / 2)
+    return F.cross_entropy(logits, target)
+
+
+def bpr(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Bayesian personalised ranking: -log σ(pos - neg), over (P, N) negatives (valid marks real ones)."""
+    loss = -F.logsigmoid(pos[:, None] - neg)
+    if valid is None:
+        return loss.mean()
+    valid = valid.to(loss.dtype)
+    return (loss * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Contrastive loss: query i should pick key i among all keys of the batch (cosine similarity)."""
+    q = F.normalize(queries, dim=-1)
+    k = F.normalize(keys, dim=-1)
+    logits = q @ k.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+
+
+def rating_mse(pred: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred, rating)

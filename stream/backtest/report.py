@@ -1,0 +1,246 @@
+"""A backtest's report: one JSON with every figure, a Markdown summary, PNG rolling curves."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import re
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from models.metrics import RANKING_METRICS
+from stream.backtest.driver import BacktestResult
+
+SLICES = {
+    "warm": "full stream",
+    "tail": "last {pct}% of events",
+    "learned": "users with an event in an earlier batch",
+    "cold": "cold start (the user's first event)",
+}
+# Windows with fewer positives than this are left out of the plots (the JSON keeps them): noise.
+MIN_WINDOW_N = 20
+_PACKAGES = ("interest-stream", "numpy", "torch", "transformers", "river")
+
+
+def code_version(repo: Path | None = None) -> dict[str, Any]:
+    """Git commit of the code that ran, and whether the tree had uncommitted changes."""
+    cwd = repo or Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        # Uncommitted changes, and files git does not track yet (code a commit id does not pin down).
+        "git_dirty": None if status is None else any(not ln.startswith("??") for ln in status.splitlines()),
+        "git_untracked": None
+        if status is None
+        else [ln[3:] for ln in status.splitlines() if ln.startswith("??")],
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: missing figures are null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def summary(result: BacktestResult) -> dict[str, Any]:
+    return {
+        "totals": {s: result.totals(s) for s in SLICES},
+        "versus_best_baseline": {s: versus_baselines(result, s) for s in ("warm", "tail")},
+        # Warm positives split by what they were: clicks, searches that led to a click, ratings.
+        "totals_by_kind": {k: result.totals(f"kind:{k}") for k in sorted(set(result.kind.tolist()))},
+        "ratings": result.rating_totals(),
+        "counts": {**result.counts, "events": result.n_events, "items": result.n_items},
+        "tail_start_event": result.tail_start,
+    }
+
+
+def to_json(result: BacktestResult, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc = {
+        "protocol": "predict-then-learn per micro-batch; full catalog minus the user's seen items; "
+        "ties at their expected rank under a random tie-break (docs/backtest.md)",
+        "config": dataclasses.asdict(result.config),
+        "models": {m: result.model_configs.get(m, {}) for m in result.models},
+        **summary(result),
+        "seconds": result.seconds,
+        "rolling": result.rolling(),
+        **(meta or {}),
+    }
+    return _clean(doc)
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def table(result: BacktestResult, slice_name: str = "warm") -> str:
+    """A Markdown table of one slice: a row per model."""
+    totals = result.totals(slice_name)
+    ratings = result.rating_totals() if slice_name == "warm" else {}
+    head = ["model", *RANKING_METRICS, "n"] + (["rmse", "mae"] if ratings else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for model in result.models:
+        row = totals[model]
+        cells = [model, *(_fmt(row[k]) for k in RANKING_METRICS), str(row["n"])]
+        if ratings:
+            r = ratings.get(model)
+            cells += [_fmt(r["rmse"]), _fmt(r["mae"])] if r else ["—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+BASELINES = frozenset({"popularity", "biased_mf", "decayed_mean"})
+
+
+def versus_baselines(result: BacktestResult, slice_name: str = "warm") -> dict[str, dict[str, float]]:
+    """For every non-baseline model: each metric relative to the best baseline of the run (1.10 = +10%)."""
+    totals = result.totals(slice_name)
+    base = [m for m in result.models if m.partition(":")[0] in BASELINES]
+    if not base:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for model in result.models:
+        if model in base:
+            continue
+        row = {}
+        for k in RANKING_METRICS:
+            best = max(totals[b][k] for b in base)
+            row[k] = totals[model][k] / best if best > 0 else float("nan")
+        out[model] = row
+    return out
+
+
+def _versus_table(result: BacktestResult, slice_name: str) -> list[str]:
+    rel = versus_baselines(result, slice_name)
+    if not rel:
+        return []
+    head = ["model", *RANKING_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for model, row in rel.items():
+        lines.append(
+            "| " + " | ".join([model, *(f"{(row[k] - 1) * 100:+.1f}%" for k in RANKING_METRICS)]) + " |"
+        )
+    return lines
+
+
+def markdown(result: BacktestResult, meta: dict[str, Any] | None = None) -> str:
+    pct = round(result.config.tail_fraction * 100)
+    c = result.counts
+    parts = [
+        "# Backtest summary",
+        "",
+        f"{result.n_events} events, {result.n_items} items, micro-batches of {result.config.batch_size}; "
+        f"{c['ranked']} positives ranked ({c['cold']} cold start), {c['repeats']} repeats and "
+        f"{c['unknown_item']} unknown items not ranked. "
+        f"Positive: rating ≥ {result.config.positive_threshold:g}, clicks, searches with a click.",
+        "",
+    ]
+    for s, label in SLICES.items():
+        parts += [f"## {label.format(pct=pct)}", "", table(result, s), ""]
+        if s in ("warm", "tail") and (vs := _versus_table(result, s)):
+            parts += ["Relative to the best baseline of this run on each metric:", "", *vs, ""]
+    speed = ["| model | setup s | predict s | learn s | events/s (learn) |", "|---|---|---|---|---|"]
+    for m in result.models:
+        sec = result.seconds[m]
+        rate = result.n_events / sec["learn_s"] if sec["learn_s"] > 0 else float("inf")
+        speed.append(
+            f"| {m} | {sec['setup_s']:.1f} | {sec['predict_s']:.1f} | {sec['learn_s']:.1f} | {rate:,.0f} |"
+        )
+    parts += ["## time", "", *speed, ""]
+    if meta:
+        parts += ["## provenance", "", "```json", json.dumps(_clean(meta), indent=2, default=str), "```", ""]
+    return "\n".join(parts)
+
+
+def plot_rolling(result: BacktestResult, out_dir: Path) -> list[Path]:
+    """One PNG per metric (a line per model) and one grid of all metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roll = result.rolling()
+    if not roll["start"]:
+        return []
+    x = [datetime.fromtimestamp(t, tz=UTC) for t in roll["start"]]
+    paths: list[Path] = []
+    fig_all, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax_all, metric in zip(axes.flat, RANKING_METRICS, strict=True):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for target in (ax, ax_all):
+            for model in result.models:
+                ys = [
+                    math.nan if v is None or n < MIN_WINDOW_N else v
+                    for v, n in zip(roll["models"][model][metric], roll["n"], strict=True)
+                ]
+                target.plot(x, ys, marker=".", label=model)
+            target.set_title(f"{metric} per {roll['window_s'] / 3600:.3g} h window (warm positives)")
+            target.set_ylabel(metric)
+            target.grid(alpha=0.3)
+        ax.legend()
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        path = out_dir / f"rolling_{metric.replace('@', '_at_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    axes.flat[0].legend()
+    fig_all.autofmt_xdate()
+    fig_all.tight_layout()
+    grid = out_dir / "rolling.png"
+    fig_all.savefig(grid, dpi=110)
+    plt.close(fig_all)
+    # And one per model, every metric on it: how a single model's tracking evolves.
+    for model in result.models:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for metric in RANKING_METRICS:
+            ys = [
+                math.nan if v is None or n < MIN_WINDOW_N else v
+                for v, n in zip(roll["models"][model][metric], roll["n"], strict=True)
+            ]
+            ax.plot(x, ys, marker=".", label=metric)
+        ax.set_title(f"{model}: rolling metrics per {roll['window_s'] / 3600:.3g} h window (warm positives)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        path = out_dir / f"model_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return [grid, *paths]
+
+
+def write_report(result: BacktestResult, out_dir: Path, meta: dict[str, Any] | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = to_json(result, meta)
+    json_path = out_dir / "result.json"
+    json_path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    md_path = out_dir / "summary.md"
+    md_path.write_text(markdown(result, meta))
+    return [json_path, md_path, *plot_rolling(result, out_dir)]

@@ -1,0 +1,236 @@
+"""The fine-tuned interest model on fakes and tiny random transformers (no download, fast)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from models.core import InterestModel
+from models.events import Event, Item, UserProfile
+from models.finetune import FineTunedModel, profile_text
+from models.registry import available, build_model
+from tests.fakes import HashEncoder
+
+WORDS = ["space", "rocket", "pasta", "soup", "goal", "league", "piano", "guitar", "roses", "soil"]
+
+
+def catalog(n: int = 40, seed: int = 0) -> list[Item]:
+    rng = np.random.default_rng(seed)
+    return [Item(str(i), f"item {i} {' '.join(rng.choice(WORDS, 2))}") for i in range(n)]
+
+
+def walk_events(n_items: int, n_users: int, steps: int, seed: int = 0) -> list[Event]:
+    """Every user walks item i -> i+1 (a learnable sequential pattern), users interleaved in time."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(n_items, size=n_users)
+    out, t = [], 1_000_000.0
+    for k in range(steps):
+        for u in range(n_users):
+            t += 7.0
+            item = str((int(starts[u]) + k) % n_items)
+            out.append(Event(f"e{u}-{k}", f"u{u}", t, "click", item_id=item))
+    return out
+
+
+def model(**kw: object) -> FineTunedModel:
+    opts = {"dim": 16, "history": 8, "seed": 0, **kw}
+    m = FineTunedModel(HashEncoder(24), "adapter", **opts)
+    m.upsert_items(catalog())
+    return m
+
+
+def test_registry_knows_the_strategies() -> None:
+    assert {"adapter", "top_layers", "lora", "decayed_mean"} <= set(available())
+    m = build_model("adapter", HashEncoder(16), dim=8, half_life_s=3600.0, rating_max=5.0)
+    assert isinstance(m, InterestModel) and m.name == "adapter"
+
+
+def test_unknown_option_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown model option"):
+        FineTunedModel(HashEncoder(8), "adapter", learning_rate=1.0)
+
+
+def test_scores_are_the_published_inner_product() -> None:
+    m = model()
+    m.learn(walk_events(40, 6, 3))
+    for user in ("u0", "u3"):
+        vec = m.user_vector(user)
+        assert vec is not None and vec.shape == (m.dim,) and vec[-1] == 1.0
+        np.testing.assert_allclose(m.predict(user), m.item_matrix() @ vec, rtol=1e-5)
+    assert m.item_matrix().shape == (40, m.dim)
+
+
+def test_learns_a_sequential_pattern() -> None:
+    """After some batches the next item of the walk ranks near the top (chance: rank ~20 of 40)."""
+    m = model(lr=0.03, dim=24)
+    events = walk_events(40, 30, 12)
+    ranks = []
+    for b in range(0, len(events), 30):
+        batch = events[b : b + 30]
+        if b >= len(events) // 2:
+            for e in batch:
+                state = m.users[e.user_id]
+                scores = m.predict(e.user_id).copy()
+                seen = [m.catalog.index[i] for i in state.seen]
+                scores[seen] = -np.inf
+                target = scores[m.catalog.index[e.item_id]]
+                ranks.append(int((scores > target).sum()) + 1)
+        m.learn(batch)
+    # Chance: the next item ranks ~17th among the ~34 unseen items.
+    assert np.mean(ranks) < 10 and np.mean(np.asarray(ranks) <= 3) > 0.3, np.mean(ranks)
+
+
+def test_snapshots_every_n_batches_with_weights_and_items() -> None:
+    m = model(publish_every_batches=2)
+    first = m.model_version
+    events = walk_events(40, 5, 4)
+    r1 = m.learn(events[:10])
+    assert r1.snapshot is None and r1.model_version == first
+    r2 = m.learn(events[10:20])
+    snap = r2.snapshot
+    assert snap is not None and snap.version == m.model_version != first
+    assert snap.parent == first and snap.weights and len(snap.item_ids) == 40
+    assert snap.item_vectors.shape == (40, m.dim)
+    assert r2.model_version == snap.version
+    assert all(u.vector.shape == (m.dim,) for u in r2.updates.values())
+
+
+def test_user_state_round_trips_through_json() -> None:
+    a = model()
+    a.learn(walk_events(40, 4, 5))
+    blob = a.weights()
+    state = json.loads(json.dumps(a.get_user_state("u1")))
+    b = model()
+    b.load_weights(blob)
+    b.set_user_state("u1", state)
+    np.testing.assert_allclose(b.user_vector("u1"), a.user_vector("u1"), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.item_matrix(), a.item_matrix(), rtol=1e-4, atol=1e-5)
+    b.forget_user("u1")
+    assert b.user_vector("u1") is None and b.get_user_state("u1") is None
+
+
+def test_cold_start_says_which_prior_applied() -> None:
+    m = model()
+    m.set_profiles([UserProfile("p", {"age": 34, "occupation": "engineer"})])
+    events = [
+        Event("s1", "searcher", 10.0, "search", query="rocket space", clicked_item_id="3"),
+        Event("p1", "p", 11.0, "click", item_id="4"),
+        Event("n1", "nobody", 12.0, "click", item_id="5"),
+        Event("n2", "nobody", 13.0, "click", item_id="6"),
+    ]
+    result = m.learn(events)
+    assert result.updates["searcher"].cold_start == "search"
+    assert result.updates["p"].cold_start == "profile"
+    assert result.updates["nobody"].cold_start == "popularity"
+    assert m.learn([Event("n3", "nobody", 14.0, "click", item_id="7")]).updates["nobody"].cold_start is None
+    # A user the model never saw is ranked by the popularity prior: the bias column alone.
+    np.testing.assert_allclose(m.predict("stranger"), m.item_matrix()[:, -1], rtol=1e-6)
+    assert profile_text({"age": 34, "gender": "F"}) == "user | age: 30s | gender: F"
+
+
+def test_clicks_with_impressions_searches_and_ratings_all_train() -> None:
+    m = model(rating_weight=1.0, search_weight=1.0, hard_negative_weight=1.0)
+    events = [
+        Event("c1", "a", 1.0, "click", item_id="1", impressions=("2", "3", "unknown")),
+        Event("s1", "a", 2.0, "search", query="pasta soup", clicked_item_id="4"),
+        Event("s2", "b", 2.5, "search", query="goal league", clicked_item_id="5"),
+        Event("s3", "b", 2.6, "search", query="no click here"),
+        Event("r1", "b", 3.0, "rating", item_id="6", rating=2.0),
+        Event("r2", "a", 4.0, "rating", item_id="7", rating=5.0),
+        Event("x1", "a", 5.0, "click", item_id="not-in-catalog"),
+    ]
+    before = {k: v.detach().clone() for k, v in m.net.state_dict().items()}
+    r = m.learn(events)
+    assert r.loss is not None and np.isfinite(r.loss)
+    assert set(r.updates) == {"a", "b"} and r.updates["a"].n_applied == 4
+    changed = [k for k, v in m.net.state_dict().items() if not torch.equal(v, before[k])]
+    assert "item_emb" in changed and "rating_bias" in changed and "w_short.weight" in changed
+    assert m.predict_rating("b", "6") is not None and m.predict_rating("b", "nope") is None
+    kinds = {e["kind"] for e in m.explain("a", top=20)}
+    assert {"search", "click", "rating", "long_term"} <= kinds
+
+
+def test_other_modality_embeddings_are_fused(caplog: pytest.LogCaptureFixture) -> None:
+    m = model()
+    plain = m.item_matrix()[0].copy()
+    m.upsert_items([Item("0", catalog()[0].text, embedding=(1.0, 0.0, 0.5, 0.2))])
+    assert m.net.fuse is not None and m.net.fuse.in_features == 4
+    assert not np.allclose(m.item_matrix()[0], plain)
+    with caplog.at_level(logging.WARNING):
+        m.upsert_items([Item("1", "odd one", embedding=(1.0, 2.0))])
+    assert "embedding has 2 dimensions" in caplog.text
+    r = m.learn([Event("e", "u", 1.0, "click", item_id="0"), Event("f", "u", 2.0, "click", item_id="1")])
+    assert r.loss is not None and m.net.fuse.weight.grad is not None
+
+
+def test_new_items_enter_with_zero_residual_and_are_rankable() -> None:
+    m = model()
+    m.learn(walk_events(40, 4, 3))
+    m.upsert_items([Item("new", "rocket space piano")])
+    assert m.item_ids()[-1] == "new" and m.item_matrix().shape[0] == 41
+    assert float(m.net.item_emb[-1].detach().abs().sum()) == 0.0
+    assert m.predict("u0").shape == (41,)
+    m.learn([Event("z", "u0", 2e6, "click", item_id="new")])
+
+
+def test_rollback_restores_the_last_good_weights() -> None:
+    m = model(rollback_window=10, rollback_patience=2, rollback_threshold=0.5)
+    good = {k: v.clone() for k, v in m.net.state_dict().items()}
+    for _ in range(10):
+        m._check_rollback(1.0)
+    with torch.no_grad():
+        m.net.item_emb.add_(1.0)  # training went somewhere bad
+    m._check_rollback(5.0)
+    assert m.rollbacks == 0
+    m._check_rollback(5.0)
+    assert m.rollbacks == 1
+    torch.testing.assert_close(m.net.item_emb.detach(), good["item_emb"])
+
+
+def test_explain_shares_add_up() -> None:
+    m = model()
+    m.set_profiles([UserProfile("u2", {"occupation": "writer"})])
+    m.learn(walk_events(40, 4, 6))
+    parts = m.explain("u2", top=100)
+    assert parts[0]["weight"] >= parts[1]["weight"] or abs(parts[0]["weight"]) >= abs(parts[1]["weight"])
+    assert sum(p["weight"] for p in parts) == pytest.approx(1.0, abs=1e-3)
+    assert m.explain("nobody") == []
+
+
+def test_same_seed_same_numbers() -> None:
+    events = walk_events(40, 5, 4)
+    a, b = model(seed=3, deterministic=True), model(seed=3, deterministic=True)
+    for m in (a, b):
+        for i in range(0, len(events), 5):
+            m.learn(events[i : i + 5])
+    np.testing.assert_array_equal(a.item_matrix(), b.item_matrix())
+    np.testing.assert_array_equal(a.user_vector("u4"), b.user_vector("u4"))
+    assert a.model_version == b.model_version
+
+
+def test_sampled_negatives_for_large_catalogs() -> None:
+    m = model(full_softmax_max=10, random_negatives=8)
+    r = m.learn(
+        [
+            Event("a", "u", 1.0, "click", item_id="1", impressions=("2",)),
+            Event("b", "u", 2.0, "click", item_id="9"),
+        ]
+    )
+    assert r.loss is not None and np.isfinite(r.loss)
+    m2 = model(loss="bpr")
+    assert np.isfinite(m2.learn(walk_events(40, 3, 3)).loss)
+
+
+def test_events_before_their_items_arrive() -> None:
+    """A worker can see events before the catalog records they name (topics are read in parallel)."""
+    m = FineTunedModel(HashEncoder(24), "adapter", dim=8, history=4)
+    r = m.learn([Event("a", "u", 1.0, "click", item_id="1"), Event("b", "u", 2.0, "click", item_id="2")])
+    assert r.updates["u"].vector.shape == (9,)
+    m.upsert_items(catalog(5))
+    r = m.learn([Event("c", "u", 3.0, "click", item_id="3")])
+    assert r.loss is not None and np.isfinite(r.loss)
+    assert {e["item_id"] for e in m.explain("u", top=5) if e.get("item_id")} == {"1", "2", "3"}

@@ -1,0 +1,22 @@
+"""Settings (ISTREAM_MODEL_*) reach the fine-tuned model's options through stream.runtime."""
+
+from __future__ import annotations
+
+from models.finetune import FineTunedModel
+from stream.runtime import build_interest_model, model_options
+from stream.settings import Settings
+from tests.fakes import HashEncoder
+
+
+def test_settings_become_model_options() -> None:
+    s = Settings(model="lora:4", model_dim=12, model_history=7, model_lr=0.01, seed=5, device="cpu")
+    opts = model_options(s)
+    assert opts["dim"] == 12 and opts["history"] == 7 and opts["lr"] == 0.01 and opts["seed"] == 5
+    assert "dim" not in model_options(Settings(model="decayed_mean"))
+
+
+def test_runtime_builds_the_configured_strategy() -> None:
+    s = Settings(model="adapter", model_dim=8, model_publish_every_batches=3, device="cpu")
+    m = build_interest_model(s, HashEncoder(16))  # type: ignore[arg-type]
+    assert isinstance(m, FineTunedModel) and m.spec == "adapter"
+    assert m.opts.dim == 8 and m.opts.publish_every_batches == 3 and m.dim == 9

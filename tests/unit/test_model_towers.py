@@ -1,0 +1,134 @@
+"""Towers on a tiny randomly initialised BERT (built here, no download) and once on the real MiniLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from models.encoder import BaseEncoder, packaged_minilm_path
+from models.events import Event, Item
+from models.finetune import FineTunedModel
+from models.losses import bpr, info_nce, sampled_softmax
+from models.registry import build_model
+from models.replay import ReplayBuffer
+from models.towers import AdapterTower, LoRALinear, TopLayersTower, find_layers
+from tests.fakes import HashEncoder
+
+TEXTS = ["a rocket to the moon", "fresh pasta with basil", "the striker scored a late goal", "piano"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> BaseEncoder:
+    torch.manual_seed(0)
+    # The packaged tokenizer is local files; only its vocabulary size matters to the tiny model.
+    tok = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BaseEncoder(model=BertModel(config), tokenizer=tok, device="cpu")
+
+
+def items(n: int = 12) -> list[Item]:
+    return [
+        Item(str(i), f"{TEXTS[i % len(TEXTS)]} number {i}", {"genre": ["x", "y"][i % 2]}) for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_layers_on_cached_lower_states_reproduce_the_base(tiny: BaseEncoder, k: int) -> None:
+    tower = TopLayersTower(tiny, k=k, dropout=0.0).eval()
+    with torch.no_grad():
+        out = tower.run_top(tower.lower(TEXTS)).numpy()
+    np.testing.assert_allclose(out, tiny.encode(TEXTS), atol=1e-5)
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("top.") for n in trainable)
+    assert len(tower.top) == k
+
+
+def test_lora_starts_as_the_base_and_trains_only_adapters(tiny: BaseEncoder) -> None:
+    tower = TopLayersTower(tiny, k=2, lora_rank=4, dropout=0.0).eval()
+    with torch.no_grad():
+        out = tower.run_top(tower.lower(TEXTS)).numpy()
+    np.testing.assert_allclose(out, tiny.encode(TEXTS), atol=1e-5)
+    trainable = [n for n, p in tower.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(isinstance(m, LoRALinear) for m in tower.modules())
+    # The encoder's own model is untouched (it still makes the cached base encodings).
+    assert not any(isinstance(m, LoRALinear) for m in tiny.model.modules())
+
+
+def test_adapter_starts_as_identity() -> None:
+    enc = HashEncoder(16)
+    tower = AdapterTower(enc, hidden=8).eval()
+    np.testing.assert_allclose(tower.encode_texts(TEXTS).detach().numpy(), enc.encode(TEXTS), atol=1e-6)
+
+
+def test_find_layers_and_bad_k(tiny: BaseEncoder) -> None:
+    assert len(find_layers(tiny.model)) == 3
+    with pytest.raises(ValueError, match="k must be between 1 and 3"):
+        TopLayersTower(tiny, k=4)
+    with pytest.raises(ValueError, match="transformers base"):
+        TopLayersTower(HashEncoder(8), k=1)
+    with pytest.raises(ValueError, match="whole number"):
+        build_model("top_layers:x", tiny)
+
+
+@pytest.mark.parametrize("spec", ["top_layers:1", "lora:2", "adapter"])
+def test_every_strategy_learns_end_to_end(tiny: BaseEncoder, spec: str) -> None:
+    m = build_model(spec, tiny, dim=8, history=4, tower_items_per_step=3, seed=0)
+    assert isinstance(m, FineTunedModel) and m.spec == spec
+    m.upsert_items(items())
+    before = m.item_matrix().copy()
+    events = [Event(f"e{i}", f"u{i % 3}", float(i), "click", item_id=str(i % 12)) for i in range(24)]
+    events.append(Event("q", "u0", 30.0, "search", query="moon rocket", clicked_item_id="0"))
+    events.append(Event("q2", "u1", 31.0, "search", query="goal", clicked_item_id="2"))
+    losses = [m.learn(events[i : i + 13]).loss for i in range(0, len(events), 13)]
+    assert all(np.isfinite(x) for x in losses if x is not None)
+    assert not np.allclose(before, m.item_matrix())
+    assert m.predict("u0").shape == (12,)
+    tuned = [n for n, p in m.net.tower.named_parameters() if p.requires_grad and p.grad is not None]
+    if spec != "adapter":
+        assert tuned, "the tower's trainable parameters got no gradient"
+
+
+def test_losses() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 5.0, 0.0]])
+    target = torch.tensor([0, 0])
+    mask = torch.tensor([[False, True, False], [False, True, False]])
+    # Masking the strong wrong candidate of row 2 lowers the loss; the target is never masked.
+    assert sampled_softmax(logits, target, mask) < sampled_softmax(logits, target)
+    assert sampled_softmax(logits, target, torch.ones(2, 3, dtype=torch.bool)) < 1e-6
+    assert bpr(torch.tensor([3.0]), torch.tensor([[0.0, -1.0]])) < bpr(
+        torch.tensor([0.0]), torch.tensor([[0.0, -1.0]])
+    )
+    q = torch.eye(3)
+    assert info_nce(q, q) < info_nce(q, q.flip(0))
+
+
+def test_replay_buffer_keeps_the_newest() -> None:
+    buf: ReplayBuffer[int] = ReplayBuffer(5, seed=1)
+    buf.extend(range(12))
+    assert len(buf) == 5 and set(buf.sample(10)) == {7, 8, 9, 10, 11}
+    assert ReplayBuffer(0).sample(3) == []
+
+
+@pytest.mark.slow
+def test_real_packaged_minilm_top_layer_matches_and_trains() -> None:
+    enc = BaseEncoder(device="cpu")
+    tower = TopLayersTower(enc, k=1, dropout=0.0).eval()
+    with torch.no_grad():
+        out = tower.run_top(tower.lower(TEXTS)).numpy()
+    np.testing.assert_allclose(out, enc.encode(TEXTS), atol=1e-4)
+    m = build_model("top_layers:1", enc, seed=0)
+    m.upsert_items(items(8))
+    assert m.item_matrix().shape == (8, 65)
+    r = m.learn([Event(f"e{i}", "u", float(i), "click", item_id=str(i)) for i in range(6)])
+    assert r.loss is not None and np.isfinite(r.loss)
