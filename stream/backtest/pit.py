@@ -46,7 +46,7 @@ def with_search_path(url: str, schema: str) -> str:
     return f"{url}{sep}options={quote(f'-csearch_path={schema},public')}"
 
 
-def prepare_schema(url: str, schema: str, replace: bool = False) -> str:
+def prepare_schema(url: str, schema: str, replace: bool = False, vector_dim: int | None = None) -> str:
     """Create (or, with `replace`, recreate) the schema, migrate it, pin its functions; returns its URL."""
     admin = make_engine(url)
     try:
@@ -72,7 +72,7 @@ def prepare_schema(url: str, schema: str, replace: bool = False) -> str:
     finally:
         admin.dispose()
     scoped = with_search_path(url, schema)
-    upgrade(scoped)
+    upgrade(scoped, vector_dim=vector_dim)
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
@@ -109,7 +109,9 @@ class PointInTimeWriter:
         self._engines: list[Engine] = []
         self.stores: dict[str, VectorStore] = {}
         for name, schema in self.schemas.items():
-            engine = make_engine(prepare_schema(url, schema, replace), pool_size=2)
+            # Each schema is migrated for the width of the vectors its model writes.
+            scoped = prepare_schema(url, schema, replace, vector_dim=models[name].dim)
+            engine = make_engine(scoped, pool_size=2)
             self._engines.append(engine)
             self.stores[name] = VectorStore(engine, group_id=f"backtest:{schema}")
         self._published: dict[str, set[str]] = {name: set() for name in models}

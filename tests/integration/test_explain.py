@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from models.events import Event, Item
-from storage.db import make_engine
+from storage.db import make_engine, upgrade
 from stream.cli import cli
 from stream.explain import explain_user
-from stream.runtime import build_interest_model, build_store
+from stream.runtime import build_interest_model, build_store, published_dim
 from stream.settings import Settings, get_settings
 
 pytestmark = pytest.mark.integration
@@ -22,8 +22,10 @@ ITEMS = [
 ]
 
 
-def test_explain_weighs_the_users_events(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explain_weighs_the_users_events(empty_db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    db_url = empty_db_url
     settings = Settings(database_url=db_url, model="adapter", device="cpu")
+    upgrade(db_url, vector_dim=published_dim(settings))
     store = build_store(settings, db_url)
     model = build_interest_model(settings)
     store.upsert_items(ITEMS)
