@@ -294,7 +294,8 @@ def main() -> None:
     log(f"{os.cpu_count()} CPUs; model {args.model}; backlog {args.backlog}; rates {rates}")
     with tempfile.TemporaryDirectory(prefix="istream-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        s = Settings(kafka_bootstrap=None, database_url=None, data_dir=tmp)
+        # The model decides the width the embedded database is migrated with.
+        s = Settings(kafka_bootstrap=None, database_url=None, data_dir=tmp, model=args.model)
         with Servers(s) as ep:
             engine = make_engine(ep.database_url)
             items, backlog = workload(args.backlog, args.users, seed=1, prefix="backlog")
