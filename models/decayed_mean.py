@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.catalog import Catalog, TextEncoder
-from models.core import BatchResult, InterestModel, UserUpdate
+from models.core import BatchResult, InterestModel, UserUpdate, pack_vector, unpack_vector
 from models.events import Event, Item
 
 
@@ -128,7 +128,7 @@ class DecayedMeanModel(InterestModel):
         if s is None:
             return None
         return {
-            "total": s.total.tolist(),
+            "total": pack_vector(s.total),
             "weight": s.weight,
             "last_ts": s.last_ts,
             "n_events": s.n_events,
@@ -136,7 +136,7 @@ class DecayedMeanModel(InterestModel):
 
     def set_user_state(self, user_id: str, state: Mapping[str, Any]) -> None:
         self.users[user_id] = DecayedState(
-            total=np.asarray(state["total"], dtype=np.float32),
+            total=unpack_vector(state["total"]),
             weight=float(state["weight"]),
             last_ts=float(state["last_ts"]),
             n_events=int(state["n_events"]),

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from models.core import pack_vector, unpack_vector
+
 # Signal ids: what kind of behaviour an entry was (0 is padding).
 SIGNAL_CLICK = 1
 SIGNAL_SEARCH = 2
@@ -72,7 +74,7 @@ class UserState:
     def to_json(self) -> dict[str, Any]:
         return {
             "recent": [b.to_json() for b in self.recent],
-            "long_term": None if self.long_term is None else [round(float(x), 6) for x in self.long_term],
+            "long_term": None if self.long_term is None else pack_vector(self.long_term),
             "n_events": self.n_events,
             "last_ts": self.last_ts,
             "cold_start": self.cold_start,
@@ -85,7 +87,7 @@ class UserState:
         return UserState(
             history_len=history_len,
             recent=deque((Behaviour.from_json(b) for b in raw.get("recent", [])), maxlen=history_len),
-            long_term=None if lt is None else np.asarray(lt, dtype=np.float32),
+            long_term=None if lt is None else unpack_vector(lt),
             n_events=int(raw.get("n_events", 0)),
             last_ts=float(raw.get("last_ts", 0.0)),
             cold_start=raw.get("cold_start"),
