@@ -64,6 +64,7 @@ def run_demo(settings: Settings, data: Path | None, n_events: int, n_show: int) 
             producer.flush()
             producer.close()
             log_path = Path(tmp) / "worker.log"
+            click.echo(f"starting `istream worker` (log: {log_path})…")
             worker = start_worker(ep.bootstrap, ep.database_url, log_path)
             try:
                 wait_until_consumed(ep, s, worker, n_valid, len(MALFORMED), log_path)
@@ -73,23 +74,36 @@ def run_demo(settings: Settings, data: Path | None, n_events: int, n_show: int) 
     click.echo(f"demo finished in {time.monotonic() - started:.0f}s; servers shut down.")
 
 
-def start_worker(bootstrap: str, database_url: str, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ISTREAM_KAFKA_BOOTSTRAP": bootstrap, "ISTREAM_DATABASE_URL": database_url}
-    click.echo(f"starting `istream worker` (log: {log_path})…")
-    with log_path.open("wb") as log:
+def start_worker(
+    bootstrap: str, database_url: str, log_path: Path, cwd: Path | None = None, **env: str
+) -> subprocess.Popen[bytes]:
+    """`istream worker` as a child process against the given servers, logging to `log_path`."""
+    full_env = {
+        **os.environ,
+        "ISTREAM_KAFKA_BOOTSTRAP": bootstrap,
+        "ISTREAM_DATABASE_URL": database_url,
+        **env,
+    }
+    with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "stream.cli", "worker"],
+            cwd=cwd,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
 
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+def stop_worker(worker: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Signal the worker (SIGTERM: it commits what it holds) and wait; kill it past `timeout`."""
     if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(sig)
         try:
-            worker.wait(30)
+            worker.wait(timeout)
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+    return worker.returncode
 
 
 def wait_until_consumed(

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,38 +12,17 @@ from typing import Any
 from sqlalchemy import text
 
 from storage.db import make_engine
+from stream import demo
 from stream.broker import make_consumer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_worker(bootstrap: str, db_url: str, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
-    full_env = {
-        **os.environ,
-        "ISTREAM_KAFKA_BOOTSTRAP": bootstrap,
-        "ISTREAM_DATABASE_URL": db_url,
-        "ISTREAM_BATCH_SECONDS": "0.5",
-        **env,
-    }
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "worker"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    return demo.start_worker(bootstrap, db_url, log_path, cwd=ROOT, **{"ISTREAM_BATCH_SECONDS": "0.5", **env})
 
 
-def stop_worker(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+stop_worker = demo.stop_worker
 
 
 def wait_for(
