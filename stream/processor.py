@@ -31,9 +31,10 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
+from models.catalog import item_text
 from models.core import InterestModel
 from models.events import Event, Item
-from storage.encodings import model_encoder, persist_encodings, restore_encodings
+from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
 from storage.repository import OffsetMark, VectorStore
 from storage.schema import CatalogItem, UserInterestCurrent, UserState
 from stream.schema import InvalidRecord, Limits, parse_topic_record
@@ -166,11 +167,21 @@ class BatchProcessor:
         self.restore_weights()
         self.ensure_published()
 
-    def persist_encodings(self) -> None:
-        """Keep new catalog texts' base encodings across restarts (stored rows are skipped)."""
+    def persist_encodings(self, items: Sequence[Item] | None = None) -> None:
+        """Keep catalog texts' base encodings across restarts (stored rows are skipped).
+
+        With `items`, only their texts are written: a catalog update must not rewrite the
+        whole cache. Without, everything the cache holds (after a restore).
+        """
         encoder = model_encoder(self.model)
-        if encoder is not None:
+        if encoder is None:
+            return
+        if items is None:
             persist_encodings(self.store.engine, encoder)
+            return
+        texts = {item_text(i.text, i.attrs) for i in items}
+        entries = [(t, v) for t in texts if (v := encoder.cache.get(t)) is not None]
+        save_encodings(self.store.engine, encoder.version, entries)
 
     def restore_weights(self) -> None:
         """Load the newest published weights of this model, when it has trainable state.
@@ -400,7 +411,7 @@ class BatchProcessor:
         latest = list({i.item_id: i for i in items}.values())
         self.model.upsert_items(latest)
         self.store.upsert_items(latest)
-        self.persist_encodings()
+        self.persist_encodings(latest)
         ids = self.model.item_ids()
         index = {item_id: row for row, item_id in enumerate(ids)}
         matrix = self.model.item_matrix()
