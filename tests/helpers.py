@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from sqlalchemy import text
 
 from storage.db import make_engine
 from stream import demo
-from stream.broker import make_consumer
+from stream.broker import env_without_proxies, make_consumer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,3 +66,19 @@ def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30) -> 
     finally:
         consumer.close()
     return out
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`istream ARGS` as a child process from the repo root, with only the ISTREAM_* settings given."""
+    base = {k: v for k, v in env_without_proxies().items() if not k.startswith("ISTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", *args],
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,11 +13,12 @@ from kafka import KafkaConsumer, TopicPartition
 from models.decayed_mean import DecayedMeanModel
 from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
-from stream.broker import EmbeddedBroker, ensure_topics, env_without_proxies
+from stream.broker import EmbeddedBroker, ensure_topics
 from stream.processor import BatchProcessor, RawRecord
 from stream.schema import Limits
 from stream.settings import Settings
 from tests.fakes import HashEncoder
+from tests.helpers import run_cli
 
 
 @pytest.fixture
@@ -33,18 +33,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, bootstrap: str, db_url: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in env_without_proxies().items() if not k.startswith("ISTREAM_")}
-    env.update(ISTREAM_KAFKA_BOOTSTRAP=bootstrap, ISTREAM_PARTITIONS="2", PYTHONPATH=str(ROOT))
+    env = {"ISTREAM_KAFKA_BOOTSTRAP": bootstrap, "ISTREAM_PARTITIONS": "2"}
     if db_url:
         env["ISTREAM_DATABASE_URL"] = db_url
-    return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    return run_cli(*args, env=env)
 
 
 def read_all(bootstrap: str, topic: str) -> list[tuple[int, int, dict]]:

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def istream(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ISTREAM_")}
-    return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args],
-        cwd=ROOT,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, env=env, timeout=60)
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -15,6 +13,7 @@ from sqlalchemy import text
 
 from storage.db import make_engine
 from storage.repository import VectorStore
+from tests.helpers import run_cli
 from tests.integration.storage.conftest import DIM, rating, update
 
 pytestmark = pytest.mark.integration
@@ -23,15 +22,7 @@ on_pgvector = pytest.mark.parametrize("server_url", ["pgvector"], indirect=True)
 
 
 def istream(url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ISTREAM_DATABASE_URL": url, "ISTREAM_VECTOR_DIM": str(DIM)}
-    return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=120,
-    )
+    return run_cli(*args, env={"ISTREAM_DATABASE_URL": url, "ISTREAM_VECTOR_DIM": str(DIM)}, stdin=stdin)
 
 
 @pytest.mark.slow
