@@ -15,6 +15,12 @@ collaborative signal, new items fall back on their text), b_item a learned
 bias. Published item vectors are [e_item, β_item] and user vectors [s·u, 1], so
 `SELECT ... ORDER BY vector <#> user_vector` ranks exactly like `predict`.
 
+Training and serving are kept apart: the published item vectors and every user
+vector written against them come from the weights of the published version
+(`_serving`), while the optimiser moves the live weights. Between publishes a
+user's vector still follows each new behaviour at once; only the weights wait
+for the next publish (every N batches or T seconds).
+
 Each batch is learned after it was predicted (predict-then-learn): for every
 positive event the user vector is built from the behaviours *before* it, and the
 clicked/rated item must win a softmax against the catalog (or, for large
@@ -29,7 +35,8 @@ import io
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -218,6 +225,10 @@ class InterestNet(nn.Module):
         return u, weights
 
 
+# Per-item parameters: already inside the published item vectors, never swapped for serving.
+_PER_ITEM = ("item_emb", "item_bias", "rating_bias")
+
+
 def _rows_tensor(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.as_tensor(list(rows), dtype=torch.long, device=device)
 
@@ -260,6 +271,7 @@ class FineTunedModel(InterestModel):
         self._live_vec = torch.zeros(0, dim)  # item vectors of the live weights (no grad)
         self._live_aug = np.zeros((0, dim + 1), dtype=np.float32)
         self._published_aug = np.zeros((0, dim + 1), dtype=np.float32)
+        self._serving: dict[str, torch.Tensor] = {}  # shared weights of the published version
         self._uvec: dict[str, np.ndarray] = {}
         self._user_bias: dict[str, tuple[float, int]] = {}
         self.replay: ReplayBuffer[Episode] = ReplayBuffer(o.replay_size, seed=o.seed)
@@ -564,14 +576,37 @@ class FineTunedModel(InterestModel):
     def _current_episodes(self, user_ids: Sequence[str]) -> list[Episode]:
         return [Episode(u, list(self.users[u].recent), self.users[u].long_term) for u in user_ids]
 
+    @contextmanager
+    def _serving_weights(self) -> Iterator[None]:
+        """Run the net with the published version's shared weights (swapped in, not copied).
+
+        Per-item rows are not swapped: the published item vectors already hold them.
+        """
+        params = dict(self.net.named_parameters())
+        live: dict[str, torch.Tensor] = {}
+        try:
+            for name, saved in self._serving.items():
+                p = params.get(name)
+                if p is not None and p.shape == saved.shape:
+                    live[name] = p.data
+                    p.data = saved
+            yield
+        finally:
+            for name, data in live.items():
+                params[name].data = data
+
+    def _published_vec(self) -> torch.Tensor:
+        return torch.from_numpy(self._published_aug[:, :-1]).to(self.device)
+
     @torch.no_grad()
     def _user_vectors(self, user_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Current user vectors (U, d) and their attention over the recent behaviours (U, T)."""
+        """Published user vectors (U, d) and their attention over the recent behaviours (U, T):
+        the serving weights over the published item vectors."""
         net = self.net
         was = net.training
         net.eval()
         episodes = self._current_episodes(user_ids)
-        t = self._episode_tensors(episodes, self._live_vec.to(self.device), None)
+        t = self._episode_tensors(episodes, self._published_vec(), None)
         qpos = torch.as_tensor([[len(ep.behaviours)] for ep in episodes], device=self.device)
         u, weights = net.user(
             *t, qpos, self._long_tensor([ep.long_term for ep in episodes]), self._profile_tensor(user_ids)
@@ -583,18 +618,19 @@ class FineTunedModel(InterestModel):
         user_ids = [u for u in user_ids if u in self.users]
         if not user_ids:
             return
-        scale = float(self.net.log_scale.detach().exp())
-        for i in range(0, len(user_ids), 512):
-            part = user_ids[i : i + 512]
-            u = self._user_vectors(part)[0].float().cpu().numpy() * scale
-            for uid, vec in zip(part, u, strict=True):
-                self._uvec[uid] = np.append(vec, np.float32(1.0)).astype(np.float32)
+        with self._serving_weights():
+            scale = float(self.net.log_scale.detach().exp())
+            for i in range(0, len(user_ids), 512):
+                part = user_ids[i : i + 512]
+                u = self._user_vectors(part)[0].float().cpu().numpy() * scale
+                for uid, vec in zip(part, u, strict=True):
+                    self._uvec[uid] = np.append(vec, np.float32(1.0)).astype(np.float32)
 
     def _cold_vector(self, user_id: str, first_query: str | None = None) -> tuple[np.ndarray, str]:
         """A vector for a user without history: first search text, profile, or the popularity prior."""
         d = self.net.dim
-        scale = float(self.net.log_scale.detach().exp())
-        with torch.no_grad():
+        with torch.no_grad(), self._serving_weights():
+            scale = float(self.net.log_scale.detach().exp())
             if first_query:
                 v = self.net.proj(self.net.tower.encode_texts([first_query]))[0]
                 return np.append(v.float().cpu().numpy() * scale, 1.0).astype(np.float32), "search"
@@ -1050,6 +1086,11 @@ class FineTunedModel(InterestModel):
         self._batches_since_publish = 0
         self._last_publish = time.monotonic()
         self._published_aug = self._live_aug.copy()
+        self._serving = {
+            name: p.detach().clone()
+            for name, p in self.net.named_parameters()
+            if p.requires_grad and not name.startswith(_PER_ITEM)
+        }
         self._publishes += 1
         if self._good_state is None or self._publishes % self.opts.good_state_every == 0:
             self._good_state = self._capture()
@@ -1102,10 +1143,10 @@ class FineTunedModel(InterestModel):
         net = self.net
         was = net.training
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._serving_weights():
             u, att = self._user_vectors([user_id])
             ep = self._current_episodes([user_id])[0]
-            vec, signal, _ts, valid = self._episode_tensors([ep], self._live_vec.to(self.device), None)
+            vec, signal, _ts, valid = self._episode_tensors([ep], self._published_vec(), None)
             h = (vec + net.signal_emb(signal)) * valid[..., None].to(vec.dtype)
             parts = net.w_short(att[0][:, None] * h[0])  # (T, d)
             uu = u[0]

@@ -36,13 +36,11 @@ from models.core import InterestModel
 from models.events import Event, Item
 from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
 from storage.repository import OffsetMark, VectorStore
-from storage.schema import CatalogItem, UserInterestCurrent, UserState
+from storage.schema import CatalogItem
 from stream.schema import InvalidRecord, Limits, parse_topic_record
 
 log = logging.getLogger(__name__)
 
-# Bind-parameter-friendly chunk for IN (...) look-ups.
-_CHUNK = 2000
 
 DeadLetterSink = Callable[[list[dict[str, Any]]], None]
 
@@ -121,11 +119,6 @@ def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
         key = (r.topic, r.partition)
         nxt[key] = max(nxt.get(key, 0), r.offset + 1)
     return [OffsetMark(t, p, o) for (t, p), o in sorted(nxt.items())]
-
-
-def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
-    for i in range(0, len(values), _CHUNK):
-        yield values[i : i + _CHUNK]
 
 
 class BatchProcessor:
@@ -289,24 +282,9 @@ class BatchProcessor:
         ids = sorted(set(user_ids))
         if not ids:
             return 0
-        current: dict[str, int] = {}
-        with self.store.engine.connect() as conn:
-            for chunk in _chunks(ids):
-                current.update(
-                    conn.execute(
-                        select(UserInterestCurrent.user_id, UserInterestCurrent.version).where(
-                            UserInterestCurrent.user_id.in_(chunk)
-                        )
-                    ).all()
-                )
-            stale = [u for u in ids if self._versions.get(u) != current.get(u)]
-            states: dict[str, dict[str, Any]] = {}
-            for chunk in _chunks(stale):
-                states.update(
-                    conn.execute(
-                        select(UserState.user_id, UserState.state).where(UserState.user_id.in_(chunk))
-                    ).all()
-                )
+        current = self.store.current_versions(ids)
+        stale = [u for u in ids if self._versions.get(u) != current.get(u)]
+        states = self.store.user_states(stale)
         for u in stale:
             if u in states:
                 self.model.set_user_state(u, states[u])

@@ -99,6 +99,25 @@ def test_snapshots_every_n_batches_with_weights_and_items() -> None:
     assert all(u.vector.shape == (m.dim,) for u in r2.updates.values())
 
 
+def test_between_publishes_user_vectors_use_the_published_weights() -> None:
+    """A vector names a model version: it must come from that version's weights, not the live ones."""
+    events = walk_events(40, 5, 4)
+    trained = model(publish_every_batches=100, publish_every_s=1e9, lr=0.05)
+    frozen = model(lr=0.0)  # publishes every batch, but its weights never move
+    first = trained.model_version
+    trained.learn(events[:10])
+    frozen.learn(events[:10])
+    r = trained.learn(events[10:])
+    frozen.learn(events[10:])
+    assert r.model_version == first and r.snapshot is None
+    live = {n: p for n, p in trained.net.named_parameters() if n in trained._serving}
+    assert any(not torch.equal(p, trained._serving[n]) for n, p in live.items())  # training moved on
+    for user in ("u0", "u2", "u4"):
+        np.testing.assert_allclose(trained.user_vector(user), frozen.user_vector(user), rtol=1e-5, atol=1e-6)
+    # Item vectors too (the bias column also holds popularity counts, which move with every batch).
+    np.testing.assert_allclose(trained.item_matrix()[:, :-1], frozen.item_matrix()[:, :-1], rtol=1e-5)
+
+
 def test_user_state_round_trips_through_json() -> None:
     a = model()
     a.learn(walk_events(40, 4, 5))
