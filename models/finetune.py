@@ -102,8 +102,8 @@ class FineTuneOptions:
     rollback_threshold: float = 0.5
     rollback_patience: int = 3
     rollback_window: int = 20
-    publish_every_batches: int = 1
-    publish_every_s: float = 60.0
+    publish_every_batches: int = 10
+    publish_every_s: float = 10.0
     good_state_every: int = 20  # publishes between copies of the weights kept for rollback
     seed: int = 0
     deterministic: bool = False
@@ -515,38 +515,41 @@ class FineTunedModel(InterestModel):
         (indexed by catalog row, or through `row_col` when it holds a subset of rows)."""
         U = len(episodes)
         T = max(1, max(len(ep.behaviours) for ep in episodes))
-        idx = np.full((U, T), -1, dtype=np.int64)  # -1: padding (a zero row appended below)
+        n_items = item_vec.shape[0]
+        pad = -1  # a zero row appended below
+        idx = np.full((U, T), pad, dtype=np.int64)
         signal = np.zeros((U, T), dtype=np.int64)
         ts = np.zeros((U, T), dtype=np.float64)
-        valid = np.zeros((U, T), dtype=bool)
         queries: dict[str, int] = {}
-        n_items = item_vec.shape[0]
-        index = self.catalog.index
+        index: Mapping[str, int] = self.catalog.index
+        if row_col is not None:
+            ids = self.catalog.ids
+            index = {ids[r]: c for r, c in row_col.items()}
+        # Whole rows at a time from Python lists: element-wise numpy writes cost more than the step.
         for u, ep in enumerate(episodes):
-            if not ep.behaviours:
+            bs = ep.behaviours
+            if not bs:
                 continue
-            t0 = ep.behaviours[0].ts
-            for k, b in enumerate(ep.behaviours):
-                ts[u, k] = b.ts - t0
-                if b.item_id is None:
-                    if b.query is None:
-                        continue
-                    col = n_items + queries.setdefault(b.query, len(queries))
-                else:
-                    row = index.get(b.item_id)
-                    if row is None:
-                        continue
-                    col = row if row_col is None else row_col[row]
-                idx[u, k] = col
-                signal[u, k] = b.signal
-                valid[u, k] = True
+            n = len(bs)
+            idx[u, :n] = [
+                index.get(b.item_id, pad)
+                if b.item_id is not None
+                else (n_items + queries.setdefault(b.query, len(queries)) if b.query is not None else pad)
+                for b in bs
+            ]
+            signal[u, :n] = [b.signal for b in bs]
+            ts[u, :n] = [b.ts for b in bs]
+            ts[u, :n] -= bs[0].ts
+        valid = idx != pad
+        signal[~valid] = 0
+        ts[~valid] = 0.0
         parts = [item_vec]
         if queries:
             qv = self.net.proj(self.net.tower.encode_texts(list(queries)))
             parts.append(qv.to(item_vec.dtype))
         parts.append(torch.zeros(1, item_vec.shape[1], dtype=item_vec.dtype, device=item_vec.device))
         table = torch.cat(parts)
-        idx[idx < 0] = table.shape[0] - 1
+        idx[~valid] = table.shape[0] - 1
         dev = self.device
         vec = table[torch.from_numpy(idx).to(dev).reshape(-1)].reshape(U, T, -1)
         return (

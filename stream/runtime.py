@@ -88,7 +88,10 @@ def published_dim(settings: Settings) -> int:
 
 
 def build_store(settings: Settings, url: str) -> VectorStore:
-    return VectorStore(make_engine(url, pool_size=4), group_id=settings.group_id)
+    # No pre-ping: it cost a round trip per checkout, several per batch. A connection that
+    # died with Postgres fails its batch, SQLAlchemy then drops the whole pool, and the
+    # batch is retried (stream.resilience), which is what the ping would have led to anyway.
+    return VectorStore(make_engine(url, pool_size=4, pool_pre_ping=False), group_id=settings.group_id)
 
 
 def retention_policy(settings: Settings) -> RetentionPolicy:

@@ -41,8 +41,12 @@ class Settings(BaseSettings):
     model_lr: float = Field(default=3e-3, gt=0)
     model_steps_per_batch: int = Field(default=1, ge=1)
     model_replay_size: int = Field(default=20_000, ge=0)  # recent positives replayed against forgetting
-    model_publish_every_batches: int = Field(default=1, ge=1)  # a new model version every N batches...
-    model_publish_every_s: float = Field(default=60.0, gt=0)  # ...or T seconds, whichever comes first
+    # A new model version every N batches or T seconds, whichever comes first. Each version
+    # writes the whole catalog's item vectors; between versions user vectors still follow every
+    # event (computed with the published weights). ML-100K: one per batch 0.0660 NDCG@10 on
+    # the last 20%, one per 20 batches 0.0647, at 2.6x the replay speed.
+    model_publish_every_batches: int = Field(default=10, ge=1)
+    model_publish_every_s: float = Field(default=10.0, gt=0)
     model_deterministic: bool = False  # deterministic kernels (with ISTREAM_SEED): same data, same numbers
     model_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
 

@@ -37,7 +37,8 @@ def walk_events(n_items: int, n_users: int, steps: int, seed: int = 0) -> list[E
 
 
 def model(**kw: object) -> FineTunedModel:
-    opts = {"dim": 16, "history": 8, "seed": 0, **kw}
+    # A version per batch: these tests look at what learning does to the published vectors.
+    opts = {"dim": 16, "history": 8, "seed": 0, "publish_every_batches": 1, **kw}
     m = FineTunedModel(HashEncoder(24), "adapter", **opts)
     m.upsert_items(catalog())
     return m
