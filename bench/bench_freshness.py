@@ -141,7 +141,7 @@ class Worker:
             "ISTREAM_METRICS_PORT": "0",
             "ISTREAM_BATCH_SECONDS": str(batch_seconds),
             "ISTREAM_BATCH_SIZE": str(batch_size),
-            "ISTREAM_LOG_LEVEL": "WARNING",
+            "ISTREAM_LOG_LEVEL": os.environ.get("ISTREAM_LOG_LEVEL", "WARNING"),
             "PYTHONPATH": str(ROOT),
         }
         self.log_path = tmp / "worker.log"

@@ -33,6 +33,7 @@ from stream.runtime import (
     limits,
     published_dim,
     retention_policy,
+    settle_heap,
 )
 from stream.settings import Settings
 
@@ -332,6 +333,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     async def warm_up() -> None:
         # Load the base model and restore state before the first batch, off the loop.
         await asyncio.get_running_loop().run_in_executor(rt.executor, lambda: rt.runner)
+        settle_heap()
         log.info("worker ready", extra={"group": settings.group_id})
 
     @app.on_partitions_revoked.connect

@@ -254,3 +254,30 @@ def test_events_before_their_items_arrive() -> None:
     r = m.learn([Event("c", "u", 3.0, "click", item_id="3")])
     assert r.loss is not None and np.isfinite(r.loss)
     assert {e["item_id"] for e in m.explain("u", top=5) if e.get("item_id")} == {"1", "2", "3"}
+
+
+def test_user_state_checkpoint_is_compact_and_reads_the_first_layout() -> None:
+    from models.user_state import UserState
+
+    m = model(history=50)
+    events = walk_events(40, 2, 60)
+    events.append(Event("s1", "u0", events[-1].ts + 1, "search", query="moon rocket", clicked_item_id="3"))
+    m.learn(events)
+    state = m.users["u0"]
+    doc = json.loads(json.dumps(m.get_user_state("u0")))
+    back = UserState.from_json(doc, m.opts.history)
+    assert list(back.recent) == list(state.recent) and back.seen == state.seen
+    assert any(b.query == "moon rocket" for b in back.recent)
+    np.testing.assert_array_equal(back.long_term, state.long_term)
+    assert (back.n_events, back.last_ts, back.cold_start) == (state.n_events, state.last_ts, state.cold_start)
+    # States checkpointed before the columnar layout still load.
+    first = {
+        "recent": [b.to_json() for b in state.recent],
+        "long_term": doc["long_term"],
+        "n_events": state.n_events,
+        "last_ts": state.last_ts,
+        "seen": sorted(state.seen),
+    }
+    old = UserState.from_json(first, m.opts.history)
+    assert list(old.recent) == list(state.recent) and old.seen == state.seen
+    assert len(json.dumps(doc)) < 0.8 * len(json.dumps(first))
