@@ -23,16 +23,16 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Connection, func, select, text
 
 from models.catalog import item_text
-from models.core import InterestModel
+from models.core import InterestModel, UserUpdate
 from models.events import Event, Item
 from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
 from storage.repository import OffsetMark, VectorStore
@@ -121,8 +121,51 @@ def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
     return [OffsetMark(t, p, o) for (t, p), o in sorted(nxt.items())]
 
 
+class PartitionLock:
+    """Advisory locks held on one connection; released by whichever thread commits the batch."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def release(self) -> None:
+        try:
+            self.conn.execute(text("SELECT pg_advisory_unlock_all()"))
+            self.conn.commit()
+        except Exception:  # a dead connection has released them already
+            self.conn.invalidate()
+        finally:
+            self.conn.close()
+
+
+@dataclass
+class StagedBatch:
+    """A batch learned but not yet committed: what `commit` writes and `finish` accounts for.
+
+    Holds its partitions' locks from before the dedup check until the commit ends.
+    """
+
+    records: Sequence[RawRecord]
+    lock: PartitionLock
+    outcome: BatchOutcome
+    users: list[str]
+    events: list[Event]
+    fresh: list[tuple[RawRecord, Event]]
+    updates: Mapping[str, UserUpdate]
+    states: dict[str, Any]
+    model_version: str
+    loss: float | None
+    started: float
+
+
 class BatchProcessor:
-    """Validate, deduplicate, learn, and commit one batch in one transaction."""
+    """Validate, deduplicate, learn, and commit one batch in one transaction.
+
+    `process` does it all in one call. The worker splits it to overlap a batch's
+    commit with the learning of the next (of other partitions): `stage` learns
+    (model thread), `commit` writes (any thread; touches no model state), `finish`
+    accounts for the commit (model thread), and `abandon` undoes a failed commit's
+    effect on memory (model thread), after which the batch is simply processed again.
+    """
 
     def __init__(
         self,
@@ -255,27 +298,32 @@ class BatchProcessor:
             good.append((rec, parsed))
         return good, bad
 
-    @contextmanager
-    def partition_lock(self, partitions: Sequence[int]) -> Iterator[None]:
+    def lock_partitions(self, partitions: Sequence[int]) -> PartitionLock:
         """Serialise batches of the same partitions across workers (session advisory locks).
 
         A user's events share one partition number on every topic, so the number alone
         is the key. A killed worker's locks vanish with its connection.
         """
-        with self.store.engine.connect() as conn:
+        conn = self.store.engine.connect()
+        try:
             for p in sorted(set(partitions)):  # one order everywhere: no deadlock
                 conn.execute(
                     text("SELECT pg_advisory_lock(hashtext(:g), :p)"), {"g": self.store.group_id, "p": p}
                 )
             conn.commit()
-            try:
-                yield
-            finally:
-                try:
-                    conn.execute(text("SELECT pg_advisory_unlock_all()"))
-                    conn.commit()
-                except Exception:  # a dead connection has released them already
-                    conn.invalidate()
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        return PartitionLock(conn)
+
+    @contextmanager
+    def partition_lock(self, partitions: Sequence[int]) -> Iterator[None]:
+        lock = self.lock_partitions(partitions)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def sync_users(self, user_ids: Sequence[str]) -> int:
         """Reload users whose stored version differs from the one our memory holds."""
@@ -304,74 +352,112 @@ class BatchProcessor:
 
     def process(self, records: Sequence[RawRecord]) -> BatchOutcome:
         """One attempt at one batch: all of its effects commit together, or none do."""
+        staged = self.stage(records)
+        try:
+            versions = self.commit(staged)
+        except BaseException:
+            self.abandon(staged)
+            raise
+        return self.finish(staged, versions)
+
+    def stage(self, records: Sequence[RawRecord]) -> StagedBatch:
+        """Lock, validate, deduplicate, screen and learn a batch; nothing of it is stored yet."""
         started = time.perf_counter()
         good, bad = self._parse(records)
         outcome = BatchOutcome(dead_letters=bad)
         items = [p for _, p in good if isinstance(p, Item)]
         pairs = [(r, p) for r, p in good if isinstance(p, Event)]
         users = sorted({e.user_id for _, e in pairs})
-        with self.partition_lock([r.partition for r in records]):
-            try:
-                if items:
-                    self.apply_items(items)
-                    outcome.items = len(items)
-                # Items stored by other workers (their partitions of the catalog topic).
-                self.refresh_catalog(min_interval_s=0.0 if items else 2.0)
-                if not self.trainer:
-                    self.restore_weights()
-                self.sync_users(users)
-                # Dedup against what is already applied, and within the batch itself.
-                seen = self.store.applied_event_ids([e.event_id for _, e in pairs])
-                fresh: list[tuple[RawRecord, Event]] = []
-                for rec, e in pairs:
-                    if e.event_id in seen:
-                        outcome.duplicates += 1
-                        continue
-                    seen.add(e.event_id)
-                    fresh.append((rec, e))
-                # Erasure rule (docs/storage.md): an erased user's older events are dropped, not learned.
-                screened = self.store.screen_erased([e for _, e in fresh])
-                for user_id in screened.forget:
-                    self.model.forget_user(user_id)
-                kept = {e.event_id for e in screened.kept}
-                fresh = [(r, e) for r, e in fresh if e.event_id in kept]
-                outcome.erased = screened.dropped
-                # Event time orders a user's events; ties keep arrival order (sort is stable).
-                fresh.sort(key=lambda pair: pair[1].ts)
-                events = [e for _, e in fresh]
-                result = self.model.learn(events) if events else None
-                if result is not None and result.snapshot is not None:
-                    self.store.publish_model(result.snapshot, self.base_model)
-                    self._published.add(result.snapshot.version)
-                self.ensure_published()
-                if bad and self.dead_letter_sink is not None:
-                    self.dead_letter_sink(bad)
-                updates = result.updates if result else {}
-                states = {u: s for u in updates if (s := self.model.get_user_state(u)) is not None}
-                model_version = result.model_version if result else self.model.model_version
-                versions = self.store.commit_batch(
-                    model_version=model_version,
-                    updates=updates,
-                    events=events,
-                    offsets=offset_marks(records),
-                    user_states=states,
-                )
-            except BaseException:
-                self.invalidate(users)
-                raise
+        lock = self.lock_partitions([r.partition for r in records])
+        try:
+            if items:
+                self.apply_items(items)
+                outcome.items = len(items)
+            # Items stored by other workers (their partitions of the catalog topic).
+            self.refresh_catalog(min_interval_s=0.0 if items else 2.0)
+            if not self.trainer:
+                self.restore_weights()
+            self.sync_users(users)
+            # Dedup against what is already applied, and within the batch itself.
+            seen = self.store.applied_event_ids([e.event_id for _, e in pairs])
+            fresh: list[tuple[RawRecord, Event]] = []
+            for rec, e in pairs:
+                if e.event_id in seen:
+                    outcome.duplicates += 1
+                    continue
+                seen.add(e.event_id)
+                fresh.append((rec, e))
+            # Erasure rule (docs/storage.md): an erased user's older events are dropped, not learned.
+            screened = self.store.screen_erased([e for _, e in fresh])
+            for user_id in screened.forget:
+                self.model.forget_user(user_id)
+            kept = {e.event_id for e in screened.kept}
+            fresh = [(r, e) for r, e in fresh if e.event_id in kept]
+            outcome.erased = screened.dropped
+            # Event time orders a user's events; ties keep arrival order (sort is stable).
+            fresh.sort(key=lambda pair: pair[1].ts)
+            events = [e for _, e in fresh]
+            result = self.model.learn(events) if events else None
+            if result is not None and result.snapshot is not None:
+                self.store.publish_model(result.snapshot, self.base_model)
+                self._published.add(result.snapshot.version)
+            self.ensure_published()
+            if bad and self.dead_letter_sink is not None:
+                self.dead_letter_sink(bad)
+            updates = result.updates if result else {}
+            states = {u: s for u in updates if (s := self.model.get_user_state(u)) is not None}
+        except BaseException:
+            self.invalidate(users)
+            lock.release()
+            raise
+        return StagedBatch(
+            records=records,
+            lock=lock,
+            outcome=outcome,
+            users=users,
+            events=events,
+            fresh=fresh,
+            updates=updates,
+            states=states,
+            model_version=result.model_version if result else self.model.model_version,
+            loss=result.loss if result else None,
+            started=started,
+        )
+
+    def commit(self, staged: StagedBatch) -> dict[str, int]:
+        """Write a staged batch in one transaction and release its locks; user -> version written."""
+        try:
+            versions = self.store.commit_batch(
+                model_version=staged.model_version,
+                updates=staged.updates,
+                events=staged.events,
+                offsets=offset_marks(staged.records),
+                user_states=staged.states,
+            )
+        finally:
+            staged.lock.release()
+        staged.outcome.committed_at = time.time()  # freshness ends here, not when accounted for
+        return versions
+
+    def abandon(self, staged: StagedBatch) -> None:
+        """The commit failed: memory is ahead of Postgres for the batch's users."""
+        self.invalidate(staged.users)
+
+    def finish(self, staged: StagedBatch, versions: Mapping[str, int]) -> BatchOutcome:
+        """Account for a committed batch (model thread)."""
         # Erased while this batch was learning: nothing was stored for them; forget them too.
-        for user_id in set(updates) - set(versions):
+        for user_id in set(staged.updates) - set(versions):
             self.model.forget_user(user_id)
         self._versions.update(versions)
-        outcome.committed_at = time.time()
-        outcome.applied = len(events)
-        outcome.users = len(updates)
-        outcome.loss = result.loss if result else None
-        outcome.model_version = model_version
-        outcome.event_ts = [e.ts for e in events]
-        outcome.record_ts = [r.timestamp_ms / 1000.0 for r, _ in fresh if r.timestamp_ms]
+        outcome = staged.outcome
+        outcome.applied = len(staged.events)
+        outcome.users = len(staged.updates)
+        outcome.loss = staged.loss
+        outcome.model_version = staged.model_version
+        outcome.event_ts = [e.ts for e in staged.events]
+        outcome.record_ts = [r.timestamp_ms / 1000.0 for r, _ in staged.fresh if r.timestamp_ms]
         outcome.max_event_ts = max(outcome.event_ts, default=None)
-        outcome.seconds = time.perf_counter() - started
+        outcome.seconds = time.perf_counter() - staged.started
         return outcome
 
     def skip(self, records: Sequence[RawRecord], reason: str) -> BatchOutcome:

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     # (bounded memory when training falls behind). 10 batches: enough to keep the
     # trainer busy while the next batches fill.
     max_pending_records: int = Field(default=5000, ge=1)
+    # Write a learned batch to Postgres while the next batch (of other partitions) learns.
+    pipeline_commits: bool = True
     # Backoff cap while Postgres or the broker is away; retries go on until they come back.
     retry_max_wait_s: float = Field(default=5.0, gt=0)
     # SIGTERM: time to flush held batches; after it, retries stop and the rest is re-read on restart.
