@@ -38,6 +38,7 @@ from sqlalchemy import text  # noqa: E402
 
 from storage.db import make_engine  # noqa: E402
 from stream.broker import env_without_proxies, make_consumer, make_producer  # noqa: E402
+from stream.runtime import published_dim  # noqa: E402
 from stream.servers import Servers  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.sources import synthetic_log  # noqa: E402
@@ -131,10 +132,18 @@ def faust_counter_rate(bootstrap: str, s: Settings, n: int, tmp: Path) -> float:
 # ---- the worker ---------------------------------------------------------------------------
 class Worker:
     def __init__(
-        self, bootstrap: str, db_url: str, model: str, batch_seconds: float, batch_size: int, tmp: Path
+        self,
+        bootstrap: str,
+        db_url: str,
+        model: str,
+        batch_seconds: float,
+        batch_size: int,
+        tmp: Path,
+        group: str = "interest-stream",
     ) -> None:
         env = {
             **env_without_proxies(),
+            "ISTREAM_GROUP_ID": group,
             "ISTREAM_KAFKA_BOOTSTRAP": bootstrap,
             "ISTREAM_DATABASE_URL": db_url,
             "ISTREAM_MODEL": model,
@@ -164,6 +173,21 @@ class Worker:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def fresh_database(url: str, name: str, dim: int) -> str:
+    """Another migrated database on the same server: a repeat starts from nothing."""
+    from sqlalchemy.engine import make_url
+
+    from storage.db import upgrade
+
+    admin = make_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    new = make_url(url).set(database=name).render_as_string(hide_password=False)
+    upgrade(new, vector_dim=dim)
+    return new
 
 
 def applied(engine: Any) -> int:
@@ -288,6 +312,13 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of producing per rate")
     ap.add_argument("--batch-seconds", type=float, default=Settings().batch_seconds)
     ap.add_argument("--batch-size", type=int, default=Settings().batch_size)
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure counting agent and worker this many times, interleaved (the ratio is the median "
+        "of the pairs: on a shared machine the load moves between runs)",
+    )
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
 
@@ -308,6 +339,20 @@ def main() -> None:
 
             bare = bare_consumer_rate(ep.bootstrap, s, len(backlog))
             log(f"bare kafka-python consumer: {bare:,.0f} ev/s")
+            pairs: list[tuple[float, float]] = []
+            for k in range(args.repeat - 1):  # the last pair is measured below, with the live worker
+                c = faust_counter_rate(ep.bootstrap, s, len(backlog), tmp)
+                url = fresh_database(ep.database_url, f"repeat{k}", published_dim(s))
+                eng = make_engine(url)
+                w = Worker(
+                    ep.bootstrap, url, args.model, args.batch_seconds, args.batch_size, tmp, f"repeat-{k}"
+                )
+                try:
+                    pairs.append((c, end_to_end_rate(eng, w, len(backlog))))
+                finally:
+                    w.stop()
+                    eng.dispose()
+                log(f"repeat {k + 1}: counting {c:,.0f} ev/s, worker {pairs[-1][1]:,.0f} ev/s")
             counting = faust_counter_rate(ep.bootstrap, s, len(backlog), tmp)
             log(f"Faust agent that only counts: {counting:,.0f} ev/s")
 
@@ -316,6 +361,7 @@ def main() -> None:
             )
             try:
                 e2e = end_to_end_rate(engine, worker, len(backlog))
+                pairs.append((counting, e2e))
                 log(f"istream worker ({args.model}), end to end: {e2e:,.0f} ev/s")
                 fresh: dict[float, np.ndarray] = {}
                 for i, rate in enumerate(rates):
@@ -343,6 +389,11 @@ def main() -> None:
     }
     for name, r in table.items():
         print(f"{name:<48} {r:>10,.0f} {r / counting:>8.2f}x")
+    if len(pairs) > 1:
+        ratios = sorted(w / c for c, w in pairs)
+        each = ", ".join(f"{w:,.0f}/{c:,.0f}" for c, w in pairs)
+        med = np.median(ratios)
+        print(f"worker/counting over {len(pairs)} interleaved pairs ({each}): median {med:.2f}x")
     print()
     print(f"{'freshness, produce -> vector visible in SQL':<48} {'p50 s':>8} {'p99 s':>8} {'max s':>8}")
     for rate, lat in fresh.items():
