@@ -274,7 +274,7 @@ class FineTunedModel(InterestModel):
         self._serving: dict[str, torch.Tensor] = {}  # shared weights of the published version
         self._uvec: dict[str, np.ndarray] = {}
         self._user_bias: dict[str, tuple[float, int]] = {}
-        self.replay: ReplayBuffer[Episode] = ReplayBuffer(o.replay_size, seed=o.seed)
+        self.replay: ReplayBuffer[tuple[Episode, Target]] = ReplayBuffer(o.replay_size, seed=o.seed)
         self._make_optimizer()
         self._version = ""
         self._parent: str | None = None
@@ -714,15 +714,17 @@ class FineTunedModel(InterestModel):
             state.last_ts = max(state.last_ts, e.ts)
         return list(episodes.values()), touched, cold
 
-    def _replay_items(self, episodes: Sequence[Episode]) -> list[Episode]:
-        """Single-target episodes of this batch's positives, for the replay buffer."""
+    def _replay_items(self, episodes: Sequence[Episode]) -> list[tuple[Episode, Target]]:
+        """This batch's positives, for the replay buffer (as references: few are ever replayed,
+        so each becomes a single-target episode only when drawn, in `_replayed`)."""
+        return [(ep, t) for ep in episodes for t in ep.targets if t.positive]
+
+    def _replayed(self, n: int) -> list[Episode]:
         L = self.opts.history
         out = []
-        for ep in episodes:
-            for t in ep.targets:
-                if t.positive:
-                    ctx = ep.behaviours[max(0, t.pos - L) : t.pos]
-                    out.append(Episode(ep.user_id, ctx, ep.long_term, [replace(t, pos=len(ctx))]))
+        for ep, t in self.replay.sample(n):
+            ctx = ep.behaviours[max(0, t.pos - L) : t.pos]
+            out.append(Episode(ep.user_id, ctx, ep.long_term, [replace(t, pos=len(ctx))]))
         return out
 
     def _chunks(self, ep: Episode) -> list[Episode]:
@@ -946,7 +948,7 @@ class FineTunedModel(InterestModel):
         episodes, touched, cold = self._observe(events)
         loss = None
         if any(ep.targets for ep in episodes):
-            batch = [ep for ep in episodes if ep.targets] + self.replay.sample(o.replay_per_batch)
+            batch = [ep for ep in episodes if ep.targets] + self._replayed(o.replay_per_batch)
             # Dropout draws from a generator seeded by (seed, batch number): the numbers depend
             # on the data alone, not on what else ran in the process before.
             devices = [self.device] if self.device.type == "cuda" else []
