@@ -286,6 +286,9 @@ class FineTunedModel(InterestModel):
         self._good_state: dict[str, Any] | None = None
         self._publishes = 0
         self.batches = 0
+        # False on a scale-out follower: it keeps its users' state and vectors current against
+        # the weights it loaded from the trainer, and neither trains nor publishes.
+        self.train_shared = True
         self._publish(initial=True)
 
     # ---- InterestModel -------------------------------------------------------------------------
@@ -947,7 +950,7 @@ class FineTunedModel(InterestModel):
         o = self.opts
         episodes, touched, cold = self._observe(events)
         loss = None
-        if any(ep.targets for ep in episodes):
+        if self.train_shared and any(ep.targets for ep in episodes):
             batch = [ep for ep in episodes if ep.targets] + self._replayed(o.replay_per_batch)
             # Dropout draws from a generator seeded by (seed, batch number): the numbers depend
             # on the data alone, not on what else ran in the process before.
@@ -967,9 +970,9 @@ class FineTunedModel(InterestModel):
         due = self._batches_since_publish >= o.publish_every_batches or (
             time.monotonic() - self._last_publish >= o.publish_every_s
         )
-        if due:
+        if due and self.train_shared:
             snapshot = self._publish()
-        else:
+        elif self.train_shared:
             self._refresh_items()
         self._refresh_users(list(touched))
         updates = {}

@@ -301,7 +301,10 @@ class VectorStore:
                     )
                 )
 
-    def write_item_vectors(self, model_version: str, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+    def write_item_vectors(
+        self, model_version: str, item_ids: Sequence[str], vectors: np.ndarray, *, overwrite: bool = True
+    ) -> None:
+        """Item vectors of a model version; `overwrite=False` only fills in the items it lacks."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(item_ids) != len(vectors):
             raise ValueError(f"{len(item_ids)} item ids but {len(vectors)} vectors")
@@ -315,12 +318,13 @@ class VectorStore:
                     cp.set_types(["text", "real[]"])
                     for item_id, vec in zip(item_ids, vectors, strict=True):
                         cp.write_row((item_id, vec))
+                on_conflict = "DO UPDATE SET vector = excluded.vector" if overwrite else "DO NOTHING"
                 cur.execute(
-                    """
+                    f"""
                     INSERT INTO item_vectors AS t (item_id, model_version, vector)
                     SELECT DISTINCT ON (s.item_id) s.item_id, %s, s.vector
                     FROM istream_stage_items s ORDER BY s.item_id
-                    ON CONFLICT (item_id, model_version) DO UPDATE SET vector = excluded.vector
+                    ON CONFLICT (item_id, model_version) {on_conflict}
                     """,
                     (model_version,),
                 )

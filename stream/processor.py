@@ -191,6 +191,7 @@ class BatchProcessor:
         # One trainer per model: only this process trains shared parameters and
         # publishes snapshots; the others follow the registry (see set_trainer).
         self.trainer = True
+        self._trainer_conn: Connection | None = None
 
     # ---- start-up ------------------------------------------------------------------
     def restore(self) -> None:
@@ -232,19 +233,54 @@ class BatchProcessor:
         if saved is not None and saved[0] != self.model.model_version:
             load(saved[1])
             self._published.add(saved[0])
+            # Its publisher may not have known every item we know (catalog partitions are
+            # spread over the workers): fill in the ones it lacks, keep the ones it wrote.
+            self.write_item_vectors(self.model.item_ids(), overwrite=False)
             log.info("loaded trainable weights of %s", saved[0])
 
-    def set_trainer(self, trainer: bool) -> None:
-        """Scale-out: one worker (the owner of partition 0) trains shared parameters.
+    def set_trainer(self, wanted: bool) -> None:
+        """Scale-out: one worker at a time trains shared parameters and publishes versions.
 
-        The others keep learning their users' state against the newest published
-        snapshot, which they load before every batch, so every vector names a
-        version whose item vectors are in the registry and all workers converge on
-        the trainer's space within one batch. Models opt in with a `train_shared` flag.
+        The owner of partition 0 wants the role, and has it only while it holds the
+        group's trainer lock (a session advisory lock): during a rebalance the previous
+        trainer may still be finishing a batch, and two trainers would fork the line of
+        versions. On taking the role a worker first loads the newest published weights,
+        so the line goes on from there. The others keep their users' state current
+        against the newest published snapshot, which they load before every batch, so
+        every vector names a version whose item vectors are in the registry and all
+        workers converge on the trainer's space within one batch. Models opt in with a
+        `train_shared` flag.
         """
-        self.trainer = trainer
+        holds = self._trainer_lock(wanted)
+        if holds and not self.trainer:
+            self.restore_weights()
+        self.trainer = holds
         if hasattr(self.model, "train_shared"):
-            self.model.train_shared = trainer  # type: ignore[attr-defined]
+            self.model.train_shared = holds  # type: ignore[attr-defined]
+
+    def _trainer_lock(self, wanted: bool) -> bool:
+        if not wanted:
+            self._release_trainer_lock()
+            return False
+        if self._trainer_conn is None:
+            self._trainer_conn = self.store.engine.connect()
+        try:
+            # Re-taking a lock the session holds succeeds; it also proves the session (and
+            # so the lock) is still alive: a Postgres restart drops both.
+            got = self._trainer_conn.execute(
+                text("SELECT pg_try_advisory_lock(hashtext(:g), -1)"), {"g": self.store.group_id}
+            ).scalar_one()
+            self._trainer_conn.commit()
+        except Exception as exc:
+            log.warning("trainer lock: %s; following the registry for now", str(exc).splitlines()[0][:200])
+            self._release_trainer_lock()
+            return False
+        return bool(got)
+
+    def _release_trainer_lock(self) -> None:
+        conn, self._trainer_conn = self._trainer_conn, None
+        if conn is not None:
+            PartitionLock(conn).release()
 
     def refresh_catalog(self, min_interval_s: float = 0.0) -> int:
         """Pick up catalog items that any worker stored since we last looked (cheap when none)."""
@@ -266,6 +302,10 @@ class BatchProcessor:
         items = [Item(item_id=i, text=t, attrs=a or {}) for i, t, a in rows]
         if items:
             self.model.upsert_items(items)
+            if self.model.model_version in self._published:
+                # The version our vectors name was published before we knew these items:
+                # without their vectors under it, they could never rank for those users.
+                self.write_item_vectors(items)
         return len(items)
 
     def ensure_published(self) -> None:
@@ -401,6 +441,8 @@ class BatchProcessor:
             if result is not None and result.snapshot is not None:
                 self.store.publish_model(result.snapshot, self.base_model)
                 self._published.add(result.snapshot.version)
+                # Items other workers stored since we last looked go under the new version too.
+                self.refresh_catalog()
             self.ensure_published()
             if bad and self.dead_letter_sink is not None:
                 self.dead_letter_sink(bad)
@@ -476,9 +518,16 @@ class BatchProcessor:
         self.model.upsert_items(latest)
         self.store.upsert_items(latest)
         self.persist_encodings(latest)
+        self.ensure_published()
+        self.write_item_vectors(latest)
+
+    def write_item_vectors(self, items: Sequence[Item] | Sequence[str], *, overwrite: bool = True) -> None:
+        """These items' vectors under the model version that user vectors name now."""
         ids = self.model.item_ids()
         index = {item_id: row for row, item_id in enumerate(ids)}
+        wanted = [i if isinstance(i, str) else i.item_id for i in items]
+        rows = [index[i] for i in wanted if i in index]
         matrix = self.model.item_matrix()
-        rows = [index[i.item_id] for i in latest]
-        self.ensure_published()
-        self.store.write_item_vectors(self.model.model_version, [ids[r] for r in rows], matrix[rows])
+        self.store.write_item_vectors(
+            self.model.model_version, [ids[r] for r in rows], matrix[rows], overwrite=overwrite
+        )

@@ -281,3 +281,14 @@ def test_user_state_checkpoint_is_compact_and_reads_the_first_layout() -> None:
     old = UserState.from_json(first, m.opts.history)
     assert list(old.recent) == list(state.recent) and old.seen == state.seen
     assert len(json.dumps(doc)) < 0.8 * len(json.dumps(first))
+
+
+def test_a_scale_out_follower_neither_trains_nor_publishes() -> None:
+    m = model(publish_every_batches=1)
+    m.train_shared = False
+    before = {n: p.detach().clone() for n, p in m.net.named_parameters()}
+    version = m.model_version
+    r = m.learn(walk_events(40, 5, 4))
+    assert r.snapshot is None and r.loss is None and r.model_version == version
+    assert all(torch.equal(p, before[n]) for n, p in m.net.named_parameters())
+    assert set(r.updates) == {f"u{i}" for i in range(5)}  # its users' vectors still move on
