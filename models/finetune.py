@@ -967,10 +967,7 @@ class FineTunedModel(InterestModel):
         if loss is not None and math.isfinite(loss):
             self._check_rollback(loss)
         snapshot = None
-        due = self._batches_since_publish >= o.publish_every_batches or (
-            time.monotonic() - self._last_publish >= o.publish_every_s
-        )
-        if due and self.train_shared:
+        if self._publish_is_due():
             snapshot = self._publish()
         elif self.train_shared:
             self._refresh_items()
@@ -988,6 +985,18 @@ class FineTunedModel(InterestModel):
         return BatchResult(updates=updates, model_version=self.model_version, snapshot=snapshot, loss=loss)
 
     # ---- rollback and publishing ---------------------------------------------------------------
+    def publish_due(self) -> bool:
+        """Whether the next `learn` publishes a version (the worker refreshes its catalog first,
+        so that the version it leaves behind has every item stored so far)."""
+        return self._publish_is_due(batches_ahead=1)
+
+    def _publish_is_due(self, batches_ahead: int = 0) -> bool:
+        o = self.opts
+        return self.train_shared and (
+            self._batches_since_publish + batches_ahead >= o.publish_every_batches
+            or time.monotonic() - self._last_publish >= o.publish_every_s
+        )
+
     def _check_rollback(self, loss: float) -> None:
         o = self.opts
         window = self._preq[-o.rollback_window :]

@@ -413,8 +413,10 @@ class BatchProcessor:
             if items:
                 self.apply_items(items)
                 outcome.items = len(items)
-            # Items stored by other workers (their partitions of the catalog topic).
-            self.refresh_catalog(min_interval_s=0.0 if items else 2.0)
+            # Items stored by other workers (their partitions of the catalog topic); always
+            # before this batch publishes a version, so the one it supersedes has them too.
+            due = getattr(self.model, "publish_due", None)
+            self.refresh_catalog(min_interval_s=0.0 if items or (due is not None and due()) else 2.0)
             if not self.trainer:
                 self.restore_weights()
             self.sync_users(users)
