@@ -191,13 +191,18 @@ class TrainableFake(DecayedMeanModel):
         self.step = int(weights)
 
 
+def trainable_processor(db_url: str) -> BatchProcessor:
+    """A worker's processor with a trainable model, restored from the database."""
+    p = BatchProcessor(
+        TrainableFake(HashEncoder(16)), VectorStore(make_engine(db_url), "g"), TOPICS, Limits(), "h"
+    )
+    p.restore()
+    return p
+
+
 def test_one_trainer_others_follow_the_registry(db_url: str) -> None:
     def proc() -> BatchProcessor:
-        p = BatchProcessor(
-            TrainableFake(HashEncoder(16)), VectorStore(make_engine(db_url), "g"), TOPICS, Limits(), "h"
-        )
-        p.restore()
-        return p
+        return trainable_processor(db_url)
 
     trainer, follower = proc(), proc()
     trainer.set_trainer(True)
@@ -222,11 +227,7 @@ def test_one_trainer_at_a_time_and_the_next_continues_the_line(db_url: str) -> N
     lets one train, and whoever takes the role next starts from the newest published weights."""
 
     def proc() -> BatchProcessor:
-        p = BatchProcessor(
-            TrainableFake(HashEncoder(16)), VectorStore(make_engine(db_url), "g"), TOPICS, Limits(), "h"
-        )
-        p.restore()
-        return p
+        return trainable_processor(db_url)
 
     old, new = proc(), proc()
     old.set_trainer(True)
