@@ -277,6 +277,10 @@ class BatchProcessor:
             return False
         return bool(got)
 
+    def close(self) -> None:
+        """Let go of what this processor holds in Postgres (the trainer lock's session)."""
+        self._release_trainer_lock()
+
     def _release_trainer_lock(self) -> None:
         conn, self._trainer_conn = self._trainer_conn, None
         if conn is not None:

@@ -213,13 +213,14 @@ def test_one_trainer_others_follow_the_registry(db_url: str) -> None:
     out = follower.process(clicks(0, 3, user="b", partition=1))
     # The follower adopted the trainer's newest weights and published nothing of its own.
     assert out.model_version == "trainable_fake@2"
-    published = {
-        r[0] for r in trainer.store.engine.connect().execute(text("SELECT model_version FROM model_versions"))
-    }
+    with trainer.store.engine.connect() as conn:
+        published = {r[0] for r in conn.execute(text("SELECT model_version FROM model_versions"))}
     assert published == {"trainable_fake@0", "trainable_fake@1", "trainable_fake@2"}
     # A restarted trainer continues from the newest weights, not from scratch.
     again = proc()
     assert again.model.model_version == "trainable_fake@2"
+    for p in (trainer, follower, again):
+        p.close()
 
 
 def test_one_trainer_at_a_time_and_the_next_continues_the_line(db_url: str) -> None:
@@ -240,7 +241,10 @@ def test_one_trainer_at_a_time_and_the_next_continues_the_line(db_url: str) -> N
     new.set_trainer(True)
     assert new.trainer and new.model.model_version == "trainable_fake@1"
     assert new.process(clicks(3, 3, user="b", partition=1)).model_version == "trainable_fake@2"
-    parents = new.store.engine.connect().execute(
-        text("SELECT parent, count(*) FROM model_versions WHERE parent IS NOT NULL GROUP BY parent")
-    )
+    with new.store.engine.connect() as conn:
+        parents = conn.execute(
+            text("SELECT parent, count(*) FROM model_versions WHERE parent IS NOT NULL GROUP BY parent")
+        ).all()
     assert all(n == 1 for _, n in parents)  # one line of versions, no fork
+    old.close()
+    new.close()
