@@ -87,6 +87,9 @@ class FineTuneOptions:
     long_term_rate: float = 0.05
     # top_layers/lora: at most this many items run through the trained layers per step.
     tower_items_per_step: int = 128
+    # Learning rate of the trained transformer layers (top_layers) / LoRA adapters, times `lr`.
+    layer_lr_multiplier: float = 0.01
+    lora_lr_multiplier: float = 0.1
     tower_refresh_every: int = 10  # publishes between full re-encodings of the catalog (top_layers/lora)
     replay_size: int = 20_000
     replay_per_batch: int = 64
@@ -420,7 +423,7 @@ class FineTunedModel(InterestModel):
             setattr(net, name, p_new)
 
     def _make_optimizer(self) -> None:
-        decay, no_decay, items = [], [], []
+        decay, no_decay, items, layers = [], [], [], []
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
@@ -428,6 +431,8 @@ class FineTunedModel(InterestModel):
             # every item's row on every step, also the items the batch never saw.
             if name.startswith(("item_", "rating_bias")):
                 items.append(p)
+            elif name.startswith("tower.top."):
+                layers.append(p)
             else:
                 (no_decay if p.ndim < 2 else decay).append(p)
         lr = self.opts.lr
@@ -437,14 +442,22 @@ class FineTunedModel(InterestModel):
                 {"params": no_decay, "weight_decay": 0.0},
                 # Each item's row sees few steps in one pass over a stream: it gets a larger rate.
                 {"params": items, "weight_decay": 0.0, "lr": lr * self.opts.item_lr_multiplier},
+                # Pretrained transformer weights (top_layers/lora) move slowly: their outputs are
+                # cached between refreshes, and a large rate undoes the pretraining.
+                {"params": layers, "weight_decay": self.opts.weight_decay, "lr": self._layer_lr()},
             ],
             lr=lr,
         )
 
+    def _layer_lr(self) -> float:
+        o = self.opts
+        mult = o.lora_lr_multiplier if self.net.tower.strategy.startswith("lora") else o.layer_lr_multiplier
+        return o.lr * mult
+
     # ---- item vectors ----------------------------------------------------------------------------
-    def _tower_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def _tower_rows(self, rows: torch.Tensor, live: set[int] | None = None) -> torch.Tensor:
         tower = self.net.tower
-        out = tower(rows)
+        out = tower(rows, live)
         if self.net.fuse is not None and self._modal is not None:
             modal = torch.from_numpy(self._modal[rows.cpu().numpy()]).to(self.device)
             out = out + self.net.fuse(modal)
@@ -453,21 +466,10 @@ class FineTunedModel(InterestModel):
     def _item_vectors(
         self, rows: torch.Tensor, grad_rows: set[int] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vectors and scoring biases of `rows`; the tower runs with gradients on `grad_rows`
-        (all rows for cheap towers), the others come from the tower cache."""
+        """Vectors and scoring biases of `rows`, with gradients; a tower with an expensive part
+        (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`)."""
         net = self.net
-        if grad_rows is None:
-            base = self._tower_rows(rows)
-        else:
-            base = self._tower_cache.to(self.device)[rows]
-            if grad_rows:
-                rl = rows.tolist()
-                pick = [i for i, r in enumerate(rl) if r in grad_rows]
-                if pick:
-                    sub = rows[pick]
-                    live = self._tower_rows(sub)
-                    base = base.index_copy(0, _rows_tensor(pick, self.device), live.to(base.dtype))
-                    self._tower_cache[sub.cpu()] = live.detach().float().cpu()
+        base = self._tower_rows(rows, grad_rows)
         vec = net.proj(base) + net.item_emb[rows]
         pop = torch.from_numpy(np.log1p(self._pop[rows.cpu().numpy()]).astype(np.float32)).to(self.device)
         bias = net.item_bias[rows] + pop @ net.w_pop
@@ -482,10 +484,12 @@ class FineTunedModel(InterestModel):
             return
         was = net.training
         net.eval()
-        if full_tower or net.tower.cheap:
-            all_rows = _rows_tensor(range(n), self.device)
-            out = torch.cat([self._tower_rows(all_rows[i : i + 512]) for i in range(0, n, 512)])
-            self._tower_cache = out.float().cpu()
+        if full_tower:
+            net.tower.refresh()
+        # Over every row: cheap for every tower (transformer layers come from their cache).
+        all_rows = _rows_tensor(range(n), self.device)
+        out = torch.cat([self._tower_rows(all_rows[i : i + 512]) for i in range(0, n, 512)])
+        self._tower_cache = out.float().cpu()
         rows = _rows_tensor(range(n), self.device)
         base = self._tower_cache.to(self.device)
         vec = net.proj(base) + net.item_emb[rows]
