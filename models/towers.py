@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,9 +45,10 @@ class ItemTower(nn.Module):
     def sync(self, catalog: Catalog, rows: Sequence[int]) -> None:
         """Refresh whatever is cached for these (new or changed) catalog rows."""
 
-    def forward(self, rows: torch.Tensor, live: Collection[int] | None = None) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
         """Vectors of catalog `rows`, with gradients; towers with an expensive part run it
-        only for the rows in `live` and take the others from their cache."""
+        only for the rows in `live` (row -> weight of its gradient through that part) and take
+        the others from their cache."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def refresh(self) -> None:
@@ -82,7 +83,7 @@ class AdapterTower(ItemTower):
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.up(self.drop(torch.nn.functional.gelu(self.down(x))))
 
-    def forward(self, rows: torch.Tensor, live: Collection[int] | None = None) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
         """Tower vectors of catalog `rows`; `live` is for towers with an expensive part (see
         `TopLayersTower`): the adapter runs every row with gradients anyway."""
         base = self._base.to(self.up.weight.device)
@@ -305,7 +306,7 @@ class TopLayersTower(AdapterTower):
     def device(self) -> torch.device:
         return self.up.weight.device
 
-    def forward(self, rows: torch.Tensor, live: Collection[int] | None = None) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
         base = self._base.to(self.device)[rows]
         if live:
             rl = rows.tolist()
@@ -313,7 +314,10 @@ class TopLayersTower(AdapterTower):
             if pick:
                 fresh = self.run_top([self._states[rl[i]] for i in pick])
                 at = torch.as_tensor(pick, dtype=torch.long, device=base.device)
-                base = base.index_copy(0, at, fresh.to(base.dtype))
+                w = torch.tensor([live[rl[i]] for i in pick], device=base.device)[:, None]
+                # The value is `fresh`; its gradient into the layers is scaled by the row's weight.
+                weighted = fresh.detach() + w * (fresh - fresh.detach())
+                base = base.index_copy(0, at, weighted.to(base.dtype))
                 # Written through: these rows are one optimisation step behind from now on,
                 # the others since the last `refresh`.
                 self._base[rows[at].to(self._base.device)] = fresh.detach().float().to(self._base.device)
@@ -326,7 +330,40 @@ class TopLayersTower(AdapterTower):
         return self.adapt(self.run_top(self.lower(texts)))
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "k": self.k, "lora_rank": self.lora_rank, "adapter_hidden": self.hidden}
+        return {
+            "strategy": self.strategy,
+            "k": self.k,
+            "lora_rank": self.lora_rank,
+            "adapter_hidden": self.hidden,
+        }
+
+
+def sample_live_rows(
+    targets: Sequence[int], candidates: Sequence[int], budget: int, rng: np.random.Generator
+) -> dict[int, float]:
+    """Which rows run through the trained layers in a step, each with its gradient weight.
+
+    The loss depends on every candidate, but the layers are too slow to run for all of
+    them. Training them through the targets alone gives a biased gradient: it holds the
+    pull of each positive towards its users but hardly any of the push away from the
+    negatives, so the layers learn to move every item towards the average user (on ML-100K's
+    first 15,000 events: NDCG@10 0.037 against 0.052 with the layers frozen). A stratified
+    sample instead -- half the budget from the targets, half from the other candidates,
+    each row weighted by its stratum's size over its sample's -- keeps the gradient unbiased.
+    """
+    targets = list(dict.fromkeys(targets))
+    tset = set(targets)
+    others = [r for r in candidates if r not in tset]
+    k_targets = min(len(targets), max(budget // 2, budget - len(others)))
+    k_others = min(len(others), budget - k_targets)  # a half, or what the targets leave
+    out: dict[int, float] = {}
+    for stratum, k in ((targets, k_targets), (others, k_others)):
+        if k <= 0:
+            continue
+        pick = rng.choice(len(stratum), k, replace=False) if k < len(stratum) else range(len(stratum))
+        for i in sorted(pick):
+            out[stratum[i]] = len(stratum) / k
+    return out
 
 
 def build_tower(strategy: str, arg: str | None, encoder: Any, **options: Any) -> ItemTower:

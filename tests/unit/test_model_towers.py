@@ -13,7 +13,7 @@ from models.finetune import FineTunedModel
 from models.losses import bpr, info_nce, sampled_softmax
 from models.registry import build_model
 from models.replay import ReplayBuffer
-from models.towers import AdapterTower, LoRALinear, TopLayersTower, find_layers
+from models.towers import AdapterTower, LoRALinear, TopLayersTower, find_layers, sample_live_rows
 from tests.fakes import HashEncoder
 
 TEXTS = ["a rocket to the moon", "fresh pasta with basil", "the striker scored a late goal", "piano"]
@@ -84,13 +84,29 @@ def test_top_layers_start_as_the_adapter_and_cache_the_layers_outputs(tiny: Base
         for p in tower.top.parameters():
             p.add_(0.05 * torch.randn_like(p))
     fresh = tower.run_top([tower._states[r] for r in range(6)]).detach()
-    out = tower(rows, live={1, 4}).detach()
+    out = tower(rows, live={1: 1.0, 4: 1.0}).detach()
     np.testing.assert_allclose(out[[1, 4]].numpy(), fresh[[1, 4]].numpy(), atol=1e-5)
     stale = out[[0, 2, 3, 5]].numpy()
     np.testing.assert_allclose(stale, m.catalog.encodings[[0, 2, 3, 5]], atol=1e-5)
     np.testing.assert_allclose(tower(rows)[[1, 4]].detach().numpy(), fresh[[1, 4]].numpy(), atol=1e-5)
     tower.refresh()
     np.testing.assert_allclose(tower(rows).detach().numpy(), fresh.numpy(), atol=1e-5)
+
+
+def test_live_rows_are_a_weighted_stratified_sample() -> None:
+    """Half the budget from the targets, half from the other candidates; each stratum's
+    weights add up to its size, so the layers' gradient stays unbiased."""
+    rng = np.random.default_rng(0)
+    cand = list(range(100))
+    live = sample_live_rows([3, 5, 7], cand, 8, rng)
+    assert len(live) == 8 and all(live[r] == 1.0 for r in (3, 5, 7))
+    assert sum(w for r, w in live.items() if r not in (3, 5, 7)) == pytest.approx(97)
+    live = sample_live_rows(list(range(40)), cand, 16, rng)
+    assert len(live) == 16
+    assert sum(w for r, w in live.items() if r < 40) == pytest.approx(40)
+    assert sum(w for r, w in live.items() if r >= 40) == pytest.approx(60)
+    # Few candidates: every row, weight 1.
+    assert sample_live_rows([0], [0, 1, 2], 16, rng) == {0: 1.0, 1: 1.0, 2: 1.0}
 
 
 def test_cached_layers_run_without_dropout_and_learn_slowly(tiny: BaseEncoder) -> None:
