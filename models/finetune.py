@@ -85,7 +85,8 @@ class FineTuneOptions:
     # Item popularity enters the score as log(1 + time-decayed count) at two speeds.
     popularity_half_lives_s: tuple[float, ...] = (86400.0, 30 * 86400.0)
     long_term_rate: float = 0.05
-    # top_layers/lora: at most this many items run through the trained layers per step.
+    # top_layers/lora: at most this many items run through the trained layers per step (a
+    # weighted sample of the targets and the other candidates, `models.towers.sample_live_rows`).
     tower_items_per_step: int = 128
     # Learning rate of the trained transformer layers (top_layers) / LoRA adapters, times `lr`.
     layer_lr_multiplier: float = 0.01
