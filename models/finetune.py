@@ -15,6 +15,12 @@ collaborative signal, new items fall back on their text), b_item a learned
 bias. Published item vectors are [e_item, β_item] and user vectors [s·u, 1], so
 `SELECT ... ORDER BY vector <#> user_vector` ranks exactly like `predict`.
 
+Training and serving are kept apart: the published item vectors and every user
+vector written against them come from the weights of the published version
+(`_serving`), while the optimiser moves the live weights. Between publishes a
+user's vector still follows each new behaviour at once; only the weights wait
+for the next publish (every N batches or T seconds).
+
 Each batch is learned after it was predicted (predict-then-learn): for every
 positive event the user vector is built from the behaviours *before* it, and the
 clicked/rated item must win a softmax against the catalog (or, for large
@@ -29,7 +35,8 @@ import io
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -99,8 +106,8 @@ class FineTuneOptions:
     rollback_threshold: float = 0.5
     rollback_patience: int = 3
     rollback_window: int = 20
-    publish_every_batches: int = 1
-    publish_every_s: float = 60.0
+    publish_every_batches: int = 10
+    publish_every_s: float = 10.0
     good_state_every: int = 20  # publishes between copies of the weights kept for rollback
     seed: int = 0
     deterministic: bool = False
@@ -222,6 +229,10 @@ class InterestNet(nn.Module):
         return u, weights
 
 
+# Per-item parameters: already inside the published item vectors, never swapped for serving.
+_PER_ITEM = ("item_emb", "item_bias", "rating_bias")
+
+
 def _rows_tensor(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.as_tensor(list(rows), dtype=torch.long, device=device)
 
@@ -264,9 +275,10 @@ class FineTunedModel(InterestModel):
         self._live_vec = torch.zeros(0, dim)  # item vectors of the live weights (no grad)
         self._live_aug = np.zeros((0, dim + 1), dtype=np.float32)
         self._published_aug = np.zeros((0, dim + 1), dtype=np.float32)
+        self._serving: dict[str, torch.Tensor] = {}  # shared weights of the published version
         self._uvec: dict[str, np.ndarray] = {}
         self._user_bias: dict[str, tuple[float, int]] = {}
-        self.replay: ReplayBuffer[Episode] = ReplayBuffer(o.replay_size, seed=o.seed)
+        self.replay: ReplayBuffer[tuple[Episode, Target]] = ReplayBuffer(o.replay_size, seed=o.seed)
         self._make_optimizer()
         self._version = ""
         self._parent: str | None = None
@@ -278,6 +290,9 @@ class FineTunedModel(InterestModel):
         self._good_state: dict[str, Any] | None = None
         self._publishes = 0
         self.batches = 0
+        # False on a scale-out follower: it keeps its users' state and vectors current against
+        # the weights it loaded from the trainer, and neither trains nor publishes.
+        self.train_shared = True
         self._publish(initial=True)
 
     # ---- InterestModel -------------------------------------------------------------------------
@@ -508,38 +523,41 @@ class FineTunedModel(InterestModel):
         (indexed by catalog row, or through `row_col` when it holds a subset of rows)."""
         U = len(episodes)
         T = max(1, max(len(ep.behaviours) for ep in episodes))
-        idx = np.full((U, T), -1, dtype=np.int64)  # -1: padding (a zero row appended below)
+        n_items = item_vec.shape[0]
+        pad = -1  # a zero row appended below
+        idx = np.full((U, T), pad, dtype=np.int64)
         signal = np.zeros((U, T), dtype=np.int64)
         ts = np.zeros((U, T), dtype=np.float64)
-        valid = np.zeros((U, T), dtype=bool)
         queries: dict[str, int] = {}
-        n_items = item_vec.shape[0]
-        index = self.catalog.index
+        index: Mapping[str, int] = self.catalog.index
+        if row_col is not None:
+            ids = self.catalog.ids
+            index = {ids[r]: c for r, c in row_col.items()}
+        # Whole rows at a time from Python lists: element-wise numpy writes cost more than the step.
         for u, ep in enumerate(episodes):
-            if not ep.behaviours:
+            bs = ep.behaviours
+            if not bs:
                 continue
-            t0 = ep.behaviours[0].ts
-            for k, b in enumerate(ep.behaviours):
-                ts[u, k] = b.ts - t0
-                if b.item_id is None:
-                    if b.query is None:
-                        continue
-                    col = n_items + queries.setdefault(b.query, len(queries))
-                else:
-                    row = index.get(b.item_id)
-                    if row is None:
-                        continue
-                    col = row if row_col is None else row_col[row]
-                idx[u, k] = col
-                signal[u, k] = b.signal
-                valid[u, k] = True
+            n = len(bs)
+            idx[u, :n] = [
+                index.get(b.item_id, pad)
+                if b.item_id is not None
+                else (n_items + queries.setdefault(b.query, len(queries)) if b.query is not None else pad)
+                for b in bs
+            ]
+            signal[u, :n] = [b.signal for b in bs]
+            ts[u, :n] = [b.ts for b in bs]
+            ts[u, :n] -= bs[0].ts
+        valid = idx != pad
+        signal[~valid] = 0
+        ts[~valid] = 0.0
         parts = [item_vec]
         if queries:
             qv = self.net.proj(self.net.tower.encode_texts(list(queries)))
             parts.append(qv.to(item_vec.dtype))
         parts.append(torch.zeros(1, item_vec.shape[1], dtype=item_vec.dtype, device=item_vec.device))
         table = torch.cat(parts)
-        idx[idx < 0] = table.shape[0] - 1
+        idx[~valid] = table.shape[0] - 1
         dev = self.device
         vec = table[torch.from_numpy(idx).to(dev).reshape(-1)].reshape(U, T, -1)
         return (
@@ -569,14 +587,37 @@ class FineTunedModel(InterestModel):
     def _current_episodes(self, user_ids: Sequence[str]) -> list[Episode]:
         return [Episode(u, list(self.users[u].recent), self.users[u].long_term) for u in user_ids]
 
+    @contextmanager
+    def _serving_weights(self) -> Iterator[None]:
+        """Run the net with the published version's shared weights (swapped in, not copied).
+
+        Per-item rows are not swapped: the published item vectors already hold them.
+        """
+        params = dict(self.net.named_parameters())
+        live: dict[str, torch.Tensor] = {}
+        try:
+            for name, saved in self._serving.items():
+                p = params.get(name)
+                if p is not None and p.shape == saved.shape:
+                    live[name] = p.data
+                    p.data = saved
+            yield
+        finally:
+            for name, data in live.items():
+                params[name].data = data
+
+    def _published_vec(self) -> torch.Tensor:
+        return torch.from_numpy(self._published_aug[:, :-1]).to(self.device)
+
     @torch.no_grad()
     def _user_vectors(self, user_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Current user vectors (U, d) and their attention over the recent behaviours (U, T)."""
+        """Published user vectors (U, d) and their attention over the recent behaviours (U, T):
+        the serving weights over the published item vectors."""
         net = self.net
         was = net.training
         net.eval()
         episodes = self._current_episodes(user_ids)
-        t = self._episode_tensors(episodes, self._live_vec.to(self.device), None)
+        t = self._episode_tensors(episodes, self._published_vec(), None)
         qpos = torch.as_tensor([[len(ep.behaviours)] for ep in episodes], device=self.device)
         u, weights = net.user(
             *t, qpos, self._long_tensor([ep.long_term for ep in episodes]), self._profile_tensor(user_ids)
@@ -588,18 +629,19 @@ class FineTunedModel(InterestModel):
         user_ids = [u for u in user_ids if u in self.users]
         if not user_ids:
             return
-        scale = float(self.net.log_scale.detach().exp())
-        for i in range(0, len(user_ids), 512):
-            part = user_ids[i : i + 512]
-            u = self._user_vectors(part)[0].float().cpu().numpy() * scale
-            for uid, vec in zip(part, u, strict=True):
-                self._uvec[uid] = np.append(vec, np.float32(1.0)).astype(np.float32)
+        with self._serving_weights():
+            scale = float(self.net.log_scale.detach().exp())
+            for i in range(0, len(user_ids), 512):
+                part = user_ids[i : i + 512]
+                u = self._user_vectors(part)[0].float().cpu().numpy() * scale
+                for uid, vec in zip(part, u, strict=True):
+                    self._uvec[uid] = np.append(vec, np.float32(1.0)).astype(np.float32)
 
     def _cold_vector(self, user_id: str, first_query: str | None = None) -> tuple[np.ndarray, str]:
         """A vector for a user without history: first search text, profile, or the popularity prior."""
         d = self.net.dim
-        scale = float(self.net.log_scale.detach().exp())
-        with torch.no_grad():
+        with torch.no_grad(), self._serving_weights():
+            scale = float(self.net.log_scale.detach().exp())
             if first_query:
                 v = self.net.proj(self.net.tower.encode_texts([first_query]))[0]
                 return np.append(v.float().cpu().numpy() * scale, 1.0).astype(np.float32), "search"
@@ -680,15 +722,17 @@ class FineTunedModel(InterestModel):
             state.last_ts = max(state.last_ts, e.ts)
         return list(episodes.values()), touched, cold
 
-    def _replay_items(self, episodes: Sequence[Episode]) -> list[Episode]:
-        """Single-target episodes of this batch's positives, for the replay buffer."""
+    def _replay_items(self, episodes: Sequence[Episode]) -> list[tuple[Episode, Target]]:
+        """This batch's positives, for the replay buffer (as references: few are ever replayed,
+        so each becomes a single-target episode only when drawn, in `_replayed`)."""
+        return [(ep, t) for ep in episodes for t in ep.targets if t.positive]
+
+    def _replayed(self, n: int) -> list[Episode]:
         L = self.opts.history
         out = []
-        for ep in episodes:
-            for t in ep.targets:
-                if t.positive:
-                    ctx = ep.behaviours[max(0, t.pos - L) : t.pos]
-                    out.append(Episode(ep.user_id, ctx, ep.long_term, [replace(t, pos=len(ctx))]))
+        for ep, t in self.replay.sample(n):
+            ctx = ep.behaviours[max(0, t.pos - L) : t.pos]
+            out.append(Episode(ep.user_id, ctx, ep.long_term, [replace(t, pos=len(ctx))]))
         return out
 
     def _chunks(self, ep: Episode) -> list[Episode]:
@@ -908,8 +952,8 @@ class FineTunedModel(InterestModel):
         o = self.opts
         episodes, touched, cold = self._observe(events)
         loss = None
-        if any(ep.targets for ep in episodes):
-            batch = [ep for ep in episodes if ep.targets] + self.replay.sample(o.replay_per_batch)
+        if self.train_shared and any(ep.targets for ep in episodes):
+            batch = [ep for ep in episodes if ep.targets] + self._replayed(o.replay_per_batch)
             # Dropout draws from a generator seeded by (seed, batch number): the numbers depend
             # on the data alone, not on what else ran in the process before.
             devices = [self.device] if self.device.type == "cuda" else []
@@ -925,12 +969,9 @@ class FineTunedModel(InterestModel):
         if loss is not None and math.isfinite(loss):
             self._check_rollback(loss)
         snapshot = None
-        due = self._batches_since_publish >= o.publish_every_batches or (
-            time.monotonic() - self._last_publish >= o.publish_every_s
-        )
-        if due:
+        if self._publish_is_due():
             snapshot = self._publish()
-        else:
+        elif self.train_shared:
             self._refresh_items()
         self._refresh_users(list(touched))
         updates = {}
@@ -946,6 +987,18 @@ class FineTunedModel(InterestModel):
         return BatchResult(updates=updates, model_version=self.model_version, snapshot=snapshot, loss=loss)
 
     # ---- rollback and publishing ---------------------------------------------------------------
+    def publish_due(self) -> bool:
+        """Whether the next `learn` publishes a version (the worker refreshes its catalog first,
+        so that the version it leaves behind has every item stored so far)."""
+        return self._publish_is_due(batches_ahead=1)
+
+    def _publish_is_due(self, batches_ahead: int = 0) -> bool:
+        o = self.opts
+        return self.train_shared and (
+            self._batches_since_publish + batches_ahead >= o.publish_every_batches
+            or time.monotonic() - self._last_publish >= o.publish_every_s
+        )
+
     def _check_rollback(self, loss: float) -> None:
         o = self.opts
         window = self._preq[-o.rollback_window :]
@@ -1052,6 +1105,11 @@ class FineTunedModel(InterestModel):
         self._batches_since_publish = 0
         self._last_publish = time.monotonic()
         self._published_aug = self._live_aug.copy()
+        self._serving = {
+            name: p.detach().clone()
+            for name, p in self.net.named_parameters()
+            if p.requires_grad and not name.startswith(_PER_ITEM)
+        }
         self._publishes += 1
         if self._good_state is None or self._publishes % self.opts.good_state_every == 0:
             self._good_state = self._capture()
@@ -1104,10 +1162,10 @@ class FineTunedModel(InterestModel):
         net = self.net
         was = net.training
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._serving_weights():
             u, att = self._user_vectors([user_id])
             ep = self._current_episodes([user_id])[0]
-            vec, signal, _ts, valid = self._episode_tensors([ep], self._live_vec.to(self.device), None)
+            vec, signal, _ts, valid = self._episode_tensors([ep], self._published_vec(), None)
             h = (vec + net.signal_emb(signal)) * valid[..., None].to(vec.dtype)
             parts = net.w_short(att[0][:, None] * h[0])  # (T, d)
             uu = u[0]

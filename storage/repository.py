@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
-from sqlalchemy import Connection, Engine, func, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Connection, Engine, String, any_, bindparam, func, select, text
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from models.core import ModelSnapshot, UserUpdate
 from models.events import Event, Item
@@ -30,6 +30,7 @@ from storage.schema import (
     CatalogItem,
     ConsumedOffset,
     ModelVersion,
+    UserCurrentVersion,
     UserInterestCurrent,
     UserState,
 )
@@ -77,6 +78,12 @@ _CHUNK = 2000
 
 def _ts(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, tz=UTC)
+
+
+def _any(values: Sequence[str]) -> Any:
+    """`= ANY(:array)`: one bound parameter however many values (an IN list of thousands of
+    placeholders cost more to build and parse than the query took to run)."""
+    return any_(bindparam(None, list(values), type_=ARRAY(String)))
 
 
 def _chunks(rows: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -200,15 +207,34 @@ class VectorStore:
     def applied_event_ids(self, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:
             return set()
-        found: set[str] = set()
         with self.engine.connect() as conn:
-            for chunk in _chunks(list(event_ids)):
-                found.update(
-                    conn.execute(
-                        select(AppliedEvent.event_id).where(AppliedEvent.event_id.in_(chunk))
-                    ).scalars()
+            return set(
+                conn.execute(
+                    select(AppliedEvent.event_id).where(AppliedEvent.event_id == _any(event_ids))
+                ).scalars()
+            )
+
+    def current_versions(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """user -> the version of their newest stored vector (users without one are left out)."""
+        if not user_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(UserCurrentVersion.user_id, UserCurrentVersion.version).where(
+                    UserCurrentVersion.user_id == _any(user_ids)
                 )
-        return found
+            ).all()
+        return {u: int(v) for u, v in rows}
+
+    def user_states(self, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The checkpointed model state of these users (those without one are left out)."""
+        if not user_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(UserState.user_id, UserState.state).where(UserState.user_id == _any(user_ids))
+            ).all()
+        return {u: st for u, st in rows}
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
         with self.engine.connect() as conn:
@@ -275,7 +301,10 @@ class VectorStore:
                     )
                 )
 
-    def write_item_vectors(self, model_version: str, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+    def write_item_vectors(
+        self, model_version: str, item_ids: Sequence[str], vectors: np.ndarray, *, overwrite: bool = True
+    ) -> None:
+        """Item vectors of a model version; `overwrite=False` only fills in the items it lacks."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(item_ids) != len(vectors):
             raise ValueError(f"{len(item_ids)} item ids but {len(vectors)} vectors")
@@ -289,12 +318,13 @@ class VectorStore:
                     cp.set_types(["text", "real[]"])
                     for item_id, vec in zip(item_ids, vectors, strict=True):
                         cp.write_row((item_id, vec))
+                on_conflict = "DO UPDATE SET vector = excluded.vector" if overwrite else "DO NOTHING"
                 cur.execute(
-                    """
+                    f"""
                     INSERT INTO item_vectors AS t (item_id, model_version, vector)
                     SELECT DISTINCT ON (s.item_id) s.item_id, %s, s.vector
                     FROM istream_stage_items s ORDER BY s.item_id
-                    ON CONFLICT (item_id, model_version) DO UPDATE SET vector = excluded.vector
+                    ON CONFLICT (item_id, model_version) {on_conflict}
                     """,
                     (model_version,),
                 )

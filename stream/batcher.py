@@ -54,6 +54,10 @@ class PartitionBatcher:
 
     async def add(self, rec: RawRecord) -> None:
         while self._pending >= self.max_pending:
+            if not self._ready:
+                # Full, and nothing closed to work on: waiting for the open batches to age
+                # would leave the trainer idle (intake is paused, they cannot fill up).
+                self.close_all()
             self._has_room.clear()
             await self._has_room.wait()
         key = self._key(rec)

@@ -23,26 +23,24 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Connection, func, select, text
 
 from models.catalog import item_text
-from models.core import InterestModel
+from models.core import InterestModel, UserUpdate
 from models.events import Event, Item
 from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
 from storage.repository import OffsetMark, VectorStore
-from storage.schema import CatalogItem, UserInterestCurrent, UserState
+from storage.schema import CatalogItem
 from stream.schema import InvalidRecord, Limits, parse_topic_record
 
 log = logging.getLogger(__name__)
 
-# Bind-parameter-friendly chunk for IN (...) look-ups.
-_CHUNK = 2000
 
 DeadLetterSink = Callable[[list[dict[str, Any]]], None]
 
@@ -123,13 +121,51 @@ def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
     return [OffsetMark(t, p, o) for (t, p), o in sorted(nxt.items())]
 
 
-def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
-    for i in range(0, len(values), _CHUNK):
-        yield values[i : i + _CHUNK]
+class PartitionLock:
+    """Advisory locks held on one connection; released by whichever thread commits the batch."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def release(self) -> None:
+        try:
+            self.conn.execute(text("SELECT pg_advisory_unlock_all()"))
+            self.conn.commit()
+        except Exception:  # a dead connection has released them already
+            self.conn.invalidate()
+        finally:
+            self.conn.close()
+
+
+@dataclass
+class StagedBatch:
+    """A batch learned but not yet committed: what `commit` writes and `finish` accounts for.
+
+    Holds its partitions' locks from before the dedup check until the commit ends.
+    """
+
+    records: Sequence[RawRecord]
+    lock: PartitionLock
+    outcome: BatchOutcome
+    users: list[str]
+    events: list[Event]
+    fresh: list[tuple[RawRecord, Event]]
+    updates: Mapping[str, UserUpdate]
+    states: dict[str, Any]
+    model_version: str
+    loss: float | None
+    started: float
 
 
 class BatchProcessor:
-    """Validate, deduplicate, learn, and commit one batch in one transaction."""
+    """Validate, deduplicate, learn, and commit one batch in one transaction.
+
+    `process` does it all in one call. The worker splits it to overlap a batch's
+    commit with the learning of the next (of other partitions): `stage` learns
+    (model thread), `commit` writes (any thread; touches no model state), `finish`
+    accounts for the commit (model thread), and `abandon` undoes a failed commit's
+    effect on memory (model thread), after which the batch is simply processed again.
+    """
 
     def __init__(
         self,
@@ -155,6 +191,7 @@ class BatchProcessor:
         # One trainer per model: only this process trains shared parameters and
         # publishes snapshots; the others follow the registry (see set_trainer).
         self.trainer = True
+        self._trainer_conn: Connection | None = None
 
     # ---- start-up ------------------------------------------------------------------
     def restore(self) -> None:
@@ -196,19 +233,54 @@ class BatchProcessor:
         if saved is not None and saved[0] != self.model.model_version:
             load(saved[1])
             self._published.add(saved[0])
+            # Its publisher may not have known every item we know (catalog partitions are
+            # spread over the workers): fill in the ones it lacks, keep the ones it wrote.
+            self.write_item_vectors(self.model.item_ids(), overwrite=False)
             log.info("loaded trainable weights of %s", saved[0])
 
-    def set_trainer(self, trainer: bool) -> None:
-        """Scale-out: one worker (the owner of partition 0) trains shared parameters.
+    def set_trainer(self, wanted: bool) -> None:
+        """Scale-out: one worker at a time trains shared parameters and publishes versions.
 
-        The others keep learning their users' state against the newest published
-        snapshot, which they load before every batch, so every vector names a
-        version whose item vectors are in the registry and all workers converge on
-        the trainer's space within one batch. Models opt in with a `train_shared` flag.
+        The owner of partition 0 wants the role, and has it only while it holds the
+        group's trainer lock (a session advisory lock): during a rebalance the previous
+        trainer may still be finishing a batch, and two trainers would fork the line of
+        versions. On taking the role a worker first loads the newest published weights,
+        so the line goes on from there. The others keep their users' state current
+        against the newest published snapshot, which they load before every batch, so
+        every vector names a version whose item vectors are in the registry and all
+        workers converge on the trainer's space within one batch. Models opt in with a
+        `train_shared` flag.
         """
-        self.trainer = trainer
+        holds = self._trainer_lock(wanted)
+        if holds and not self.trainer:
+            self.restore_weights()
+        self.trainer = holds
         if hasattr(self.model, "train_shared"):
-            self.model.train_shared = trainer  # type: ignore[attr-defined]
+            self.model.train_shared = holds  # type: ignore[attr-defined]
+
+    def _trainer_lock(self, wanted: bool) -> bool:
+        if not wanted:
+            self._release_trainer_lock()
+            return False
+        if self._trainer_conn is None:
+            self._trainer_conn = self.store.engine.connect()
+        try:
+            # Re-taking a lock the session holds succeeds; it also proves the session (and
+            # so the lock) is still alive: a Postgres restart drops both.
+            got = self._trainer_conn.execute(
+                text("SELECT pg_try_advisory_lock(hashtext(:g), -1)"), {"g": self.store.group_id}
+            ).scalar_one()
+            self._trainer_conn.commit()
+        except Exception as exc:
+            log.warning("trainer lock: %s; following the registry for now", str(exc).splitlines()[0][:200])
+            self._release_trainer_lock()
+            return False
+        return bool(got)
+
+    def _release_trainer_lock(self) -> None:
+        conn, self._trainer_conn = self._trainer_conn, None
+        if conn is not None:
+            PartitionLock(conn).release()
 
     def refresh_catalog(self, min_interval_s: float = 0.0) -> int:
         """Pick up catalog items that any worker stored since we last looked (cheap when none)."""
@@ -230,6 +302,10 @@ class BatchProcessor:
         items = [Item(item_id=i, text=t, attrs=a or {}) for i, t, a in rows]
         if items:
             self.model.upsert_items(items)
+            if self.model.model_version in self._published:
+                # The version our vectors name was published before we knew these items:
+                # without their vectors under it, they could never rank for those users.
+                self.write_item_vectors(items)
         return len(items)
 
     def ensure_published(self) -> None:
@@ -262,51 +338,41 @@ class BatchProcessor:
             good.append((rec, parsed))
         return good, bad
 
-    @contextmanager
-    def partition_lock(self, partitions: Sequence[int]) -> Iterator[None]:
+    def lock_partitions(self, partitions: Sequence[int]) -> PartitionLock:
         """Serialise batches of the same partitions across workers (session advisory locks).
 
         A user's events share one partition number on every topic, so the number alone
         is the key. A killed worker's locks vanish with its connection.
         """
-        with self.store.engine.connect() as conn:
+        conn = self.store.engine.connect()
+        try:
             for p in sorted(set(partitions)):  # one order everywhere: no deadlock
                 conn.execute(
                     text("SELECT pg_advisory_lock(hashtext(:g), :p)"), {"g": self.store.group_id, "p": p}
                 )
             conn.commit()
-            try:
-                yield
-            finally:
-                try:
-                    conn.execute(text("SELECT pg_advisory_unlock_all()"))
-                    conn.commit()
-                except Exception:  # a dead connection has released them already
-                    conn.invalidate()
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        return PartitionLock(conn)
+
+    @contextmanager
+    def partition_lock(self, partitions: Sequence[int]) -> Iterator[None]:
+        lock = self.lock_partitions(partitions)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def sync_users(self, user_ids: Sequence[str]) -> int:
         """Reload users whose stored version differs from the one our memory holds."""
         ids = sorted(set(user_ids))
         if not ids:
             return 0
-        current: dict[str, int] = {}
-        with self.store.engine.connect() as conn:
-            for chunk in _chunks(ids):
-                current.update(
-                    conn.execute(
-                        select(UserInterestCurrent.user_id, UserInterestCurrent.version).where(
-                            UserInterestCurrent.user_id.in_(chunk)
-                        )
-                    ).all()
-                )
-            stale = [u for u in ids if self._versions.get(u) != current.get(u)]
-            states: dict[str, dict[str, Any]] = {}
-            for chunk in _chunks(stale):
-                states.update(
-                    conn.execute(
-                        select(UserState.user_id, UserState.state).where(UserState.user_id.in_(chunk))
-                    ).all()
-                )
+        current = self.store.current_versions(ids)
+        stale = [u for u in ids if self._versions.get(u) != current.get(u)]
+        states = self.store.user_states(stale)
         for u in stale:
             if u in states:
                 self.model.set_user_state(u, states[u])
@@ -326,74 +392,116 @@ class BatchProcessor:
 
     def process(self, records: Sequence[RawRecord]) -> BatchOutcome:
         """One attempt at one batch: all of its effects commit together, or none do."""
+        staged = self.stage(records)
+        try:
+            versions = self.commit(staged)
+        except BaseException:
+            self.abandon(staged)
+            raise
+        return self.finish(staged, versions)
+
+    def stage(self, records: Sequence[RawRecord]) -> StagedBatch:
+        """Lock, validate, deduplicate, screen and learn a batch; nothing of it is stored yet."""
         started = time.perf_counter()
         good, bad = self._parse(records)
         outcome = BatchOutcome(dead_letters=bad)
         items = [p for _, p in good if isinstance(p, Item)]
         pairs = [(r, p) for r, p in good if isinstance(p, Event)]
         users = sorted({e.user_id for _, e in pairs})
-        with self.partition_lock([r.partition for r in records]):
-            try:
-                if items:
-                    self.apply_items(items)
-                    outcome.items = len(items)
-                # Items stored by other workers (their partitions of the catalog topic).
-                self.refresh_catalog(min_interval_s=0.0 if items else 2.0)
-                if not self.trainer:
-                    self.restore_weights()
-                self.sync_users(users)
-                # Dedup against what is already applied, and within the batch itself.
-                seen = self.store.applied_event_ids([e.event_id for _, e in pairs])
-                fresh: list[tuple[RawRecord, Event]] = []
-                for rec, e in pairs:
-                    if e.event_id in seen:
-                        outcome.duplicates += 1
-                        continue
-                    seen.add(e.event_id)
-                    fresh.append((rec, e))
-                # Erasure rule (docs/storage.md): an erased user's older events are dropped, not learned.
-                screened = self.store.screen_erased([e for _, e in fresh])
-                for user_id in screened.forget:
-                    self.model.forget_user(user_id)
-                kept = {e.event_id for e in screened.kept}
-                fresh = [(r, e) for r, e in fresh if e.event_id in kept]
-                outcome.erased = screened.dropped
-                # Event time orders a user's events; ties keep arrival order (sort is stable).
-                fresh.sort(key=lambda pair: pair[1].ts)
-                events = [e for _, e in fresh]
-                result = self.model.learn(events) if events else None
-                if result is not None and result.snapshot is not None:
-                    self.store.publish_model(result.snapshot, self.base_model)
-                    self._published.add(result.snapshot.version)
-                self.ensure_published()
-                if bad and self.dead_letter_sink is not None:
-                    self.dead_letter_sink(bad)
-                updates = result.updates if result else {}
-                states = {u: s for u in updates if (s := self.model.get_user_state(u)) is not None}
-                model_version = result.model_version if result else self.model.model_version
-                versions = self.store.commit_batch(
-                    model_version=model_version,
-                    updates=updates,
-                    events=events,
-                    offsets=offset_marks(records),
-                    user_states=states,
-                )
-            except BaseException:
-                self.invalidate(users)
-                raise
+        lock = self.lock_partitions([r.partition for r in records])
+        try:
+            if items:
+                self.apply_items(items)
+                outcome.items = len(items)
+            # Items stored by other workers (their partitions of the catalog topic); always
+            # before this batch publishes a version, so the one it supersedes has them too.
+            due = getattr(self.model, "publish_due", None)
+            self.refresh_catalog(min_interval_s=0.0 if items or (due is not None and due()) else 2.0)
+            if not self.trainer:
+                self.restore_weights()
+            self.sync_users(users)
+            # Dedup against what is already applied, and within the batch itself.
+            seen = self.store.applied_event_ids([e.event_id for _, e in pairs])
+            fresh: list[tuple[RawRecord, Event]] = []
+            for rec, e in pairs:
+                if e.event_id in seen:
+                    outcome.duplicates += 1
+                    continue
+                seen.add(e.event_id)
+                fresh.append((rec, e))
+            # Erasure rule (docs/storage.md): an erased user's older events are dropped, not learned.
+            screened = self.store.screen_erased([e for _, e in fresh])
+            for user_id in screened.forget:
+                self.model.forget_user(user_id)
+            kept = {e.event_id for e in screened.kept}
+            fresh = [(r, e) for r, e in fresh if e.event_id in kept]
+            outcome.erased = screened.dropped
+            # Event time orders a user's events; ties keep arrival order (sort is stable).
+            fresh.sort(key=lambda pair: pair[1].ts)
+            events = [e for _, e in fresh]
+            result = self.model.learn(events) if events else None
+            if result is not None and result.snapshot is not None:
+                self.store.publish_model(result.snapshot, self.base_model)
+                self._published.add(result.snapshot.version)
+                # Items other workers stored since we last looked go under the new version too.
+                self.refresh_catalog()
+            self.ensure_published()
+            if bad and self.dead_letter_sink is not None:
+                self.dead_letter_sink(bad)
+            updates = result.updates if result else {}
+            states = {u: s for u in updates if (s := self.model.get_user_state(u)) is not None}
+        except BaseException:
+            self.invalidate(users)
+            lock.release()
+            raise
+        return StagedBatch(
+            records=records,
+            lock=lock,
+            outcome=outcome,
+            users=users,
+            events=events,
+            fresh=fresh,
+            updates=updates,
+            states=states,
+            model_version=result.model_version if result else self.model.model_version,
+            loss=result.loss if result else None,
+            started=started,
+        )
+
+    def commit(self, staged: StagedBatch) -> dict[str, int]:
+        """Write a staged batch in one transaction and release its locks; user -> version written."""
+        try:
+            versions = self.store.commit_batch(
+                model_version=staged.model_version,
+                updates=staged.updates,
+                events=staged.events,
+                offsets=offset_marks(staged.records),
+                user_states=staged.states,
+            )
+        finally:
+            staged.lock.release()
+        staged.outcome.committed_at = time.time()  # freshness ends here, not when accounted for
+        return versions
+
+    def abandon(self, staged: StagedBatch) -> None:
+        """The commit failed: memory is ahead of Postgres for the batch's users."""
+        self.invalidate(staged.users)
+
+    def finish(self, staged: StagedBatch, versions: Mapping[str, int]) -> BatchOutcome:
+        """Account for a committed batch (model thread)."""
         # Erased while this batch was learning: nothing was stored for them; forget them too.
-        for user_id in set(updates) - set(versions):
+        for user_id in set(staged.updates) - set(versions):
             self.model.forget_user(user_id)
         self._versions.update(versions)
-        outcome.committed_at = time.time()
-        outcome.applied = len(events)
-        outcome.users = len(updates)
-        outcome.loss = result.loss if result else None
-        outcome.model_version = model_version
-        outcome.event_ts = [e.ts for e in events]
-        outcome.record_ts = [r.timestamp_ms / 1000.0 for r, _ in fresh if r.timestamp_ms]
+        outcome = staged.outcome
+        outcome.applied = len(staged.events)
+        outcome.users = len(staged.updates)
+        outcome.loss = staged.loss
+        outcome.model_version = staged.model_version
+        outcome.event_ts = [e.ts for e in staged.events]
+        outcome.record_ts = [r.timestamp_ms / 1000.0 for r, _ in staged.fresh if r.timestamp_ms]
         outcome.max_event_ts = max(outcome.event_ts, default=None)
-        outcome.seconds = time.perf_counter() - started
+        outcome.seconds = time.perf_counter() - staged.started
         return outcome
 
     def skip(self, records: Sequence[RawRecord], reason: str) -> BatchOutcome:
@@ -412,9 +520,16 @@ class BatchProcessor:
         self.model.upsert_items(latest)
         self.store.upsert_items(latest)
         self.persist_encodings(latest)
+        self.ensure_published()
+        self.write_item_vectors(latest)
+
+    def write_item_vectors(self, items: Sequence[Item] | Sequence[str], *, overwrite: bool = True) -> None:
+        """These items' vectors under the model version that user vectors name now."""
         ids = self.model.item_ids()
         index = {item_id: row for row, item_id in enumerate(ids)}
+        wanted = [i if isinstance(i, str) else i.item_id for i in items]
+        rows = [index[i] for i in wanted if i in index]
         matrix = self.model.item_matrix()
-        rows = [index[i.item_id] for i in latest]
-        self.ensure_published()
-        self.store.write_item_vectors(self.model.model_version, [ids[r] for r in rows], matrix[rows])
+        self.store.write_item_vectors(
+            self.model.model_version, [ids[r] for r in rows], matrix[rows], overwrite=overwrite
+        )

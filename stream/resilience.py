@@ -28,7 +28,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from stream.processor import BatchOutcome, BatchProcessor, RawRecord
+from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatch
 
 log = logging.getLogger("istream.resilience")
 
@@ -103,6 +103,18 @@ class ResilientRunner:
             if is_transient(exc) and self.should_stop():
                 raise ShuttingDown(str(exc)) from exc
             raise
+
+    def stage(self, records: Sequence[RawRecord]) -> StagedBatch | BatchOutcome:
+        """Learn a batch for a later `BatchProcessor.commit` (the worker's pipeline).
+
+        Only the first attempt is staged: on any failure the batch goes the synchronous
+        way (`run`: retries, poison isolation) and comes back committed.
+        """
+        try:
+            return self.processor.stage(records)
+        except Exception as exc:
+            log.info("staging %d records failed (%s); processing them synchronously", len(records), exc)
+            return self.run(records)
 
     def run(self, records: Sequence[RawRecord]) -> BatchOutcome:
         try:

@@ -24,7 +24,7 @@ from storage.db import upgrade
 from stream.batcher import PartitionBatcher
 from stream.logs import logging_config
 from stream.metrics import WorkerMetrics, serve
-from stream.processor import BatchOutcome, BatchProcessor, RawRecord, encode_dead_letter
+from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatch, encode_dead_letter
 from stream.resilience import ResilientRunner, ShuttingDown, is_transient
 from stream.runtime import (
     base_model_name,
@@ -33,6 +33,7 @@ from stream.runtime import (
     limits,
     published_dim,
     retention_policy,
+    settle_heap,
 )
 from stream.settings import Settings
 
@@ -88,9 +89,13 @@ class WorkerRuntime:
         self.database_url = database_url
         self.topic_kinds = {**settings.event_topics, settings.topic_items: "item"}
         self.store = build_store(settings, database_url)
-        # One thread runs every model step and SQL write, in order: the model is not
-        # thread-safe, and the event loop stays free for heartbeats and fetching.
+        # One thread runs everything that touches the model, in order (it is not
+        # thread-safe), and the event loop stays free for heartbeats and fetching. A second
+        # thread writes a learned batch to Postgres while the next one learns
+        # (ISTREAM_PIPELINE_COMMITS); it touches no model state.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="istream-train")
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="istream-commit")
+        self._inflight: tuple[list[RawRecord], StagedBatch, asyncio.Future[dict[str, int]]] | None = None
         self.batcher = PartitionBatcher(
             settings.batch_size,
             settings.batch_seconds,
@@ -142,13 +147,93 @@ class WorkerRuntime:
         runner.processor.set_trainer(self.trainer)
         return runner.run(batch)
 
-    async def run_batch(self, batch: list[RawRecord]) -> BatchOutcome | None:
+    def _stage(self, batch: list[RawRecord]) -> StagedBatch | BatchOutcome:
+        runner = self.runner
+        runner.processor.set_trainer(self.trainer)
+        return runner.stage(batch)
+
+    async def _run_sync(self, batch: list[RawRecord]) -> BatchOutcome | None:
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(self.executor, self._run, batch)
+            return await loop.run_in_executor(self.executor, self._run, batch)
         except ShuttingDown:
             log.warning("shutting down with a batch of %d uncommitted; it is re-read on restart", len(batch))
             return None
+
+    async def run_batch(self, batch: list[RawRecord]) -> BatchOutcome | None:
+        """One batch, start to end (after the one being committed, if any)."""
+        await self.drain()
+        outcome = await self._run_sync(batch)
+        if outcome is not None:
+            self._report(batch, outcome)
+        return outcome
+
+    async def pipeline(self, batch: list[RawRecord]) -> None:
+        """Learn this batch while the previous one commits, then hand it to the committer.
+
+        Batches of other partitions have other users (a user's events share a partition
+        number), so learning one never depends on the other's commit; a batch of the same
+        partitions waits for it. A failed commit is undone in memory and its batch processed
+        again on the synchronous path (retries, poison isolation). `done` is called for
+        every batch once it is committed or given up.
+        """
+        loop = asyncio.get_running_loop()
+        if self._inflight is not None:
+            busy = {r.partition for r in self._inflight[0]}
+            if not busy.isdisjoint(r.partition for r in batch):
+                await self.drain()
+        try:
+            staged = await loop.run_in_executor(self.executor, self._stage, batch)
+        except ShuttingDown:
+            log.warning("shutting down with a batch of %d uncommitted; it is re-read on restart", len(batch))
+            await self.drain()
+            self.batcher.done(batch)
+            return
+        except BaseException:
+            await self.drain()
+            self.batcher.done(batch)
+            raise
+        await self.drain()
+        if isinstance(staged, BatchOutcome):  # staging failed and the synchronous path took it
+            self._report(batch, staged)
+            self.batcher.done(batch)
+            return
+        assert self._processor is not None
+        fut = loop.run_in_executor(self.committer, self._processor.commit, staged)
+        self._inflight = (batch, staged, fut)
+        if not self.batcher.ready_batches:
+            await self.drain()  # nothing to overlap with: account for it now
+
+    async def drain(self) -> None:
+        """Wait for the batch being committed, and account for it (or process it again)."""
+        if self._inflight is None:
+            return
+        batch, staged, fut = self._inflight
+        self._inflight = None
+        loop = asyncio.get_running_loop()
+        processor = self._processor
+        assert processor is not None
+        try:
+            try:
+                versions = await fut
+            except Exception as exc:
+                log.warning(
+                    "commit of a batch of %d failed (%s: %s); processing it again",
+                    len(batch),
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                )
+                self.metrics.retries.inc()
+                await loop.run_in_executor(self.executor, processor.abandon, staged)
+                outcome = await self._run_sync(batch)
+            else:
+                outcome = await loop.run_in_executor(self.executor, processor.finish, staged, versions)
+            if outcome is not None:
+                self._report(batch, outcome)
+        finally:
+            self.batcher.done(batch)
+
+    def _report(self, batch: list[RawRecord], outcome: BatchOutcome) -> None:
         self.metrics.observe(outcome, len(batch))
         parts = ",".join(str(p) for p in sorted({r.partition for r in batch}))
         log.info(
@@ -171,7 +256,6 @@ class WorkerRuntime:
                 "model_version": outcome.model_version,
             },
         )
-        return outcome
 
     async def stored_offsets(self) -> Mapping[tuple[str, int], int]:
         """Postgres' offsets; waits for Postgres when it is down (seeking elsewhere could skip events)."""
@@ -291,6 +375,9 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     async def pump() -> None:
         while True:
             batch = await rt.batcher.next_batch()
+            if settings.pipeline_commits:
+                await rt.pipeline(batch)
+                continue
             try:
                 await rt.run_batch(batch)
             finally:
@@ -332,6 +419,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     async def warm_up() -> None:
         # Load the base model and restore state before the first batch, off the loop.
         await asyncio.get_running_loop().run_in_executor(rt.executor, lambda: rt.runner)
+        settle_heap()
         log.info("worker ready", extra={"group": settings.group_id})
 
     @app.on_partitions_revoked.connect
@@ -345,6 +433,9 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
         shorten_fetch_wait(app, settings.fetch_max_wait_ms)
         dropped = rt.batcher.drop_all()
         rt.trainer = any((tp.topic, tp.partition) == rt.trainer_tp for tp in assigned)
+        if not rt.trainer and rt._processor is not None:
+            # Give up the trainer lock now, not at our next batch: the new owner waits for it.
+            asyncio.get_running_loop().run_in_executor(rt.executor, rt._processor.set_trainer, False)
         parts = sorted({tp.partition for tp in assigned})
         log.info(
             "partitions assigned: %s; dropped %d held records; %s",
@@ -357,12 +448,14 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
     async def flush(app: faust.App, **_: Any) -> None:
         # SIGTERM: commit what is held (open batches included) before exiting.
         rt.begin_shutdown()
+        await rt.drain()
         rt.batcher.close_all()
         n = 0
         while (batch := rt.batcher.take_ready()) is not None:
             if await rt.run_batch(batch) is not None:
                 n += len(batch)
             rt.batcher.done(batch)
+        await rt.drain()
         rt.dead_letters.close()
         log.info("shutdown: flushed %d held records", n)
 

@@ -108,12 +108,15 @@ def build_models(
     """One model per name (`registry` specs such as `popularity`, `top_layers:1`), sharing one encoder.
 
     Each is built after re-seeding from `settings.seed`, so a model's numbers do not
-    depend on which other models run beside it.
+    depend on which other models run beside it. A replay publishes by batch count only:
+    a wall-clock trigger would make the figures depend on the machine's speed.
     """
     from stream.runtime import build_interest_model
 
     shared = encoder if encoder is not None else LazyEncoder(settings)
     return {
-        name: build_interest_model(settings.model_copy(update={"model": name}), shared)  # type: ignore[arg-type]
+        name: build_interest_model(  # type: ignore[arg-type]
+            settings.model_copy(update={"model": name, "model_publish_every_s": float("inf")}), shared
+        )
         for name in names
     }

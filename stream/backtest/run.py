@@ -16,6 +16,7 @@ from stream.backtest.data import BacktestData
 from stream.backtest.driver import BacktestConfig, BacktestResult, LearnHook, run_backtest
 from stream.backtest.models import LazyEncoder, build_models
 from stream.backtest.report import code_version, write_report
+from stream.runtime import settle_heap
 from stream.settings import Settings
 
 
@@ -73,6 +74,7 @@ def run(
         cache_dir = settings.data_dir / "encodings" if settings.backtest_encoding_cache else None
         lazy = LazyEncoder(settings, cache_dir)
     models = build_models(model_names, settings, encoder or lazy)
+    settle_heap()
     pit_schemas: dict[str, str] = {}
     if pit is None:
         result = run_backtest(models, data, config, on_learned=on_learned)

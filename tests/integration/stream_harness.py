@@ -25,6 +25,7 @@ from sqlalchemy import text
 
 from storage.db import EmbeddedPostgres, make_engine, upgrade
 from stream.broker import EmbeddedBroker, ensure_topics, env_without_proxies, make_producer
+from stream.runtime import published_dim
 from stream.settings import Settings
 from tests.tcp_proxy import TcpProxy
 
@@ -34,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class Stack:
     """Embedded Postgres + Tansu reachable only through a proxy (it advertises the proxy's port)."""
 
-    def __init__(self, tmp: Path, partitions: int = 4) -> None:
+    def __init__(self, tmp: Path, partitions: int = 4, model: str | None = None) -> None:
         self.tmp = tmp
-        self.settings = Settings(partitions=partitions)
+        self.settings = Settings(partitions=partitions, **({"model": model} if model else {}))
         self.pg = EmbeddedPostgres(tmp / "pg" / "data")
         broker_port = None
         self.proxy: TcpProxy | None = None
@@ -45,7 +46,7 @@ class Stack:
 
     def __enter__(self) -> Stack:
         self.db_url = self.pg.start()
-        upgrade(self.db_url)
+        upgrade(self.db_url, vector_dim=published_dim(self.settings))
         self.engine = make_engine(self.db_url)
         from stream.broker import free_port
 
@@ -182,6 +183,7 @@ class WorkerProcess:
             "ISTREAM_KAFKA_BOOTSTRAP": self.stack.bootstrap,
             "ISTREAM_DATABASE_URL": self.stack.db_url,
             "ISTREAM_PARTITIONS": str(self.stack.settings.partitions),
+            "ISTREAM_MODEL": self.stack.settings.model,
             "ISTREAM_METRICS_PORT": "0",
             "ISTREAM_SESSION_TIMEOUT_S": "6",
             "ISTREAM_RETRY_MAX_WAIT_S": "2",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -109,4 +110,32 @@ def test_sigterm_flushes_the_open_batch(server_tmp: Path) -> None:
             assert stack.applied_total() == 0  # nothing closed on size or age yet
             assert worker.terminate() == 0, worker.tail()
         assert "shutdown: flushed" in worker.log_text()
+        stack.check_invariants(work.expected)
+
+
+def test_a_slow_batch_keeps_the_worker_in_its_group(server_tmp: Path) -> None:
+    """A commit that waits 15 s on a table lock, longer than the 6 s session timeout.
+
+    Training and commits run off the event loop, so heartbeats go on: no rebalance, the
+    intake pauses meanwhile, and afterwards every event is applied exactly once.
+    """
+    with Stack(server_tmp) as stack:
+        work = build_workload(stack.settings, n_users=50, n_events=1600)
+        first, rest = work.chunks(2)
+        stack.produce(work.catalog + first)
+        worker = WorkerProcess(stack, "worker", ISTREAM_BATCH_SIZE="100").start()
+        with workers(worker):
+            wait_progress(stack, worker, timeout=90)
+            with stack.engine.connect() as conn:
+                conn.exec_driver_sql("LOCK TABLE consumed_offsets IN ACCESS EXCLUSIVE MODE")
+                stack.produce(rest)  # arrives while the worker's commit waits on the lock
+                time.sleep(15.0)
+                worker.assert_alive()
+                conn.rollback()  # releases the lock
+            stack.wait_applied(sum(work.expected.values()), timeout=120, workers=[worker])
+            assert worker.terminate() == 0, worker.tail()
+        log = worker.log_text()
+        slowest = max(float(s) for s in re.findall(r"batch p[\d,]+: .*, ([\d.]+)s$", log, re.MULTILINE))
+        assert slowest > 12.0, worker.tail()  # the slow batch really was slow
+        assert log.count("partitions assigned") == 1, worker.tail()  # and caused no rebalance
         stack.check_invariants(work.expected)

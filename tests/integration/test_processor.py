@@ -215,3 +215,31 @@ def test_one_trainer_others_follow_the_registry(db_url: str) -> None:
     # A restarted trainer continues from the newest weights, not from scratch.
     again = proc()
     assert again.model.model_version == "trainable_fake@2"
+
+
+def test_one_trainer_at_a_time_and_the_next_continues_the_line(db_url: str) -> None:
+    """During a rebalance two workers may both own partition 0 for a moment: the trainer lock
+    lets one train, and whoever takes the role next starts from the newest published weights."""
+
+    def proc() -> BatchProcessor:
+        p = BatchProcessor(
+            TrainableFake(HashEncoder(16)), VectorStore(make_engine(db_url), "g"), TOPICS, Limits(), "h"
+        )
+        p.restore()
+        return p
+
+    old, new = proc(), proc()
+    old.set_trainer(True)
+    new.set_trainer(True)
+    assert old.trainer and not new.trainer  # the old owner still holds the lock
+    old.process(items())
+    old.process(clicks(0, 3, user="a", partition=0))
+    assert new.process(clicks(0, 3, user="b", partition=1)).model_version == "trainable_fake@1"
+    old.set_trainer(False)  # the old owner lets go (its partitions were revoked)
+    new.set_trainer(True)
+    assert new.trainer and new.model.model_version == "trainable_fake@1"
+    assert new.process(clicks(3, 3, user="b", partition=1)).model_version == "trainable_fake@2"
+    parents = new.store.engine.connect().execute(
+        text("SELECT parent, count(*) FROM model_versions WHERE parent IS NOT NULL GROUP BY parent")
+    )
+    assert all(n == 1 for _, n in parents)  # one line of versions, no fork

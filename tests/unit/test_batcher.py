@@ -89,3 +89,23 @@ def test_drop_all_forgets_held_records_and_frees_room() -> None:
         assert b.pending == 0 and b.take_ready() is None
 
     asyncio.run(go())
+
+
+def test_a_full_intake_closes_open_batches_rather_than_wait_for_their_age() -> None:
+    """Many partitions, each short of a full batch, and intake at its bound: the trainer must get
+    work at once, not after batch_seconds (it would idle while nothing more can be read)."""
+
+    async def go() -> None:
+        b = PartitionBatcher(max_records=5, max_age_s=3600, max_pending=8)
+        for i in range(8):
+            await b.add(rec(i % 4, i))
+        assert b.take_ready() is None  # nothing is due yet
+        blocked = asyncio.create_task(b.add(rec(0, 99)))
+        await asyncio.sleep(0)
+        batch = await asyncio.wait_for(b.next_batch(), 1.0)
+        assert len(batch) == 4  # two open batches, coalesced up to max_records
+        b.done(batch)
+        await asyncio.wait_for(blocked, 1.0)
+        assert b.pending == 8 - 4 + 1
+
+    asyncio.run(go())

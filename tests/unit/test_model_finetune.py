@@ -37,7 +37,8 @@ def walk_events(n_items: int, n_users: int, steps: int, seed: int = 0) -> list[E
 
 
 def model(**kw: object) -> FineTunedModel:
-    opts = {"dim": 16, "history": 8, "seed": 0, **kw}
+    # A version per batch: these tests look at what learning does to the published vectors.
+    opts = {"dim": 16, "history": 8, "seed": 0, "publish_every_batches": 1, **kw}
     m = FineTunedModel(HashEncoder(24), "adapter", **opts)
     m.upsert_items(catalog())
     return m
@@ -97,6 +98,25 @@ def test_snapshots_every_n_batches_with_weights_and_items() -> None:
     assert snap.item_vectors.shape == (40, m.dim)
     assert r2.model_version == snap.version
     assert all(u.vector.shape == (m.dim,) for u in r2.updates.values())
+
+
+def test_between_publishes_user_vectors_use_the_published_weights() -> None:
+    """A vector names a model version: it must come from that version's weights, not the live ones."""
+    events = walk_events(40, 5, 4)
+    trained = model(publish_every_batches=100, publish_every_s=1e9, lr=0.05)
+    frozen = model(lr=0.0)  # publishes every batch, but its weights never move
+    first = trained.model_version
+    trained.learn(events[:10])
+    frozen.learn(events[:10])
+    r = trained.learn(events[10:])
+    frozen.learn(events[10:])
+    assert r.model_version == first and r.snapshot is None
+    live = {n: p for n, p in trained.net.named_parameters() if n in trained._serving}
+    assert any(not torch.equal(p, trained._serving[n]) for n, p in live.items())  # training moved on
+    for user in ("u0", "u2", "u4"):
+        np.testing.assert_allclose(trained.user_vector(user), frozen.user_vector(user), rtol=1e-5, atol=1e-6)
+    # Item vectors too (the bias column also holds popularity counts, which move with every batch).
+    np.testing.assert_allclose(trained.item_matrix()[:, :-1], frozen.item_matrix()[:, :-1], rtol=1e-5)
 
 
 def test_user_state_round_trips_through_json() -> None:
@@ -234,3 +254,41 @@ def test_events_before_their_items_arrive() -> None:
     r = m.learn([Event("c", "u", 3.0, "click", item_id="3")])
     assert r.loss is not None and np.isfinite(r.loss)
     assert {e["item_id"] for e in m.explain("u", top=5) if e.get("item_id")} == {"1", "2", "3"}
+
+
+def test_user_state_checkpoint_is_compact_and_reads_the_first_layout() -> None:
+    from models.user_state import UserState
+
+    m = model(history=50)
+    events = walk_events(40, 2, 60)
+    events.append(Event("s1", "u0", events[-1].ts + 1, "search", query="moon rocket", clicked_item_id="3"))
+    m.learn(events)
+    state = m.users["u0"]
+    doc = json.loads(json.dumps(m.get_user_state("u0")))
+    back = UserState.from_json(doc, m.opts.history)
+    assert list(back.recent) == list(state.recent) and back.seen == state.seen
+    assert any(b.query == "moon rocket" for b in back.recent)
+    np.testing.assert_array_equal(back.long_term, state.long_term)
+    assert (back.n_events, back.last_ts, back.cold_start) == (state.n_events, state.last_ts, state.cold_start)
+    # States checkpointed before the columnar layout still load.
+    first = {
+        "recent": [b.to_json() for b in state.recent],
+        "long_term": doc["long_term"],
+        "n_events": state.n_events,
+        "last_ts": state.last_ts,
+        "seen": sorted(state.seen),
+    }
+    old = UserState.from_json(first, m.opts.history)
+    assert list(old.recent) == list(state.recent) and old.seen == state.seen
+    assert len(json.dumps(doc)) < 0.8 * len(json.dumps(first))
+
+
+def test_a_scale_out_follower_neither_trains_nor_publishes() -> None:
+    m = model(publish_every_batches=1)
+    m.train_shared = False
+    before = {n: p.detach().clone() for n, p in m.net.named_parameters()}
+    version = m.model_version
+    r = m.learn(walk_events(40, 5, 4))
+    assert r.snapshot is None and r.loss is None and r.model_version == version
+    assert all(torch.equal(p, before[n]) for n, p in m.net.named_parameters())
+    assert set(r.updates) == {f"u{i}" for i in range(5)}  # its users' vectors still move on
