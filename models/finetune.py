@@ -50,7 +50,7 @@ from models.device import autocast, cpu_threads, pick_device, set_deterministic
 from models.events import Event, Item, UserProfile
 from models.losses import bpr, info_nce, rating_mse, sampled_softmax
 from models.replay import ReplayBuffer
-from models.towers import ItemTower, build_tower
+from models.towers import ItemTower, build_tower, sample_live_rows
 from models.user_state import (
     N_SIGNALS,
     SIGNAL_CLICK,
@@ -92,8 +92,12 @@ class FineTuneOptions:
     # Item popularity enters the score as log(1 + time-decayed count) at two speeds.
     popularity_half_lives_s: tuple[float, ...] = (86400.0, 30 * 86400.0)
     long_term_rate: float = 0.05
-    # top_layers/lora: at most this many items run through the trained layers per step.
+    # top_layers/lora: at most this many items run through the trained layers per step (a
+    # weighted sample of the targets and the other candidates, `models.towers.sample_live_rows`).
     tower_items_per_step: int = 128
+    # Learning rate of the trained transformer layers (top_layers) / LoRA adapters, times `lr`.
+    layer_lr_multiplier: float = 0.01
+    lora_lr_multiplier: float = 0.1
     tower_refresh_every: int = 10  # publishes between full re-encodings of the catalog (top_layers/lora)
     replay_size: int = 20_000
     replay_per_batch: int = 64
@@ -435,7 +439,7 @@ class FineTunedModel(InterestModel):
             setattr(net, name, p_new)
 
     def _make_optimizer(self) -> None:
-        decay, no_decay, items = [], [], []
+        decay, no_decay, items, layers = [], [], [], []
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
@@ -443,6 +447,8 @@ class FineTunedModel(InterestModel):
             # every item's row on every step, also the items the batch never saw.
             if name.startswith(("item_", "rating_bias")):
                 items.append(p)
+            elif name.startswith("tower.top."):
+                layers.append(p)
             else:
                 (no_decay if p.ndim < 2 else decay).append(p)
         lr = self.opts.lr
@@ -452,37 +458,34 @@ class FineTunedModel(InterestModel):
                 {"params": no_decay, "weight_decay": 0.0},
                 # Each item's row sees few steps in one pass over a stream: it gets a larger rate.
                 {"params": items, "weight_decay": 0.0, "lr": lr * self.opts.item_lr_multiplier},
+                # Pretrained transformer weights (top_layers/lora) move slowly: their outputs are
+                # cached between refreshes, and a large rate undoes the pretraining.
+                {"params": layers, "weight_decay": self.opts.weight_decay, "lr": self._layer_lr()},
             ],
             lr=lr,
         )
 
+    def _layer_lr(self) -> float:
+        o = self.opts
+        mult = o.lora_lr_multiplier if self.net.tower.strategy.startswith("lora") else o.layer_lr_multiplier
+        return o.lr * mult
+
     # ---- item vectors ----------------------------------------------------------------------------
-    def _tower_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def _tower_rows(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
         tower = self.net.tower
-        out = tower(rows)
+        out = tower(rows, live)
         if self.net.fuse is not None and self._modal is not None:
             modal = torch.from_numpy(self._modal[rows.cpu().numpy()]).to(self.device)
             out = out + self.net.fuse(modal)
         return out
 
     def _item_vectors(
-        self, rows: torch.Tensor, grad_rows: set[int] | None
+        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vectors and scoring biases of `rows`; the tower runs with gradients on `grad_rows`
-        (all rows for cheap towers), the others come from the tower cache."""
+        """Vectors and scoring biases of `rows`, with gradients; a tower with an expensive part
+        (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`)."""
         net = self.net
-        if grad_rows is None:
-            base = self._tower_rows(rows)
-        else:
-            base = self._tower_cache.to(self.device)[rows]
-            if grad_rows:
-                rl = rows.tolist()
-                pick = [i for i, r in enumerate(rl) if r in grad_rows]
-                if pick:
-                    sub = rows[pick]
-                    live = self._tower_rows(sub)
-                    base = base.index_copy(0, _rows_tensor(pick, self.device), live.to(base.dtype))
-                    self._tower_cache[sub.cpu()] = live.detach().float().cpu()
+        base = self._tower_rows(rows, grad_rows)
         vec = net.proj(base) + net.item_emb[rows]
         pop = torch.from_numpy(np.log1p(self._pop[rows.cpu().numpy()]).astype(np.float32)).to(self.device)
         bias = net.item_bias[rows] + pop @ net.w_pop
@@ -497,10 +500,12 @@ class FineTunedModel(InterestModel):
             return
         was = net.training
         net.eval()
-        if full_tower or net.tower.cheap:
-            all_rows = _rows_tensor(range(n), self.device)
-            out = torch.cat([self._tower_rows(all_rows[i : i + 512]) for i in range(0, n, 512)])
-            self._tower_cache = out.float().cpu()
+        if full_tower:
+            net.tower.refresh()
+        # Over every row: cheap for every tower (transformer layers come from their cache).
+        all_rows = _rows_tensor(range(n), self.device)
+        out = torch.cat([self._tower_rows(all_rows[i : i + 512]) for i in range(0, n, 512)])
+        self._tower_cache = out.float().cpu()
         rows = _rows_tensor(range(n), self.device)
         base = self._tower_cache.to(self.device)
         vec = net.proj(base) + net.item_emb[rows]
@@ -785,15 +790,12 @@ class FineTunedModel(InterestModel):
         col = {r: i for i, r in enumerate(need_rows)}
         # A cheap tower (the adapter) runs with gradients over every candidate: the negatives'
         # gradients through it are worth it (ML-100K NDCG@10 0.0569 vs 0.0515 with gradients
-        # on the batch's own items only). Transformer layers train on a sample of the targets;
-        # the other items come from the tower cache.
-        grad_rows: set[int] | None = None
+        # on the batch's own items only). Transformer layers run on a weighted sample of the
+        # targets and the other candidates (`sample_live_rows`); the rest come from the cache.
+        grad_rows: dict[int, float] | None = None
         if not net.tower.cheap:
             targets = list(dict.fromkeys(t.row for _, t in pos))
-            if len(targets) > o.tower_items_per_step:
-                pick = self.rng.choice(len(targets), o.tower_items_per_step, replace=False)
-                targets = [targets[i] for i in sorted(pick)]
-            grad_rows = set(targets)
+            grad_rows = sample_live_rows(targets, cand_rows, o.tower_items_per_step, self.rng)
 
         dev = self.device
         net.train()

@@ -13,7 +13,7 @@ from models.finetune import FineTunedModel
 from models.losses import bpr, info_nce, sampled_softmax
 from models.registry import build_model
 from models.replay import ReplayBuffer
-from models.towers import AdapterTower, LoRALinear, TopLayersTower, find_layers
+from models.towers import AdapterTower, LoRALinear, TopLayersTower, find_layers, sample_live_rows
 from tests.fakes import HashEncoder
 
 TEXTS = ["a rocket to the moon", "fresh pasta with basil", "the striker scored a late goal", "piano"]
@@ -49,7 +49,9 @@ def test_top_layers_on_cached_lower_states_reproduce_the_base(tiny: BaseEncoder,
         out = tower.run_top(tower.lower(TEXTS)).numpy()
     np.testing.assert_allclose(out, tiny.encode(TEXTS), atol=1e-5)
     trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("top.") for n in trainable)
+    # The top layers and the residual adapter over their pooled output.
+    assert any(n.startswith("top.") for n in trainable)
+    assert all(n.startswith(("top.", "down.", "up.")) for n in trainable)
     assert len(tower.top) == k
 
 
@@ -59,10 +61,65 @@ def test_lora_starts_as_the_base_and_trains_only_adapters(tiny: BaseEncoder) -> 
         out = tower.run_top(tower.lower(TEXTS)).numpy()
     np.testing.assert_allclose(out, tiny.encode(TEXTS), atol=1e-5)
     trainable = [n for n, p in tower.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    in_layers = [n for n in trainable if n.startswith("top.")]
+    assert in_layers and all("lora_" in n for n in in_layers)
+    assert all(n.startswith(("top.", "down.", "up.")) for n in trainable)
     assert any(isinstance(m, LoRALinear) for m in tower.modules())
     # The encoder's own model is untouched (it still makes the cached base encodings).
     assert not any(isinstance(m, LoRALinear) for m in tiny.model.modules())
+
+
+def test_top_layers_start_as_the_adapter_and_cache_the_layers_outputs(tiny: BaseEncoder) -> None:
+    """Untrained, the tower gives the base encodings (as the adapter does); afterwards the
+    layers run only for `live` rows, whose outputs are written into the cache, and `refresh`
+    brings every row up to date."""
+    m = build_model("top_layers:1", tiny, dim=8, seed=0)
+    m.upsert_items(items(6))
+    tower = m.net.tower
+    assert isinstance(tower, TopLayersTower)
+    tower.eval()
+    rows = torch.arange(6)
+    np.testing.assert_allclose(tower(rows).detach().numpy(), m.catalog.encodings, atol=1e-5)
+    with torch.no_grad():
+        for p in tower.top.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fresh = tower.run_top([tower._states[r] for r in range(6)]).detach()
+    out = tower(rows, live={1: 1.0, 4: 1.0}).detach()
+    np.testing.assert_allclose(out[[1, 4]].numpy(), fresh[[1, 4]].numpy(), atol=1e-5)
+    stale = out[[0, 2, 3, 5]].numpy()
+    np.testing.assert_allclose(stale, m.catalog.encodings[[0, 2, 3, 5]], atol=1e-5)
+    np.testing.assert_allclose(tower(rows)[[1, 4]].detach().numpy(), fresh[[1, 4]].numpy(), atol=1e-5)
+    tower.refresh()
+    np.testing.assert_allclose(tower(rows).detach().numpy(), fresh.numpy(), atol=1e-5)
+
+
+def test_live_rows_are_a_weighted_stratified_sample() -> None:
+    """Half the budget from the targets, half from the other candidates; each stratum's
+    weights add up to its size, so the layers' gradient stays unbiased."""
+    rng = np.random.default_rng(0)
+    cand = list(range(100))
+    live = sample_live_rows([3, 5, 7], cand, 8, rng)
+    assert len(live) == 8 and all(live[r] == 1.0 for r in (3, 5, 7))
+    assert sum(w for r, w in live.items() if r not in (3, 5, 7)) == pytest.approx(97)
+    live = sample_live_rows(list(range(40)), cand, 16, rng)
+    assert len(live) == 16
+    assert sum(w for r, w in live.items() if r < 40) == pytest.approx(40)
+    assert sum(w for r, w in live.items() if r >= 40) == pytest.approx(60)
+    # Few candidates: every row, weight 1.
+    assert sample_live_rows([0], [0, 1, 2], 16, rng) == {0: 1.0, 1: 1.0, 2: 1.0}
+
+
+def test_cached_layers_run_without_dropout_and_learn_slowly(tiny: BaseEncoder) -> None:
+    m = build_model("top_layers:1", tiny, dim=8, seed=0, lr=0.01, layer_lr_multiplier=0.05)
+    m.net.train()
+    assert not m.net.tower.top.training and m.net.tower.training
+    rates = {id(p): g["lr"] for g in m.optimizer.param_groups for p in g["params"]}
+    assert all(rates[id(p)] == pytest.approx(5e-4) for p in m.net.tower.top.parameters())
+    assert rates[id(m.net.tower.up.weight)] == pytest.approx(0.01)
+    lora = build_model("lora:2", tiny, dim=8, seed=0, lr=0.01, lora_lr_multiplier=0.5)
+    trained = [p for p in lora.net.tower.top.parameters() if p.requires_grad]
+    rates = {id(p): g["lr"] for g in lora.optimizer.param_groups for p in g["params"]}
+    assert trained and all(rates[id(p)] == pytest.approx(5e-3) for p in trained)
 
 
 def test_adapter_starts_as_identity() -> None:
