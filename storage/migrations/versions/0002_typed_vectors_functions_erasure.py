@@ -46,6 +46,19 @@ JOIN user_interest_vectors h ON h.user_id = p.user_id AND h.version = p.version
 # Batch transactions hold this advisory lock shared, erase_user holds it exclusive: an
 # erasure waits for in-flight batches and the next batch sees its tombstone.
 ERASURE_LOCK = 7_315_001
+# The same in 0001 and here (re-created because the table's vector type changes under it).
+USER_VECTOR_AS_OF = """
+CREATE FUNCTION user_vector_as_of(p_user_id text, p_at timestamptz,
+                                  p_by_event_time boolean DEFAULT false)
+RETURNS SETOF user_interest_vectors
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM user_interest_vectors v
+    WHERE v.user_id = p_user_id
+      AND (CASE WHEN p_by_event_time THEN v.last_event_ts ELSE v.created_at END) <= p_at
+    ORDER BY v.version DESC
+    LIMIT 1
+$$
+"""
 
 
 def _existing_widths(conn: sa.Connection, table: str, backend: Backend) -> list[int]:
@@ -126,18 +139,7 @@ def _functions(backend: Backend, dim: int) -> list[str]:
         END
         $$
         """,
-        """
-        CREATE FUNCTION user_vector_as_of(p_user_id text, p_at timestamptz,
-                                          p_by_event_time boolean DEFAULT false)
-        RETURNS SETOF user_interest_vectors
-        LANGUAGE sql STABLE AS $$
-            SELECT * FROM user_interest_vectors v
-            WHERE v.user_id = p_user_id
-              AND (CASE WHEN p_by_event_time THEN v.last_event_ts ELSE v.created_at END) <= p_at
-            ORDER BY v.version DESC
-            LIMIT 1
-        $$
-        """,
+        USER_VECTOR_AS_OF,
         f"""
         CREATE FUNCTION similar_users(p_user_id text, p_k int DEFAULT 10)
         RETURNS TABLE (user_id varchar, similarity double precision)
@@ -400,17 +402,4 @@ def downgrade() -> None:
             $$
             """
         )
-        op.execute(
-            """
-            CREATE FUNCTION user_vector_as_of(p_user_id text, p_at timestamptz,
-                                              p_by_event_time boolean DEFAULT false)
-            RETURNS SETOF user_interest_vectors
-            LANGUAGE sql STABLE AS $$
-                SELECT * FROM user_interest_vectors v
-                WHERE v.user_id = p_user_id
-                  AND (CASE WHEN p_by_event_time THEN v.last_event_ts ELSE v.created_at END) <= p_at
-                ORDER BY v.version DESC
-                LIMIT 1
-            $$
-            """
-        )
+        op.execute(USER_VECTOR_AS_OF)  # unchanged since 0001
