@@ -121,8 +121,9 @@ def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
     return [OffsetMark(t, p, o) for (t, p), o in sorted(nxt.items())]
 
 
-class PartitionLock:
-    """Advisory locks held on one connection; released by whichever thread commits the batch."""
+class AdvisoryLocks:
+    """Session advisory locks held on one connection (a batch's partitions, or the trainer role);
+    a batch's are released by whichever thread commits it."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -145,16 +146,19 @@ class StagedBatch:
     """
 
     records: Sequence[RawRecord]
-    lock: PartitionLock
+    lock: AdvisoryLocks
     outcome: BatchOutcome
     users: list[str]
-    events: list[Event]
-    fresh: list[tuple[RawRecord, Event]]
+    fresh: list[tuple[RawRecord, Event]]  # the events to apply, with the records they came from
     updates: Mapping[str, UserUpdate]
     states: dict[str, Any]
     model_version: str
     loss: float | None
     started: float
+
+    @property
+    def events(self) -> list[Event]:
+        return [e for _, e in self.fresh]
 
 
 class BatchProcessor:
@@ -235,7 +239,7 @@ class BatchProcessor:
             self._published.add(saved[0])
             # Its publisher may not have known every item we know (catalog partitions are
             # spread over the workers): fill in the ones it lacks, keep the ones it wrote.
-            self.write_item_vectors(self.model.item_ids(), overwrite=False)
+            self.write_item_vectors(list(self.model.item_ids()), overwrite=False)
             log.info("loaded trainable weights of %s", saved[0])
 
     def set_trainer(self, wanted: bool) -> None:
@@ -284,7 +288,7 @@ class BatchProcessor:
     def _release_trainer_lock(self) -> None:
         conn, self._trainer_conn = self._trainer_conn, None
         if conn is not None:
-            PartitionLock(conn).release()
+            AdvisoryLocks(conn).release()
 
     def refresh_catalog(self, min_interval_s: float = 0.0) -> int:
         """Pick up catalog items that any worker stored since we last looked (cheap when none)."""
@@ -309,7 +313,7 @@ class BatchProcessor:
             if self.model.model_version in self._published:
                 # The version our vectors name was published before we knew these items:
                 # without their vectors under it, they could never rank for those users.
-                self.write_item_vectors(items)
+                self.write_item_vectors([i.item_id for i in items])
         return len(items)
 
     def ensure_published(self) -> None:
@@ -342,7 +346,7 @@ class BatchProcessor:
             good.append((rec, parsed))
         return good, bad
 
-    def lock_partitions(self, partitions: Sequence[int]) -> PartitionLock:
+    def lock_partitions(self, partitions: Sequence[int]) -> AdvisoryLocks:
         """Serialise batches of the same partitions across workers (session advisory locks).
 
         A user's events share one partition number on every topic, so the number alone
@@ -359,7 +363,7 @@ class BatchProcessor:
             conn.invalidate()
             conn.close()
             raise
-        return PartitionLock(conn)
+        return AdvisoryLocks(conn)
 
     @contextmanager
     def partition_lock(self, partitions: Sequence[int]) -> Iterator[None]:
@@ -463,7 +467,6 @@ class BatchProcessor:
             lock=lock,
             outcome=outcome,
             users=users,
-            events=events,
             fresh=fresh,
             updates=updates,
             states=states,
@@ -498,11 +501,12 @@ class BatchProcessor:
             self.model.forget_user(user_id)
         self._versions.update(versions)
         outcome = staged.outcome
-        outcome.applied = len(staged.events)
+        events = staged.events
+        outcome.applied = len(events)
         outcome.users = len(staged.updates)
         outcome.loss = staged.loss
         outcome.model_version = staged.model_version
-        outcome.event_ts = [e.ts for e in staged.events]
+        outcome.event_ts = [e.ts for e in events]
         outcome.record_ts = [r.timestamp_ms / 1000.0 for r, _ in staged.fresh if r.timestamp_ms]
         outcome.max_event_ts = max(outcome.event_ts, default=None)
         outcome.seconds = time.perf_counter() - staged.started
@@ -525,14 +529,13 @@ class BatchProcessor:
         self.store.upsert_items(latest)
         self.persist_encodings(latest)
         self.ensure_published()
-        self.write_item_vectors(latest)
+        self.write_item_vectors([i.item_id for i in latest])
 
-    def write_item_vectors(self, items: Sequence[Item] | Sequence[str], *, overwrite: bool = True) -> None:
+    def write_item_vectors(self, item_ids: Sequence[str], *, overwrite: bool = True) -> None:
         """These items' vectors under the model version that user vectors name now."""
         ids = self.model.item_ids()
         index = {item_id: row for row, item_id in enumerate(ids)}
-        wanted = [i if isinstance(i, str) else i.item_id for i in items]
-        rows = [index[i] for i in wanted if i in index]
+        rows = [index[i] for i in item_ids if i in index]
         matrix = self.model.item_matrix()
         self.store.write_item_vectors(
             self.model.model_version, [ids[r] for r in rows], matrix[rows], overwrite=overwrite
