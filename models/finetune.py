@@ -271,7 +271,6 @@ class FineTunedModel(InterestModel):
         self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
         self._pop = np.zeros((0, len(o.popularity_half_lives_s)), dtype=np.float64)
         self._pop_t: float | None = None
-        self._tower_cache = torch.zeros(0, tower.base_dim)
         self._live_vec = torch.zeros(0, dim)  # item vectors of the live weights (no grad)
         self._live_aug = np.zeros((0, dim + 1), dtype=np.float32)
         self._published_aug = np.zeros((0, dim + 1), dtype=np.float32)
@@ -372,16 +371,7 @@ class FineTunedModel(InterestModel):
         for item, row in zip(items, rows, strict=True):
             if item.embedding is not None:
                 self._set_modal(row, np.asarray(item.embedding, dtype=np.float32))
-        tower = self.net.tower
-        tower.sync(self.catalog, rows)
-        self.net.eval()
-        with torch.no_grad():
-            out = self._tower_rows(_rows_tensor(rows, self.device))
-            cache = self._tower_cache
-            if cache.shape[0] < n:
-                cache = torch.cat([cache, torch.zeros(n - cache.shape[0], cache.shape[1])])
-            cache[_rows_tensor(rows, torch.device("cpu"))] = out.float().cpu()
-            self._tower_cache = cache
+        self.net.tower.sync(self.catalog, rows)
         self._refresh_items()
         # New items enter the published space at once (their text vector, no behaviour yet).
         self._published_aug = np.concatenate(
@@ -503,11 +493,8 @@ class FineTunedModel(InterestModel):
         if full_tower:
             net.tower.refresh()
         # Over every row: cheap for every tower (transformer layers come from their cache).
-        all_rows = _rows_tensor(range(n), self.device)
-        out = torch.cat([self._tower_rows(all_rows[i : i + 512]) for i in range(0, n, 512)])
-        self._tower_cache = out.float().cpu()
         rows = _rows_tensor(range(n), self.device)
-        base = self._tower_cache.to(self.device)
+        base = torch.cat([self._tower_rows(rows[i : i + 512]) for i in range(0, n, 512)])
         vec = net.proj(base) + net.item_emb[rows]
         pop = torch.from_numpy(np.log1p(self._pop[:n]).astype(np.float32)).to(self.device)
         bias = net.item_bias[rows] + pop @ net.w_pop

@@ -89,9 +89,6 @@ class AdapterTower(ItemTower):
         base = self._base.to(self.up.weight.device)
         return self.adapt(base[rows])
 
-    def forward_all(self) -> torch.Tensor:
-        return self.adapt(self._base.to(self.up.weight.device))
-
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         base = torch.from_numpy(self.encoder.encode(list(texts))).to(self.up.weight.device)
         return self.adapt(base)
@@ -322,9 +319,6 @@ class TopLayersTower(AdapterTower):
                 # the others since the last `refresh`.
                 self._base[rows[at].to(self._base.device)] = fresh.detach().float().to(self._base.device)
         return self.adapt(base)
-
-    def forward_all(self) -> torch.Tensor:
-        return self.adapt(self._base.to(self.device))
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.adapt(self.run_top(self.lower(texts)))
