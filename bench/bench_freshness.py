@@ -327,6 +327,8 @@ def main() -> None:
         "of the pairs: on a shared machine the load moves between runs)",
     )
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     rates = [float(r) for r in args.rates.split(",") if r]
 
     log(f"{os.cpu_count()} CPUs; model {args.model}; backlog {args.backlog}; rates {rates}")

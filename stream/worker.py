@@ -147,6 +147,11 @@ class WorkerRuntime:
         runner.processor.set_trainer(self.trainer)
         return runner.run(batch)
 
+    def give_up_training(self) -> None:
+        """Release the trainer lock now, not at our next batch: the new owner waits for it."""
+        if self._processor is not None:
+            asyncio.get_running_loop().run_in_executor(self.executor, self._processor.set_trainer, False)
+
     def _stage(self, batch: list[RawRecord]) -> StagedBatch | BatchOutcome:
         runner = self.runner
         runner.processor.set_trainer(self.trainer)
@@ -433,9 +438,8 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
         shorten_fetch_wait(app, settings.fetch_max_wait_ms)
         dropped = rt.batcher.drop_all()
         rt.trainer = any((tp.topic, tp.partition) == rt.trainer_tp for tp in assigned)
-        if not rt.trainer and rt._processor is not None:
-            # Give up the trainer lock now, not at our next batch: the new owner waits for it.
-            asyncio.get_running_loop().run_in_executor(rt.executor, rt._processor.set_trainer, False)
+        if not rt.trainer:
+            rt.give_up_training()
         parts = sorted({tp.partition for tp in assigned})
         log.info(
             "partitions assigned: %s; dropped %d held records; %s",
