@@ -68,6 +68,9 @@ class InterestModel(ABC):
     """Base class for interest models: small state, learn/predict, inspectable."""
 
     name: str = "model"
+    # Scale-out: False on a worker that follows another's published weights (models with
+    # shared trainable parameters then neither train nor publish; others ignore it).
+    train_shared: bool = True
 
     @property
     @abstractmethod
@@ -96,6 +99,11 @@ class InterestModel(ABC):
     @abstractmethod
     def learn(self, events: Sequence[Event]) -> BatchResult:
         """Apply a time-ordered batch; return the updated users."""
+
+    def publish_due(self) -> bool:
+        """Whether the next `learn` publishes a new model version (the worker then refreshes its
+        catalog first). Models with one fixed version never do."""
+        return False
 
     def set_profiles(self, profiles: Sequence[UserProfile]) -> None:  # noqa: B027
         """Side information for cold start; models that use none ignore it."""

@@ -252,15 +252,14 @@ class BatchProcessor:
         so the line goes on from there. The others keep their users' state current
         against the newest published snapshot, which they load before every batch, so
         every vector names a version whose item vectors are in the registry and all
-        workers converge on the trainer's space within one batch. Models opt in with a
-        `train_shared` flag.
+        workers converge on the trainer's space within one batch. Models with shared
+        trainable parameters honour `InterestModel.train_shared`.
         """
         holds = self._trainer_lock(wanted)
         if holds and not self.trainer:
             self.restore_weights()
         self.trainer = holds
-        if hasattr(self.model, "train_shared"):
-            self.model.train_shared = holds  # type: ignore[attr-defined]
+        self.model.train_shared = holds
 
     def _trainer_lock(self, wanted: bool) -> bool:
         if not wanted:
@@ -423,8 +422,7 @@ class BatchProcessor:
                 outcome.items = len(items)
             # Items stored by other workers (their partitions of the catalog topic); always
             # before this batch publishes a version, so the one it supersedes has them too.
-            due = getattr(self.model, "publish_due", None)
-            self.refresh_catalog(min_interval_s=0.0 if items or (due is not None and due()) else 2.0)
+            self.refresh_catalog(min_interval_s=0.0 if items or self.model.publish_due() else 2.0)
             if not self.trainer:
                 self.restore_weights()
             self.sync_users(users)
