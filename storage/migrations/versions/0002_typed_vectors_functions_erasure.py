@@ -67,6 +67,20 @@ def _existing_widths(conn: sa.Connection, table: str, backend: Backend) -> list[
     return sorted(w for w in rows if w is not None)
 
 
+# Every table that holds rows of a user, in the order erase_user deletes them.
+USER_TABLES = ("applied_events", "user_states", "user_current_versions", "user_interest_vectors")
+
+
+def _erase_rows() -> str:
+    """erase_user's deletes, each counted into v_counts under its table's name."""
+    return "\n".join(
+        f"""            DELETE FROM {t} WHERE user_id = p_user_id;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_counts := v_counts || jsonb_build_object('{t}', v_n);"""
+        for t in USER_TABLES
+    )
+
+
 def _functions(backend: Backend, dim: int) -> list[str]:
     pgv = backend is Backend.PGVECTOR
     if pgv:
@@ -227,18 +241,7 @@ def _functions(backend: Backend, dim: int) -> list[str]:
             PERFORM pg_advisory_xact_lock({ERASURE_LOCK});
             SELECT sha256(convert_to(m.value || p_user_id, 'UTF8')) INTO STRICT v_hash
             FROM storage_meta m WHERE m.key = 'erasure_salt';
-            DELETE FROM applied_events WHERE user_id = p_user_id;
-            GET DIAGNOSTICS v_n = ROW_COUNT;
-            v_counts := v_counts || jsonb_build_object('applied_events', v_n);
-            DELETE FROM user_states WHERE user_id = p_user_id;
-            GET DIAGNOSTICS v_n = ROW_COUNT;
-            v_counts := v_counts || jsonb_build_object('user_states', v_n);
-            DELETE FROM user_current_versions WHERE user_id = p_user_id;
-            GET DIAGNOSTICS v_n = ROW_COUNT;
-            v_counts := v_counts || jsonb_build_object('user_current_versions', v_n);
-            DELETE FROM user_interest_vectors WHERE user_id = p_user_id;
-            GET DIAGNOSTICS v_n = ROW_COUNT;
-            v_counts := v_counts || jsonb_build_object('user_interest_vectors', v_n);
+{_erase_rows()}
             INSERT INTO erased_users AS t (user_hash, erased_at, drop_until)
             VALUES (v_hash, now(), greatest(p_drop_until, now()))
             ON CONFLICT (user_hash) DO UPDATE
