@@ -40,6 +40,7 @@ class PartitionBatcher:
         self._has_ready = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
+        self.sealed = False  # stopping: what arrives now is left for the restart to re-read
 
     @property
     def pending(self) -> int:
@@ -52,14 +53,21 @@ class PartitionBatcher:
     def _key(self, rec: RawRecord) -> BatchKey:
         return (self.is_catalog(rec.topic), rec.partition)
 
+    def seal(self) -> None:
+        """Take no more records (shutdown): a flush then commits only what was held."""
+        self.sealed = True
+        self._has_room.set()
+
     async def add(self, rec: RawRecord) -> None:
-        while self._pending >= self.max_pending:
+        while self._pending >= self.max_pending and not self.sealed:
             if not self._ready:
                 # Full, and nothing closed to work on: waiting for the open batches to age
                 # would leave the trainer idle (intake is paused, they cannot fill up).
                 self.close_all()
             self._has_room.clear()
             await self._has_room.wait()
+        if self.sealed:
+            return  # never committed, so re-read from Postgres' offsets on restart
         key = self._key(rec)
         buf = self._open.get(key)
         if buf is None:

@@ -113,6 +113,11 @@ def encode_dead_letter(entry: dict[str, Any]) -> bytes:
     return json.dumps(entry, ensure_ascii=False).encode("utf-8")
 
 
+class ShuttingDown(Exception):
+    """The worker is stopping: a wait or a retry was given up, and the batch stays uncommitted
+    (it is re-read from Postgres' offsets on restart)."""
+
+
 def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
     nxt: dict[tuple[str, int], int] = {}
     for r in records:
@@ -196,6 +201,9 @@ class BatchProcessor:
         # publishes snapshots; the others follow the registry (see set_trainer).
         self.trainer = True
         self._trainer_conn: Connection | None = None
+        # The worker's stop signal: a lock wait gives up (ShuttingDown) once it says so, so a
+        # stop never hangs behind a lock that another batch or worker holds.
+        self.should_stop: Callable[[], bool] = lambda: False
 
     # ---- start-up ------------------------------------------------------------------
     def restore(self) -> None:
@@ -354,15 +362,30 @@ class BatchProcessor:
         conn = self.store.engine.connect()
         try:
             for p in sorted(set(partitions)):  # one order everywhere: no deadlock
-                conn.execute(
-                    text("SELECT pg_advisory_lock(hashtext(:g), :p)"), {"g": self.store.group_id, "p": p}
-                )
+                self._wait_lock(conn, p)
             conn.commit()
         except BaseException:
             conn.invalidate()
             conn.close()
             raise
         return AdvisoryLocks(conn)
+
+    def _wait_lock(self, conn: Connection, partition: int) -> None:
+        """Take one partition's lock, polling: a blocking pg_advisory_lock could not be given
+        up when the worker stops (it waited forever behind a batch whose commit was queued
+        behind it: issue 12). The polls back off to 100 ms, which only a contended lock pays."""
+        delay = 0.005
+        while True:
+            got = conn.execute(
+                text("SELECT pg_try_advisory_lock(hashtext(:g), :p)"),
+                {"g": self.store.group_id, "p": partition},
+            ).scalar_one()
+            if got:
+                return
+            if self.should_stop():
+                raise ShuttingDown(f"stopped waiting for partition {partition}'s lock")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     @contextmanager
     def partition_lock(self, partitions: Sequence[int]) -> Iterator[None]:

@@ -28,13 +28,11 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatch
+from stream.processor import BatchOutcome, BatchProcessor, RawRecord, ShuttingDown, StagedBatch
 
 log = logging.getLogger("istream.resilience")
 
-
-class ShuttingDown(Exception):
-    """Raised instead of another retry when the worker is stopping; the batch stays uncommitted."""
+__all__ = ["ResilientRunner", "ShuttingDown", "is_transient"]
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -112,6 +110,8 @@ class ResilientRunner:
         """
         try:
             return self.processor.stage(records)
+        except ShuttingDown:
+            raise
         except Exception as exc:
             log.info("staging %d records failed (%s); processing them synchronously", len(records), exc)
             return self.run(records)

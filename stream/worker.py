@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -105,19 +106,111 @@ class WorkerRuntime:
         self.metrics = WorkerMetrics()
         self.dead_letters = DeadLetterProducer(bootstrap, settings.topic_dead_letter)
         self._stop_deadline: float | None = None
+        # Shutdown has one owner of the batcher at a time: `pump` until it has stopped, then
+        # `shutdown` (issue 12: the two taking batches at once deadlocked on a partition lock).
+        self.stopping = False
+        self.pump_task: asyncio.Task[None] | None = None
+        self.pump_busy = False  # pump holds a batch (else it waits for one, and may be cancelled)
+        self.flushed = 0
+        self.exit_code = 0
         self._processor: BatchProcessor | None = None
         self._runner: ResilientRunner | None = None
         self._lock = threading.Lock()
         self.trainer = True  # owns partition 0 of the first event topic (see BatchProcessor.set_trainer)
         self.trainer_tp = (next(iter(settings.event_topics)), 0)
 
-    # Shutdown: flush what is held, but give up retrying after a grace period.
+    # Shutdown: flush what is held, but give up waiting and retrying after a grace period.
     def begin_shutdown(self) -> None:
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_s
 
     def should_stop(self) -> bool:
         return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
+
+    def remaining(self) -> float:
+        """Seconds of the shutdown grace left (the whole grace before a shutdown began)."""
+        if self._stop_deadline is None:
+            return self.settings.shutdown_grace_s
+        return max(self._stop_deadline - time.monotonic(), 0.0)
+
+    async def stop_pump(self) -> bool:
+        """Stop `pump`: it finishes the batch in hand (within the grace) and takes no other."""
+        self.stopping = True
+        task = self.pump_task
+        if task is None or task.done():
+            return True
+        if not self.pump_busy:
+            task.cancel()  # waiting for a batch, holding none: nothing is lost
+        done, _ = await asyncio.wait({task}, timeout=self.remaining())
+        if not done:
+            task.cancel()
+            return False
+        return True
+
+    async def shutdown(self) -> None:
+        """SIGTERM: stop pump, then commit what is held (open batches too), all within the grace.
+
+        Whatever is not committed by then is re-read from Postgres' offsets on restart, so
+        giving up loses nothing; only waiting forever would be wrong.
+        """
+        self.begin_shutdown()
+        self.batcher.seal()  # Faust's buffers still feed the agent: flush what is held, no more
+        grace = self.settings.shutdown_grace_s
+        if not await self.stop_pump():
+            log.warning(
+                "shutdown: the batch in hand outlasted the %.0fs grace; %d held records are re-read "
+                "from Postgres' offsets on restart",
+                grace,
+                self.batcher.pending,
+            )
+            return
+        try:
+            await asyncio.wait_for(self._flush(), self.remaining())
+        except TimeoutError:
+            log.warning(
+                "shutdown: grace of %.0fs passed; flushed %d held records, %d more are re-read from "
+                "Postgres' offsets on restart",
+                grace,
+                self.flushed,
+                self.batcher.pending,
+            )
+            return
+        log.info("shutdown: flushed %d held records", self.flushed)
+
+    async def _flush(self) -> None:
+        await self.drain()
+        self.batcher.close_all()
+        while (batch := self.batcher.take_ready()) is not None:
+            try:
+                if await self.run_batch(batch) is None:
+                    return  # gave up (grace passed): the rest would too
+                self.flushed += len(batch)
+            finally:
+                self.batcher.done(batch)
+        await self.drain()
+
+    def close(self, timeout: float) -> bool:
+        """Release what the worker holds; False when a thread is still busy after `timeout`.
+
+        Queued work is cancelled; a step already running (a learn step, a statement waiting on
+        a lock) cannot be interrupted from outside its thread, and the interpreter would wait
+        for it at exit, so the caller then exits without waiting (nothing uncommitted is lost).
+        """
+        deadline = time.monotonic() + timeout
+        pools = (self.executor, self.committer)
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        busy = [t for pool in pools for t in _threads(pool, deadline) if t.is_alive()]
+        try:
+            self.dead_letters.close()
+        except Exception as exc:
+            log.warning("dead-letter producer did not close cleanly: %s", exc)
+        if busy:
+            return False
+        if self._processor is not None:  # its threads have ended: nothing else touches it now
+            self._processor.close()
+        self.store.engine.dispose()
+        return True
 
     @property
     def runner(self) -> ResilientRunner:
@@ -138,6 +231,7 @@ class WorkerRuntime:
                     should_stop=self.should_stop,
                     on_retry=self.metrics.retries.inc,
                 )
+                self._processor.should_stop = self.should_stop
                 runner._attempt(lambda: (self._processor.restore(), BatchOutcome())[1])  # type: ignore[union-attr]
                 self._runner = runner
             return self._runner
@@ -351,6 +445,9 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_rebalance_timeout=settings.session_timeout_s * 2,
         stream_buffer_maxsize=max(4 * settings.batch_size, 1000),
+        # Faust would wait, unbounded, for every buffered record to pass the agent before our
+        # flush; they are re-read from Postgres' offsets anyway, and the grace bounds the flush.
+        stream_wait_empty=False,
     )
     rt = WorkerRuntime(settings, bootstrap, database_url)
     app.istream = rt  # type: ignore[attr-defined]
@@ -378,8 +475,11 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
 
     @app.task
     async def pump() -> None:
-        while True:
+        rt.pump_task = asyncio.current_task()
+        while not rt.stopping:
+            rt.pump_busy = False
             batch = await rt.batcher.next_batch()
+            rt.pump_busy = True
             if settings.pipeline_commits:
                 await rt.pipeline(batch)
                 continue
@@ -387,6 +487,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
                 await rt.run_batch(batch)
             finally:
                 rt.batcher.done(batch)
+        rt.pump_busy = False
 
     @app.timer(interval=min(settings.batch_seconds / 10, 0.1))
     async def close_aged_batches() -> None:
@@ -450,20 +551,18 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
 
     @app.on_before_shutdown.connect
     async def flush(app: faust.App, **_: Any) -> None:
-        # SIGTERM: commit what is held (open batches included) before exiting.
-        rt.begin_shutdown()
-        await rt.drain()
-        rt.batcher.close_all()
-        n = 0
-        while (batch := rt.batcher.take_ready()) is not None:
-            if await rt.run_batch(batch) is not None:
-                n += len(batch)
-            rt.batcher.done(batch)
-        await rt.drain()
-        rt.dead_letters.close()
-        log.info("shutdown: flushed %d held records", n)
+        # Faust calls this while our tasks (pump) still run; rt.shutdown stops pump first.
+        await rt.shutdown()
 
     return app
+
+
+def _threads(pool: ThreadPoolExecutor, deadline: float) -> list[threading.Thread]:
+    """The pool's threads, each joined until `deadline` (the pool was shut down: idle ones end)."""
+    threads = list(getattr(pool, "_threads", ()))
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0.0))
+    return threads
 
 
 class VectorWidthMismatch(ValueError):
@@ -502,4 +601,17 @@ def run_worker(settings: Settings, bootstrap: str, database_url: str) -> None:
         redirect_stdouts=False,
         logging_config=logging_config(settings.log_level, settings.log_format),
     )
-    worker.execute_from_commandline()
+    rt: WorkerRuntime = app.istream  # type: ignore[attr-defined]
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    else:  # pragma: no cover - execute_from_commandline always exits
+        code = 0
+    code = code or rt.exit_code
+    # The flush gave up at the grace; what still runs in a thread gets a moment more.
+    if not rt.close(timeout=min(max(rt.remaining(), 0.5), 2.0)):
+        log.warning("a worker thread is still busy; exiting without waiting for it (its batch is re-read)")
+        logging.shutdown()
+        os._exit(code)
+    raise SystemExit(code)

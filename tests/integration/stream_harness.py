@@ -27,6 +27,7 @@ from storage.db import EmbeddedPostgres, make_engine, upgrade
 from stream.broker import EmbeddedBroker, ensure_topics, env_without_proxies, make_producer
 from stream.runtime import published_dim
 from stream.settings import Settings
+from tests.helpers import wait_for
 from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,6 +147,17 @@ class Stack:
         tails = "\n".join(w.tail() for w in workers)
         raise AssertionError(f"only {last}/{n} events applied after {timeout:.0f}s\n{tails}")
 
+    def wait_progress(self, worker: WorkerProcess, timeout: float = 60.0) -> None:
+        """Until the applied-event count grows (the worker is committing batches)."""
+        before = self.applied_total()
+        wait_for(
+            lambda: self.applied_total() > before,
+            timeout,
+            f"progress past {before} applied events",
+            proc=worker.proc,
+            log=worker.log_path,
+        )
+
     def check_invariants(self, expected: Counter[str]) -> None:
         """Each user's n_events equals the valid events produced; versions 1..N without gaps."""
         rows = self.sql("SELECT user_id, n_events, version FROM user_interests_current")
@@ -232,6 +244,14 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def current_log(self) -> str:
+        """The log of the latest start only."""
+        return self.log_text().rsplit("===== start", 1)[-1]
+
+    def wait_log(self, line: str, timeout: float = 90.0) -> None:
+        """Until the latest start logged `line`."""
+        wait_for(lambda: line in self.current_log(), timeout, repr(line), proc=self.proc, log=self.log_path)
 
 
 @contextlib.contextmanager

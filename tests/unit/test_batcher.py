@@ -109,3 +109,24 @@ def test_a_full_intake_closes_open_batches_rather_than_wait_for_their_age() -> N
         assert b.pending == 8 - 4 + 1
 
     asyncio.run(go())
+
+
+def test_a_sealed_batcher_takes_nothing_more_and_frees_a_blocked_add() -> None:
+    """Shutdown: what the agent hands over after the seal is left to be re-read, never held."""
+
+    async def go() -> None:
+        b = PartitionBatcher(max_records=2, max_age_s=10, max_pending=2)
+        await b.add(rec(0, 0))
+        await b.add(rec(0, 1))
+        blocked = asyncio.create_task(b.add(rec(0, 2)))
+        await asyncio.sleep(0)
+        assert not blocked.done()
+        b.seal()
+        await asyncio.wait_for(blocked, 1.0)  # released without adding
+        await b.add(rec(1, 3))
+        assert b.pending == 2
+        batch = b.take_ready()
+        assert batch is not None and [r.offset for r in batch] == [0, 1]
+        assert b.take_ready() is None
+
+    asyncio.run(go())

@@ -124,3 +124,36 @@ def test_parsed_event_fields() -> None:
     assert (event.kind, event.item_id, event.impressions, event.dwell_ms) == ("click", "i1", ("a", "b"), 1200)
     search = parse_topic_record(raw({**SEARCH, "clicked_item_id": "i9"}), "search")
     assert isinstance(search, Event) and search.target_item == "i9"
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "where"),
+    [
+        ("click", {**CLICK, "event_id": "e\u00001"}, "event_id"),
+        ("click", {**CLICK, "user_id": "user-\u0000"}, "user_id"),
+        ("click", {**CLICK, "item_id": "\u0000"}, "item_id"),
+        ("click", {**CLICK, "impressions": ["i2", "i\u00003"]}, "impressions[1]"),
+        ("search", {**SEARCH, "query": "space\u0000opera"}, "query"),
+        ("search", {**SEARCH, "clicked_item_id": "i\u00009"}, "clicked_item_id"),
+        ("rating", {**RATING, "item_id": "i1\u0000"}, "item_id"),
+        ("item", {**ITEM, "text": "Star\u0000Wars"}, "text"),
+        ("item", {**ITEM, "attrs": {"genres": ["Sci-Fi", "Act\u0000ion"]}}, "attrs.genres[1]"),
+        ("item", {**ITEM, "attrs": {"year": {"label": "19\u000077"}}}, "attrs.year.label"),
+        ("item", {**ITEM, "attrs": {"ge\u0000nre": "x"}}, "attrs.'ge\\x00nre'"),
+    ],
+)
+def test_a_nul_in_any_text_field_has_its_own_reason(kind: str, record: dict, where: str) -> None:
+    """Postgres text cannot hold U+0000: the validator names the field, before any model work."""
+    with pytest.raises(InvalidRecord) as exc:
+        parse_topic_record(raw(record), kind)
+    assert exc.value.reason == f"{where} contains a NUL character (U+0000), which text fields may not"
+    with pytest.raises(InvalidRecord, match="NUL character"):
+        parse_log_record({**record, "type": kind})
+
+
+def test_a_nul_escape_in_raw_bytes_is_rejected_but_other_control_characters_pass() -> None:
+    value = b'{"event_id": "e1", "user_id": "u\\u0000", "item_id": "i1", "ts": 1}'
+    with pytest.raises(InvalidRecord, match=r"^user_id contains a NUL"):
+        parse_topic_record(value, "click")
+    ok = parse_topic_record(raw({**SEARCH, "query": "tab\there\u0001"}), "search")
+    assert isinstance(ok, Event) and ok.query == "tab\there\u0001"
