@@ -40,10 +40,15 @@ def worker() -> None:
     from models.registry import available
     from stream.logs import configure
     from stream.metrics import MetricsPortError
+    from stream.runtime import PluginError, load_plugins
     from stream.servers import Servers
     from stream.worker import VectorWidthMismatch, run_worker
 
     s = settings()
+    try:
+        load_plugins(s)
+    except PluginError as exc:
+        raise UserError(str(exc)) from None
     if s.model.partition(":")[0] not in available():
         raise UserError(f"unknown model {s.model!r} (ISTREAM_MODEL); choose one of: {', '.join(available())}")
     configure(s.log_level, s.log_format)
@@ -221,7 +226,7 @@ def status() -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from stream.runtime import build_store
-    from stream.status import format_status, partition_status
+    from stream.status import format_health, format_status, partition_status, worker_health
 
     s = settings()
     if not s.kafka_bootstrap or not s.database_url:
@@ -236,6 +241,11 @@ def status() -> None:
     finally:
         store.engine.dispose()
     click.echo(format_status(rows))
+    urls = [u.strip() for u in s.status_workers.split(",") if u.strip()]
+    if not urls and s.metrics_port:
+        urls = [f"http://127.0.0.1:{s.metrics_port}/metrics"]
+    if urls:
+        click.echo(format_health([worker_health(u) for u in urls]))
 
 
 @cli.command()

@@ -63,6 +63,38 @@ class WorkerMetrics:
             "istream_model_version_info", "The model version vectors are written in", ["version"], registry=r
         )
         self._version: str | None = None
+        # Poison or systemic (stream/resilience.py): a systemic failure is no record's fault;
+        # it leaves offsets uncommitted and, repeated ISTREAM_SYSTEMIC_MAX_ATTEMPTS times,
+        # stops the worker. Alert on istream_systemic_failing == 1.
+        self.systemic_failures = Counter(
+            "istream_systemic_failures",
+            "Batch attempts that failed systemically (model step, our code), offsets left uncommitted",
+            ["where"],
+            registry=r,
+        )
+        self.systemic_failing = Gauge(
+            "istream_systemic_failing",
+            "1 while the current batch fails systemically (the worker exits after the last attempt)",
+            registry=r,
+        )
+        self.systemic_error = Gauge(
+            "istream_systemic_error_info",
+            "The last systemic error (in the label); 1 while it is failing",
+            ["error"],
+            registry=r,
+        )
+        self._systemic_error: str | None = None
+
+    def set_systemic_error(self, error: str) -> None:
+        if self._systemic_error is not None and self._systemic_error != error:
+            self.systemic_error.remove(self._systemic_error)
+        self._systemic_error = error[:300]
+        self.systemic_error.labels(self._systemic_error).set(1)
+
+    def systemic_recovered(self) -> None:
+        self.systemic_failing.set(0)
+        if self._systemic_error is not None:
+            self.systemic_error.labels(self._systemic_error).set(0)
 
     def observe(self, outcome: BatchOutcome, n_records: int) -> None:
         self.applied.inc(outcome.applied)

@@ -118,6 +118,34 @@ class ShuttingDown(Exception):
     (it is re-read from Postgres' offsets on restart)."""
 
 
+class SystemicFailure(Exception):
+    """A failure no record explains: the worker stops consuming, with offsets uncommitted.
+
+    Raised for any error of the model step (models accept every record the validator
+    passes, so a model error is a bug or a configuration mistake, such as a shape error
+    after a config change), and by the runner for errors that are neither transient nor
+    a value Postgres rejects (docs/stream.md, "Poison or systemic"). Dead-lettering on such
+    an error would divert valid events from learning, one "poison" record after another.
+    """
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        first = str(cause).splitlines()[0][:300] if str(cause) else ""
+        super().__init__(f"{where}: {type(cause).__name__}: {first}")
+        self.where = where
+        self.cause = cause
+
+
+@contextmanager
+def model_step(what: str) -> Iterator[None]:
+    """Errors raised by the model inside are systemic, whichever records it was given."""
+    try:
+        yield
+    except (ShuttingDown, SystemicFailure):
+        raise
+    except Exception as exc:
+        raise SystemicFailure(f"model step ({what})", exc) from exc
+
+
 def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
     nxt: dict[tuple[str, int], int] = {}
     for r in records:
@@ -316,7 +344,8 @@ class BatchProcessor:
         self._catalog_mark = (n, newest)
         items = [Item(item_id=i, text=t, attrs=a or {}) for i, t, a in rows]
         if items:
-            self.model.upsert_items(items)
+            with model_step("catalog"):
+                self.model.upsert_items(items)
             if self.model.model_version in self._published:
                 # The version our vectors name was published before we knew these items:
                 # without their vectors under it, they could never rank for those users.
@@ -328,7 +357,9 @@ class BatchProcessor:
         version = self.model.model_version
         if version in self._published:
             return
-        self.store.publish_model(self.model.snapshot(), self.base_model)
+        with model_step("snapshot"):
+            snapshot = self.model.snapshot()
+        self.store.publish_model(snapshot, self.base_model)
         self._published.add(version)
 
     # ---- one batch -----------------------------------------------------------------------
@@ -404,10 +435,11 @@ class BatchProcessor:
         stale = [u for u in ids if self._versions.get(u) != current.get(u)]
         states = self.store.user_states(stale)
         for u in stale:
-            if u in states:
-                self.model.set_user_state(u, states[u])
-            else:
-                self.model.forget_user(u)
+            with model_step("restore user state"):
+                if u in states:
+                    self.model.set_user_state(u, states[u])
+                else:
+                    self.model.forget_user(u)
             if u in current:
                 self._versions[u] = current[u]
             else:
@@ -468,7 +500,8 @@ class BatchProcessor:
             # Event time orders a user's events; ties keep arrival order (sort is stable).
             fresh.sort(key=lambda pair: pair[1].ts)
             events = [e for _, e in fresh]
-            result = self.model.learn(events) if events else None
+            with model_step("learn"):
+                result = self.model.learn(events) if events else None
             if result is not None and result.snapshot is not None:
                 self.store.publish_model(result.snapshot, self.base_model)
                 self._published.add(result.snapshot.version)
@@ -478,7 +511,8 @@ class BatchProcessor:
             if bad and self.dead_letter_sink is not None:
                 self.dead_letter_sink(bad)
             updates = result.updates if result else {}
-            states = {u: s for u in updates if (s := self.model.get_user_state(u)) is not None}
+            with model_step("user state"):
+                states = {u: s for u in updates if (s := self.model.get_user_state(u)) is not None}
         except BaseException:
             self.invalidate(users)
             lock.release()
@@ -546,7 +580,8 @@ class BatchProcessor:
 
     def apply_items(self, items: Sequence[Item]) -> None:
         latest = list({i.item_id: i for i in items}.values())
-        self.model.upsert_items(latest)
+        with model_step("catalog"):
+            self.model.upsert_items(latest)
         self.store.upsert_items(latest)
         self.persist_encodings(latest)
         self.ensure_published()
@@ -554,10 +589,11 @@ class BatchProcessor:
 
     def write_item_vectors(self, item_ids: Sequence[str], *, overwrite: bool = True) -> None:
         """These items' vectors under the model version that user vectors name now."""
-        ids = self.model.item_ids()
-        index = {item_id: row for row, item_id in enumerate(ids)}
-        rows = [index[i] for i in item_ids if i in index]
-        matrix = self.model.item_matrix()
+        with model_step("item vectors"):
+            ids = self.model.item_ids()
+            index = {item_id: row for row, item_id in enumerate(ids)}
+            rows = [index[i] for i in item_ids if i in index]
+            matrix = self.model.item_matrix()[rows]
         self.store.write_item_vectors(
-            self.model.model_version, [ids[r] for r in rows], matrix[rows], overwrite=overwrite
+            self.model.model_version, [ids[r] for r in rows], matrix, overwrite=overwrite
         )

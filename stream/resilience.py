@@ -1,14 +1,19 @@
-"""Getting a batch through outages and poison: retry what is transient, isolate what is not.
+"""Getting a batch through outages and poison: retry what is transient, isolate bad values,
+stop on what no record explains.
 
 Transient (a server is down or unreachable): wait with exponential backoff and
 retry the whole batch until it commits — each attempt is atomic and idempotent
 (see stream/processor.py), so retrying can neither lose nor double anything.
 While a batch waits, the worker's intake is full and consumption pauses.
 
-Anything else is a property of the records: split the batch in halves and
-retry each, down to the single record that cannot be processed, which goes to
-the dead-letter topic with the error as its reason (a poison record never stops
-a partition).
+Record-level (Postgres rejected a value: SQLSTATE class 22, "data exception"):
+split the batch in halves and retry each, down to the single record that cannot
+be stored, which goes to the dead-letter topic with the error as its reason (a
+poison record never stops a partition).
+
+Systemic (anything else: an error of the model step, of our own code, or a
+database error no value explains): `SystemicFailure`, the batch stays
+uncommitted and the worker decides how often to try again before it exits.
 """
 
 from __future__ import annotations
@@ -28,11 +33,18 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from stream.processor import BatchOutcome, BatchProcessor, RawRecord, ShuttingDown, StagedBatch
+from stream.processor import (
+    BatchOutcome,
+    BatchProcessor,
+    RawRecord,
+    ShuttingDown,
+    StagedBatch,
+    SystemicFailure,
+)
 
 log = logging.getLogger("istream.resilience")
 
-__all__ = ["ResilientRunner", "ShuttingDown", "is_transient"]
+__all__ = ["ResilientRunner", "ShuttingDown", "SystemicFailure", "is_record_level", "is_transient"]
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -44,6 +56,20 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, KafkaError):
         return bool(getattr(exc, "retriable", False)) or "Timeout" in type(exc).__name__
     return isinstance(exc, ConnectionError | TimeoutError)
+
+
+def is_record_level(exc: BaseException) -> bool:
+    """Postgres refused a value of the batch (SQLSTATE class 22: too long, out of range,
+    invalid text or bytes...): a property of one record, which bisection can pin down.
+
+    Class 23 (integrity) is not: our writes deduplicate and lock, so a violated
+    constraint says our code or schema is wrong, not a record.
+    """
+    if isinstance(exc, SystemicFailure):
+        return False
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc  # psycopg's own, e.g. from COPY
+    state = getattr(orig, "sqlstate", None)
+    return isinstance(state, str) and state.startswith("22")
 
 
 class _stop_when(stop_base):
@@ -110,7 +136,7 @@ class ResilientRunner:
         """
         try:
             return self.processor.stage(records)
-        except ShuttingDown:
+        except (ShuttingDown, SystemicFailure):
             raise
         except Exception as exc:
             log.info("staging %d records failed (%s); processing them synchronously", len(records), exc)
@@ -119,11 +145,13 @@ class ResilientRunner:
     def run(self, records: Sequence[RawRecord]) -> BatchOutcome:
         try:
             return self._attempt(lambda: self.processor.process(records))
-        except ShuttingDown:
+        except (ShuttingDown, SystemicFailure):
             raise
         except Exception as exc:
             if is_transient(exc):
                 raise
+            if not is_record_level(exc):
+                raise SystemicFailure("batch", exc) from exc
             reason = f"processing failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             if len(records) == 1:
                 log.error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import random
 
@@ -54,7 +55,21 @@ def build_encoder(settings: Settings) -> BaseEncoder:
     return BaseEncoder(settings.base_model, device=settings.device)
 
 
+def load_plugins(settings: Settings) -> None:
+    """Import the modules of ISTREAM_PLUGINS (comma-separated), which may register models."""
+    for name in filter(None, (n.strip() for n in settings.plugins.split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise PluginError(f"cannot import plugin {name!r} (ISTREAM_PLUGINS): {exc}") from exc
+
+
+class PluginError(ImportError):
+    """A module named in ISTREAM_PLUGINS cannot be imported (reported in one line)."""
+
+
 def build_interest_model(settings: Settings, encoder: BaseEncoder | None = None) -> InterestModel:
+    load_plugins(settings)
     seed_everything(settings.seed)
     encoder = encoder or build_encoder(settings)
     return build_model(settings.model, encoder, **model_options(settings))

@@ -96,6 +96,14 @@ class Settings(BaseSettings):
     retry_max_wait_s: float = Field(default=5.0, gt=0)
     # SIGTERM: time to flush held batches; after it, retries stop and the rest is re-read on restart.
     shutdown_grace_s: float = Field(default=15.0, ge=0)
+    # A batch that fails systemically (not a record's fault: docs/stream.md) is tried this many
+    # times in all, offsets uncommitted; then the worker exits with status 70.
+    systemic_max_attempts: int = Field(default=3, ge=1)
+    # `istream status` reads these workers' /metrics (comma-separated URLs) for systemic
+    # failures; empty: the local worker's, http://127.0.0.1:ISTREAM_METRICS_PORT/metrics.
+    status_workers: str = ""
+    # Python modules imported before the model is built, e.g. to `models.registry.register` a model.
+    plugins: str = ""
     # Prometheus /metrics port; 0 turns the endpoint off.
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     lag_interval_s: float = Field(default=5.0, gt=0)

@@ -3,17 +3,21 @@
 - lag: records on the topic not yet committed to Postgres;
 - freshness: for the last committed record, broker timestamp -> commit in Postgres;
 - waiting: age of the oldest record not yet committed (0 when caught up) — every
-  vector in SQL reflects all events older than this.
+  vector in SQL reflects all events older than this;
+- workers: whether each worker whose metrics it can reach is failing systemically
+  (docs/stream.md, "Poison or systemic"): its offsets then stand still on purpose.
 """
 
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from storage.repository import VectorStore
@@ -101,4 +105,48 @@ def format_status(rows: Sequence[PartitionStatus]) -> str:
     total = sum(r.lag for r in rows)
     worst = max((r.waiting_s for r in rows), default=0.0)
     lines.append(f"total lag {total} records; oldest uncommitted record waits {worst:.1f}s")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHealth:
+    url: str
+    reachable: bool
+    failing: bool = False
+    failures: int = 0  # systemic attempts failed since the worker started
+    error: str | None = None  # the last systemic error, or why the worker could not be read
+
+
+def worker_health(url: str, timeout_s: float = 2.0) -> WorkerHealth:
+    """A worker's systemic-failure state, read from its Prometheus endpoint."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            body = resp.read().decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:
+        return WorkerHealth(url, reachable=False, error=str(getattr(exc, "reason", exc)))
+    failing, failures, error = False, 0, None
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "istream_systemic_failing":
+                failing = sample.value >= 1
+            elif sample.name == "istream_systemic_failures_total":
+                failures += int(sample.value)
+            elif sample.name == "istream_systemic_error_info":
+                error = sample.labels.get("error")
+    return WorkerHealth(url, reachable=True, failing=failing, failures=failures, error=error)
+
+
+def format_health(rows: Sequence[WorkerHealth]) -> str:
+    lines = []
+    for h in rows:
+        if not h.reachable:
+            lines.append(f"worker {h.url}: metrics unreachable ({h.error})")
+        elif h.failing:
+            lines.append(
+                f"worker {h.url}: SYSTEMIC FAILURE, {h.failures} failed attempts, offsets held: {h.error}"
+            )
+        elif h.failures:
+            lines.append(f"worker {h.url}: ok (recovered from {h.failures} systemic failures: {h.error})")
+        else:
+            lines.append(f"worker {h.url}: ok")
     return "\n".join(lines)

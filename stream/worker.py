@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from stream.batcher import PartitionBatcher
 from stream.logs import logging_config
 from stream.metrics import WorkerMetrics, serve
 from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatch, encode_dead_letter
-from stream.resilience import ResilientRunner, ShuttingDown, is_transient
+from stream.resilience import ResilientRunner, ShuttingDown, SystemicFailure, is_transient
 from stream.runtime import (
     base_model_name,
     build_interest_model,
@@ -39,6 +40,10 @@ from stream.runtime import (
 from stream.settings import Settings
 
 log = logging.getLogger("istream.worker")
+
+# Exit status after ISTREAM_SYSTEMIC_MAX_ATTEMPTS systemic failures (EX_SOFTWARE, sysexits.h):
+# distinct from a crash (1) so that an orchestrator or a person can tell them apart.
+EXIT_SYSTEMIC = 70
 
 
 def _raw(event: Any) -> RawRecord:
@@ -113,6 +118,7 @@ class WorkerRuntime:
         self.pump_busy = False  # pump holds a batch (else it waits for one, and may be cancelled)
         self.flushed = 0
         self.exit_code = 0
+        self.failed: SystemicFailure | None = None
         self._processor: BatchProcessor | None = None
         self._runner: ResilientRunner | None = None
         self._lock = threading.Lock()
@@ -156,6 +162,10 @@ class WorkerRuntime:
         self.begin_shutdown()
         self.batcher.seal()  # Faust's buffers still feed the agent: flush what is held, no more
         grace = self.settings.shutdown_grace_s
+        if self.failed is not None:
+            await self.stop_pump()
+            log.info("shutdown after a systemic failure: nothing flushed; offsets stay where they were")
+            return
         if not await self.stop_pump():
             log.warning(
                 "shutdown: the batch in hand outlasted the %.0fs grace; %d held records are re-read "
@@ -251,13 +261,74 @@ class WorkerRuntime:
         runner.processor.set_trainer(self.trainer)
         return runner.stage(batch)
 
-    async def _run_sync(self, batch: list[RawRecord]) -> BatchOutcome | None:
+    async def _run_sync(
+        self, batch: list[RawRecord], failed: SystemicFailure | None = None
+    ) -> BatchOutcome | None:
+        """Run a batch; after a systemic failure (`failed`: one already seen) try it again a
+        bounded number of times, then stop the worker with a non-zero exit (None: not committed)."""
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self.executor, self._run, batch)
-        except ShuttingDown:
-            log.warning("shutting down with a batch of %d uncommitted; it is re-read on restart", len(batch))
-            return None
+        attempts = self.settings.systemic_max_attempts
+        attempt = 0
+        while True:
+            if failed is not None:
+                attempt += 1
+                self._systemic(failed, attempt, len(batch))
+                if attempt >= attempts:
+                    self.fail(failed)
+                    return None
+                await self._pause(min(2.0**attempt, self.settings.retry_max_wait_s * 4))
+                if self.stopping:
+                    return None
+            try:
+                outcome = await loop.run_in_executor(self.executor, self._run, batch)
+            except ShuttingDown:
+                log.warning(
+                    "shutting down with a batch of %d uncommitted; it is re-read on restart", len(batch)
+                )
+                return None
+            except SystemicFailure as exc:
+                failed = exc
+                continue
+            if attempt:
+                log.info("batch of %d committed after %d systemic failures", len(batch), attempt)
+                self.metrics.systemic_recovered()
+            return outcome
+
+    def _systemic(self, exc: SystemicFailure, attempt: int, n: int) -> None:
+        self.metrics.systemic_failures.labels(exc.where.split(" (")[0]).inc()
+        self.metrics.systemic_failing.set(1)
+        self.metrics.set_systemic_error(str(exc))
+        log.error(
+            "systemic failure (attempt %d of %d) on a batch of %d valid records, left uncommitted: %s",
+            attempt,
+            self.settings.systemic_max_attempts,
+            n,
+            exc,
+            exc_info=exc.cause if attempt == 1 else None,
+            extra={"systemic": True, "attempt": attempt, "where": exc.where},
+        )
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep between systemic attempts; a stop ends it early."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+
+    def fail(self, exc: SystemicFailure) -> None:
+        """Give up: stop consuming, commit nothing more, exit non-zero (an orchestrator restarts or pages)."""
+        log.critical(
+            "stopping after %d systemic failures in a row (ISTREAM_SYSTEMIC_MAX_ATTEMPTS); offsets stay "
+            "uncommitted, exit code %d: %s",
+            self.settings.systemic_max_attempts,
+            EXIT_SYSTEMIC,
+            exc,
+        )
+        self.failed = exc
+        self.exit_code = EXIT_SYSTEMIC
+        self.stopping = True
+        self.batcher.seal()
+        # The same path as SIGTERM (Faust's handler): a bounded shutdown that flushes nothing.
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def run_batch(self, batch: list[RawRecord]) -> BatchOutcome | None:
         """One batch, start to end (after the one being committed, if any)."""
@@ -287,6 +358,15 @@ class WorkerRuntime:
             log.warning("shutting down with a batch of %d uncommitted; it is re-read on restart", len(batch))
             await self.drain()
             self.batcher.done(batch)
+            return
+        except SystemicFailure as exc:
+            await self.drain()
+            try:
+                outcome = await self._run_sync(batch, failed=exc)
+                if outcome is not None:
+                    self._report(batch, outcome)
+            finally:
+                self.batcher.done(batch)
             return
         except BaseException:
             await self.drain()

@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 from models.decayed_mean import DecayedMeanModel
 from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
-from stream.processor import BatchProcessor, RawRecord
+from stream.processor import BatchProcessor, RawRecord, SystemicFailure
 from stream.resilience import ResilientRunner
 from stream.schema import Limits
 from tests.fakes import HashEncoder
@@ -31,11 +31,21 @@ pytestmark = pytest.mark.integration
 TOPICS = {"interest.clicks": "click", "interest.items": "item"}
 
 
-def make(db_url: str, sink: list[dict[str, Any]] | None = None) -> BatchProcessor:
+def make(
+    db_url: str,
+    sink: list[dict[str, Any]] | None = None,
+    limits: Limits | None = None,
+    model: DecayedMeanModel | None = None,
+) -> BatchProcessor:
     store = VectorStore(make_engine(db_url), group_id="g")
-    model = DecayedMeanModel(HashEncoder(16))
+    model = model or DecayedMeanModel(HashEncoder(16))
     proc = BatchProcessor(
-        model, store, TOPICS, Limits(), "hash", dead_letter_sink=sink.extend if sink is not None else None
+        model,
+        store,
+        TOPICS,
+        limits or Limits(),
+        "hash",
+        dead_letter_sink=sink.extend if sink is not None else None,
     )
     proc.restore()
     return proc
@@ -137,8 +147,10 @@ def test_a_restarted_processor_resumes_user_state(db_url: str) -> None:
 
 
 def test_a_poison_record_is_isolated_and_dead_lettered(db_url: str) -> None:
+    """A value Postgres rejects (an id longer than its column: the id limit was raised by
+    configuration, a rule the validator then misses) is record-level: bisected, dead-lettered."""
     sink: list[dict[str, Any]] = []
-    proc = make(db_url, sink)
+    proc = make(db_url, sink, limits=Limits(max_id_len=300))
     proc.process(items())
     batch = clicks(0, 6)
     poison = RawRecord(
@@ -146,15 +158,37 @@ def test_a_poison_record_is_isolated_and_dead_lettered(db_url: str) -> None:
         0,
         6,
         b"x",
-        json.dumps({"event_id": "p", "user_id": "bad\u0000", "item_id": "i1", "ts": 5}).encode(),
+        json.dumps({"event_id": "p" * 200, "user_id": "u2", "item_id": "i1", "ts": 5}).encode(),
     )
     bad_json = RawRecord("interest.clicks", 0, 7, b"x", b"{not json")
     out = ResilientRunner(proc).run([*batch[:3], poison, *batch[3:], bad_json])
     assert out.applied == 6
-    reasons = sorted(e["reason"].split(":")[0] for e in sink)
-    assert reasons == ["invalid JSON", "processing failed"]
+    # Dead letters are sent at least once: the failed first attempt had sent the invalid JSON's.
+    reasons = {e["offset"]: e["reason"].split(":")[0] for e in sink}
+    assert reasons == {6: "processing failed", 7: "invalid JSON"}
+    assert "StringDataRightTruncation" in next(e["reason"] for e in sink if e["offset"] == 6)
     assert row(proc, "u1").n_events == 6
+    assert row(proc, "u2") is None
     assert proc.store.stored_offsets()[("interest.clicks", 0)] == 8
+
+
+class ShapeBroken(DecayedMeanModel):
+    """A model step that fails for every batch, as a shape error after a config change would."""
+
+    def learn(self, events: Any) -> Any:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x384 and 256x64)")
+
+
+def test_a_model_step_error_is_systemic_nothing_dead_lettered_no_offset_moves(db_url: str) -> None:
+    sink: list[dict[str, Any]] = []
+    proc = make(db_url, sink, model=ShapeBroken(HashEncoder(16)))
+    proc.process(items())
+    before = proc.store.stored_offsets()
+    with pytest.raises(SystemicFailure, match=r"model step \(learn\): RuntimeError: mat1 and mat2"):
+        ResilientRunner(proc).run([*clicks(0, 6), RawRecord("interest.clicks", 0, 6, b"x", b"{not json")])
+    assert sink == []  # not even the invalid record: its batch did not commit
+    assert proc.store.stored_offsets() == before
+    assert row(proc, "u1") is None
 
 
 class TrainableFake(DecayedMeanModel):
