@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from storage.db import EmbeddedPostgres, make_engine, upgrade
@@ -244,6 +246,23 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float | None:
+        """A sample of the worker's Prometheus endpoint (needs ISTREAM_METRICS_PORT), summed over
+        its labels; None while the endpoint cannot be read."""
+        port = self.env.get("ISTREAM_METRICS_PORT", "0")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                body = resp.read().decode()
+        except OSError:
+            return None
+        values = [
+            sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.name == name
+        ]
+        return sum(values) if values else None
 
     def current_log(self) -> str:
         """The log of the latest start only."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from stream.broker import free_port
+from tests.helpers import wait_for
 from tests.integration.stream_harness import Stack, WorkerProcess, workers
 from tests.integration.workload import build_workload, dead_letter_ids
 
@@ -98,15 +100,21 @@ def test_sigterm_flushes_the_open_batch(server_tmp: Path) -> None:
         work = build_workload(stack.settings, n_users=20, n_events=300)
         stack.produce(work.catalog + work.events)
         worker = WorkerProcess(
-            stack, "worker", ISTREAM_BATCH_SIZE="5000", ISTREAM_BATCH_SECONDS="600"
+            stack,
+            "worker",
+            ISTREAM_BATCH_SIZE="5000",
+            ISTREAM_BATCH_SECONDS="600",
+            ISTREAM_METRICS_PORT=str(free_port()),
         ).start()
         with workers(worker):
-            deadline = time.monotonic() + 90
-            while "worker ready" not in worker.log_text():
-                worker.assert_alive()
-                assert time.monotonic() < deadline, worker.tail()
-                time.sleep(0.2)
-            time.sleep(5.0)  # let it read everything into its open batches
+            held = len(work.catalog) + len(work.events)
+            wait_for(
+                lambda: worker.metric("istream_pending_records") == held,
+                90,
+                f"all {held} records read into the open batches",
+                proc=worker.proc,
+                log=worker.log_path,
+            )
             assert stack.applied_total() == 0  # nothing closed on size or age yet
             assert worker.terminate() == 0, worker.tail()
         assert "shutdown: flushed" in worker.log_text()

@@ -53,7 +53,7 @@ def test_two_workers_share_partitions_and_one_leaves(server_tmp: Path, model: st
             stack.produce(chunks[1] + chunks[2])
             # B leaves midway (SIGTERM: it flushes, leaves the group); A takes its partitions
             # over from Postgres' offsets. (test_faults covers SIGKILL.)
-            time.sleep(2.0)
+            stack.wait_progress(b)  # while the workers are applying what was just produced
             assert b.terminate() == 0, b.tail()
             stack.produce(chunks[3])
             stack.wait_applied(sum(work.expected.values()), timeout=180, workers=[a])
