@@ -42,7 +42,7 @@ def worker() -> None:
     from stream.metrics import MetricsPortError
     from stream.runtime import PluginError, load_plugins
     from stream.servers import Servers
-    from stream.worker import VectorWidthMismatch, run_worker
+    from stream.worker import ExitNow, VectorWidthMismatch, exit_now, run_worker
 
     s = settings()
     try:
@@ -52,6 +52,7 @@ def worker() -> None:
     if s.model.partition(":")[0] not in available():
         raise UserError(f"unknown model {s.model!r} (ISTREAM_MODEL); choose one of: {', '.join(available())}")
     configure(s.log_level, s.log_format)
+    stuck: ExitNow | None = None
     with Servers(s) as ep:
         if ep.embedded_broker or ep.embedded_postgres:
             click.echo(f"embedded servers: kafka={ep.bootstrap} postgres={ep.database_url}", err=True)
@@ -59,6 +60,10 @@ def worker() -> None:
             run_worker(s, ep.bootstrap, ep.database_url)
         except (MetricsPortError, VectorWidthMismatch) as exc:
             raise UserError(str(exc)) from None
+        except ExitNow as exc:
+            stuck = exc  # leave the `with` first: embedded servers are stopped
+    if stuck is not None:
+        exit_now(int(stuck.code or 0))
 
 
 @cli.group()

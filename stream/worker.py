@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, wait_exponential_jitter
@@ -692,6 +692,15 @@ def run_worker(settings: Settings, bootstrap: str, database_url: str) -> None:
     # The flush gave up at the grace; what still runs in a thread gets a moment more.
     if not rt.close(timeout=min(max(rt.remaining(), 0.5), 2.0)):
         log.warning("a worker thread is still busy; exiting without waiting for it (its batch is re-read)")
-        logging.shutdown()
-        os._exit(code)
+        raise ExitNow(code)
     raise SystemExit(code)
+
+
+class ExitNow(SystemExit):
+    """Exit without joining threads (Python would wait for a busy one): the caller stops what
+    it started (embedded servers) and then calls `exit_now`."""
+
+
+def exit_now(code: int) -> NoReturn:
+    logging.shutdown()
+    os._exit(code)
