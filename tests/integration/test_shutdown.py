@@ -18,7 +18,8 @@ import pytest
 from tests.integration.stream_harness import Stack, WorkerProcess, workers
 from tests.integration.workload import build_workload, dead_letter_ids
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Twenty worker starts, each loading the base model: the slowest test here.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 GRACE_S = 5
 STOPS = 20
@@ -37,11 +38,15 @@ def test_twenty_sigterms_each_exit_zero_in_time(server_tmp: Path) -> None:
         with workers(worker):
             for i in range(STOPS):
                 worker.start()
-                if i % 2:
-                    stack.wait_progress(worker)  # learning and committing its backlog
-                else:
-                    worker.wait_log("worker ready")  # joining the group, seeking, first batches
-                time.sleep(rng.uniform(0.0, 1.0))  # a varied moment, not a synchronisation
+                moment = i % 4
+                if moment == 0:  # group join, seek, model loading
+                    worker.wait_log("partitions assigned")
+                elif moment == 2:  # a batch committed: the pipeline is full
+                    worker.wait_log("worker ready")
+                    stack.wait_progress(worker, timeout=120)
+                else:  # the first batches of the backlog are learning
+                    worker.wait_log("worker ready")
+                time.sleep(rng.uniform(0.0, 2.0))  # a varied moment, not a synchronisation
                 worker.assert_alive()
                 started = time.monotonic()
                 rc = worker.terminate(timeout=GRACE_S + 5)
