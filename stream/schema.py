@@ -91,32 +91,44 @@ def _finite_vector(value: Any, field: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def _nul_path(value: Any, path: str) -> str | None:
-    """Where in a decoded JSON value a string (or an object key) holds a NUL, or None."""
+def _bad_text(value: str) -> str | None:
+    if "\x00" in value:
+        return "a NUL character (U+0000), which text fields may not"
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        # JSON's \ud800 escape without its pair: not Unicode, so neither UTF-8 (Postgres,
+        # the dead-letter topic) nor the tokenizer can take it.
+        return "an unpaired surrogate (U+D800 to U+DFFF), which is not valid Unicode"
+    return None
+
+
+def _text_problem(value: Any, path: str) -> tuple[str, str] | None:
+    """Where in a decoded JSON value a string (or an object key) cannot be stored as text, and why."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        problem = _bad_text(value)
+        return (path, problem) if problem else None
     if isinstance(value, dict):
         for key, inner in value.items():
-            if "\x00" in key:
-                return f"{path}.{key!r}" if path else repr(key)
-            if (found := _nul_path(inner, f"{path}.{key}" if path else key)) is not None:
+            if (problem := _bad_text(key)) is not None:
+                return (f"{path}.{key!r}" if path else repr(key), problem)
+            if (found := _text_problem(inner, f"{path}.{key}" if path else key)) is not None:
                 return found
     elif isinstance(value, list):
         for i, inner in enumerate(value):
-            if (found := _nul_path(inner, f"{path}[{i}]")) is not None:
+            if (found := _text_problem(inner, f"{path}[{i}]")) is not None:
                 return found
     return None
 
 
-def _reject_nul(record: dict[str, Any]) -> None:
-    # Postgres text cannot hold U+0000: without this rule such a record failed its whole
-    # batch at commit and was found by bisection, after model work for every record in it.
-    if (where := _nul_path(record, "")) is not None:
-        raise InvalidRecord(f"{where} contains a NUL character (U+0000), which text fields may not")
+def _reject_bad_text(record: dict[str, Any]) -> None:
+    # Postgres text cannot hold U+0000 (nor anything that is not Unicode): without this rule
+    # such a record failed its whole batch at commit and was found by bisection, after model
+    # work for every record in it.
+    if (found := _text_problem(record, "")) is not None:
+        raise InvalidRecord(f"{found[0]} contains {found[1]}")
 
 
 def validate_item(record: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Item:
-    _reject_nul(record)
+    _reject_bad_text(record)
     item_id = _id(record, "item_id", limits)
     assert item_id is not None
     text = record.get("text")
@@ -137,7 +149,7 @@ def validate_item(record: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> It
 
 
 def validate_event(record: dict[str, Any], kind: str, limits: Limits = DEFAULT_LIMITS) -> Event:
-    _reject_nul(record)
+    _reject_bad_text(record)
     event_id = _id(record, "event_id", limits)
     user_id = _id(record, "user_id", limits)
     assert event_id is not None and user_id is not None

@@ -157,3 +157,25 @@ def test_a_nul_escape_in_raw_bytes_is_rejected_but_other_control_characters_pass
         parse_topic_record(value, "click")
     ok = parse_topic_record(raw({**SEARCH, "query": "tab\there\u0001"}), "search")
     assert isinstance(ok, Event) and ok.query == "tab\there\u0001"
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "where"),
+    [
+        ("click", b'{"event_id": "e1", "user_id": "u\\ud800", "item_id": "i1", "ts": 1}', "user_id"),
+        ("item", b'{"item_id": "i1", "text": "t", "attrs": {"a": ["\\udfff"]}}', "attrs.a[0]"),
+    ],
+)
+def test_an_unpaired_surrogate_is_rejected_a_paired_one_is_a_character(
+    kind: str, value: bytes, where: str
+) -> None:
+    with pytest.raises(InvalidRecord) as exc:
+        parse_topic_record(value, kind)
+    assert (
+        exc.value.reason
+        == f"{where} contains an unpaired surrogate (U+D800 to U+DFFF), which is not valid Unicode"
+    )
+    ok = parse_topic_record(
+        b'{"event_id": "e1", "user_id": "u\\ud83d\\ude00", "item_id": "i1", "ts": 1}', "click"
+    )
+    assert isinstance(ok, Event) and ok.user_id == "u\U0001f600"
