@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from models.decayed_mean import DecayedMeanModel
 from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
-from stream.processor import BatchProcessor, RawRecord, SystemicFailure
+from stream.processor import BatchProcessor, RawRecord, ShuttingDown, SystemicFailure
 from stream.resilience import ResilientRunner
 from stream.schema import Limits
 from tests.fakes import HashEncoder
@@ -282,3 +283,21 @@ def test_one_trainer_at_a_time_and_the_next_continues_the_line(db_url: str) -> N
     assert all(n == 1 for _, n in parents)  # one line of versions, no fork
     old.close()
     new.close()
+
+
+def test_a_partition_lock_wait_gives_up_when_the_worker_stops(db_url: str) -> None:
+    """Issue 12: a batch waiting for a partition lock held by a staged, uncommitted batch used
+    to wait in pg_advisory_lock for ever; now it gives up (ShuttingDown) once told to stop."""
+    holder, waiter = make(db_url), make(db_url)
+    lock = holder.lock_partitions([1])
+    stop = threading.Event()
+    waiter.should_stop = stop.is_set
+    threading.Timer(1.0, stop.set).start()
+    try:
+        with pytest.raises(ShuttingDown, match="partition 1's lock"):
+            waiter.process(clicks(0, 3, user="u1", partition=1))
+        assert stop.is_set()  # it waited until the stop, not less
+        assert row(waiter, "u1") is None
+    finally:
+        lock.release()
+    assert waiter.process(clicks(0, 3, user="u1", partition=1)).applied == 3  # the lock is free again
