@@ -162,6 +162,7 @@ class WorkerRuntime:
         self.begin_shutdown()
         self.batcher.seal()  # Faust's buffers still feed the agent: flush what is held, no more
         grace = self.settings.shutdown_grace_s
+        held = self.batcher.pending
         if self.failed is not None:
             await self.stop_pump()
             log.info("shutdown after a systemic failure: nothing flushed; offsets stay where they were")
@@ -171,7 +172,7 @@ class WorkerRuntime:
                 "shutdown: the batch in hand outlasted the %.0fs grace; %d held records are re-read "
                 "from Postgres' offsets on restart",
                 grace,
-                self.batcher.pending,
+                held,
             )
             return
         try:
@@ -182,7 +183,7 @@ class WorkerRuntime:
                 "Postgres' offsets on restart",
                 grace,
                 self.flushed,
-                self.batcher.pending,
+                held - self.flushed,
             )
             return
         log.info("shutdown: flushed %d held records", self.flushed)
