@@ -59,8 +59,9 @@ def build_workload(settings: Settings, n_users: int, n_events: int, seed: int = 
         (c, b"user-4", js(event_id="bad-ts", user_id="user-4", item_id="x", ts="yesterday")),
         (c, b"user-5", js(event_id="bad-type", type="rating", user_id="user-5", item_id="x", ts=1)),
         (c, None, b"\xff\xfe not utf-8"),
-        # Poison: valid by the contract, but Postgres refuses NUL in text, so the batch
-        # fails on commit; the worker must isolate it and move on.
+        # NUL in text, which Postgres refuses: once found by bisection as a poison record,
+        # now rejected by the validator with its own reason (a value Postgres rejects that the
+        # validator passes is in test_poison_systemic).
         (
             t,
             b"user-6",
