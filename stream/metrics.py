@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from models.weights_io import WeightsRejected
 from stream.processor import BatchOutcome
 
 # Freshness spans sub-second (live) to hours (a backlog after an outage).
@@ -62,7 +63,17 @@ class WorkerMetrics:
         self.model_version = Gauge(
             "istream_model_version_info", "The model version vectors are written in", ["version"], registry=r
         )
+        self.weights_refused = Counter(
+            "istream_weights_refused",
+            "Published model weights refused on load (kind: format, checksum, no_checksum)",
+            ["kind"],
+            registry=r,
+        )
         self._version: str | None = None
+
+    def refused_weights(self, version: str, error: WeightsRejected) -> None:
+        """BatchProcessor's on_weights_refused hook."""
+        self.weights_refused.labels(error.kind).inc()
 
     def observe(self, outcome: BatchOutcome, n_records: int) -> None:
         self.applied.inc(outcome.applied)
