@@ -16,11 +16,16 @@ from hypothesis import strategies as st
 from stream.schema import DEFAULT_LIMITS
 
 
-def fuzz_settings(examples: int) -> settings:
-    """No per-example deadline (a loaded machine); in CI the same examples on every run, so a
-    red build means a change, not a newly drawn input (run locally to search further)."""
+def examples(n: int) -> int:
+    """`n` examples, times FUZZ_SCALE (e.g. FUZZ_SCALE=20 for a long search on a quiet machine)."""
+    return max(1, round(n * float(os.environ.get("FUZZ_SCALE", "1"))))
+
+
+def fuzz_settings(n: int) -> settings:
+    """`examples(n)` per test, no per-example deadline (a loaded machine); in CI the same examples
+    on every run, so a red build means a change, not a newly drawn input."""
     return settings(
-        max_examples=examples,
+        max_examples=examples(n),
         deadline=None,
         derandomize=bool(os.environ.get("CI")),
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

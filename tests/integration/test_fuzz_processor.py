@@ -42,8 +42,8 @@ from tests.fuzz_strategies import (
 
 pytestmark = pytest.mark.integration
 
-# Counted in the README's reliability section.
-EXAMPLES = 100
+# Batches per run, counted in the README's reliability section (about 5 records each).
+EXAMPLES = 60
 TOPICS = {
     "interest.clicks": "click",
     "interest.searches": "search",
