@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import logging
 import math
 import time
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import weights_io
 from models.catalog import Catalog, TextEncoder, item_text
 from models.core import BatchResult, InterestModel, ModelSnapshot, UserUpdate
 from models.device import autocast, cpu_threads, pick_device, set_deterministic
@@ -1032,10 +1032,9 @@ class FineTunedModel(InterestModel):
         self._refresh_items(full_tower=True)
 
     def weights(self) -> bytes:
-        """The trainable state (including the item residuals), as torch.save bytes."""
+        """The trainable state (including the item residuals), as tensors-only bytes (weights_io)."""
         trainable = {k: v for k, v in self.net.state_dict().items() if not k.startswith("tower.base")}
-        buf = io.BytesIO()
-        torch.save(
+        return weights_io.dumps(
             {
                 "net": trainable,
                 "item_ids": list(self.catalog.ids),
@@ -1043,14 +1042,13 @@ class FineTunedModel(InterestModel):
                 # Not trained, but part of the scores: the items' time-decayed counts.
                 "popularity": torch.from_numpy(self._pop.copy()),
                 "popularity_t": self._pop_t,
-            },
-            buf,
+            }
         )
-        return buf.getvalue()
 
     def load_weights(self, blob: bytes) -> None:
         """Restore weights published earlier (rows matched by item id; unknown items keep zeros)."""
-        saved = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=False)
+        # Never a pickle: a blob from the database must not be able to run code (weights_io).
+        saved = weights_io.loads(blob, device=self.device, required=("net", "item_ids"))
         state = dict(saved["net"])
         ids = saved["item_ids"]
         n = len(self.catalog)

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psycopg
@@ -89,6 +89,16 @@ def _any(values: Sequence[str]) -> Any:
 def _chunks(rows: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(rows), size):
         yield rows[i : i + size]
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+class PublishedWeights(NamedTuple):
+    version: str
+    weights: bytes
+    sha256: str | None  # None for rows published before migration 0003
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,16 +275,19 @@ class VectorStore:
             ).all()
         return {u: s for u, s in rows}
 
-    def latest_weights(self, model_spec: str) -> tuple[str, bytes] | None:
-        """The newest published (version, weights) of a model spec (config["model"]), if any."""
+    def latest_weights(self, model_spec: str) -> PublishedWeights | None:
+        """The newest published weights of a model spec (config["model"]), if any.
+
+        Returned as stored: the caller checks `sha256` (models.weights_io.verify) before loading.
+        """
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(ModelVersion.model_version, ModelVersion.weights)
+                select(ModelVersion.model_version, ModelVersion.weights, ModelVersion.weights_sha256)
                 .where(ModelVersion.weights.is_not(None), ModelVersion.config["model"].astext == model_spec)
                 .order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
                 .limit(1)
             ).first()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else PublishedWeights(row[0], bytes(row[1]), row[2])
 
     def load_catalog(self) -> list[Item]:
         with self.engine.connect() as conn:
@@ -340,6 +353,8 @@ class VectorStore:
                 parent=snapshot.parent,
                 metrics=dict(snapshot.metrics),
                 weights=snapshot.weights,
+                # What a worker checks before loading these weights (models.weights_io.verify).
+                weights_sha256=None if snapshot.weights is None else _sha256(snapshot.weights),
             )
             conn.execute(stmt.on_conflict_do_nothing(index_elements=[ModelVersion.model_version]))
 

@@ -66,6 +66,8 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     weights_uri: Mapped[str | None] = mapped_column(Text)
     weights: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Hex SHA-256 of `weights`, written at publish and checked before a worker loads them (0003).
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class CatalogItem(Base):

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from models import weights_io
 from models.events import Event
 from storage.schema import AppliedEvent, CatalogItem
 from stream.runtime import build_interest_model
@@ -66,7 +67,11 @@ def explain_user(settings: Settings, engine: Engine, user_id: str, top: int = 10
     model.upsert_items(VectorStore(engine).load_catalog())
     saved = VectorStore(engine).latest_weights(getattr(model, "spec", settings.model))
     if saved is not None:
-        model.load_weights(saved[1])  # type: ignore[attr-defined]
+        try:
+            weights_io.verify(saved.weights, saved.sha256)
+            model.load_weights(saved.weights)  # type: ignore[attr-defined]
+        except weights_io.WeightsRejected as exc:
+            raise ExplainError(f"refused the weights of {saved.version}: {exc.reason}") from None
     model.rebuild_user(user_id, events)  # type: ignore[attr-defined]
     rows = model.explain(user_id, top=top)  # type: ignore[attr-defined]
     with engine.connect() as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from models.weights_io import WeightsRejected
 from stream.processor import BatchOutcome
 
 # Freshness spans sub-second (live) to hours (a backlog after an outage).
@@ -62,6 +63,12 @@ class WorkerMetrics:
         self.model_version = Gauge(
             "istream_model_version_info", "The model version vectors are written in", ["version"], registry=r
         )
+        self.weights_refused = Counter(
+            "istream_weights_refused",
+            "Published model weights refused on load (kind: format, checksum, no_checksum)",
+            ["kind"],
+            registry=r,
+        )
         self._version: str | None = None
         # Poison or systemic (stream/resilience.py): a systemic failure is no record's fault;
         # it leaves offsets uncommitted and, repeated ISTREAM_SYSTEMIC_MAX_ATTEMPTS times,
@@ -95,6 +102,10 @@ class WorkerMetrics:
         self.systemic_failing.set(0)
         if self._systemic_error is not None:
             self.systemic_error.labels(self._systemic_error).set(0)
+
+    def refused_weights(self, version: str, error: WeightsRejected) -> None:
+        """BatchProcessor's on_weights_refused hook."""
+        self.weights_refused.labels(error.kind).inc()
 
     def observe(self, outcome: BatchOutcome, n_records: int) -> None:
         self.applied.inc(outcome.applied)

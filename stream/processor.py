@@ -31,9 +31,11 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, text
 
+from models import weights_io
 from models.catalog import item_text
 from models.core import InterestModel, UserUpdate
 from models.events import Event, Item
+from models.weights_io import WeightsRejected
 from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
 from storage.repository import OffsetMark, VectorStore
 from storage.schema import CatalogItem
@@ -212,6 +214,7 @@ class BatchProcessor:
         limits: Limits,
         base_model: str,
         dead_letter_sink: DeadLetterSink | None = None,
+        on_weights_refused: Callable[[str, WeightsRejected], None] | None = None,
     ) -> None:
         self.model = model
         self.store = store
@@ -222,6 +225,9 @@ class BatchProcessor:
         # crash in between re-sends them (at least once) rather than losing them.
         self.dead_letter_sink = dead_letter_sink
         self._published: set[str] = set()
+        # Published weights that failed the format or checksum check: never tried again.
+        self.on_weights_refused = on_weights_refused
+        self.refused_weights: dict[str, str] = {}  # version -> reason
         self._versions: dict[str, int] = {}  # user -> stored version our in-memory state matches
         self._catalog_mark: tuple[int, datetime | None] = (0, None)
         self._catalog_checked = float("-inf")
@@ -264,19 +270,36 @@ class BatchProcessor:
         """Load the newest published weights of this model, when it has trainable state.
 
         Such models expose `load_weights(bytes)` (the bytes their snapshots carry) and
-        then report the loaded version as their `model_version`.
+        then report the loaded version as their `model_version`. A blob whose SHA-256 is
+        not the one recorded at publish, or that is not tensors-only (models.weights_io), is
+        refused: logged, counted, never tried again, and the model keeps the version it has.
         """
         load = getattr(self.model, "load_weights", None)
         if load is None:
             return
         saved = self.store.latest_weights(str(self.model.config().get("model", self.model.name)))
-        if saved is not None and saved[0] != self.model.model_version:
-            load(saved[1])
-            self._published.add(saved[0])
-            # Its publisher may not have known every item we know (catalog partitions are
-            # spread over the workers): fill in the ones it lacks, keep the ones it wrote.
-            self.write_item_vectors(list(self.model.item_ids()), overwrite=False)
-            log.info("loaded trainable weights of %s", saved[0])
+        if saved is None or saved.version in (self.model.model_version, *self.refused_weights):
+            return
+        try:
+            weights_io.verify(saved.weights, saved.sha256)
+            load(saved.weights)
+        except WeightsRejected as exc:
+            self.refused_weights[saved.version] = exc.reason
+            log.error(
+                "refused the weights of model version %s (%s: %s); keeping model version %s",
+                saved.version,
+                exc.kind,
+                exc.reason,
+                self.model.model_version,
+            )
+            if self.on_weights_refused is not None:
+                self.on_weights_refused(saved.version, exc)
+            return
+        self._published.add(saved.version)
+        # Its publisher may not have known every item we know (catalog partitions are
+        # spread over the workers): fill in the ones it lacks, keep the ones it wrote.
+        self.write_item_vectors(list(self.model.item_ids()), overwrite=False)
+        log.info("loaded trainable weights of %s", saved.version)
 
     def set_trainer(self, wanted: bool) -> None:
         """Scale-out: one worker at a time trains shared parameters and publishes versions.

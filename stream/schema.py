@@ -42,6 +42,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    """A JSON number that is finite as a float (an integer beyond float range is not)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _id(record: dict[str, Any], field: str, limits: Limits, required: bool = True) -> str | None:
     value = record.get(field)
     if value is None:
@@ -86,7 +94,7 @@ def parse_ts(value: Any) -> float:
 def _finite_vector(value: Any, field: str) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
         raise InvalidRecord(f"{field} must be a non-empty list of numbers")
-    if not all(_is_number(v) and math.isfinite(v) for v in value):
+    if not all(_is_finite(v) for v in value):
         raise InvalidRecord(f"{field} must contain only finite numbers")
     return tuple(float(v) for v in value)
 
@@ -184,7 +192,7 @@ def validate_event(record: dict[str, Any], kind: str, limits: Limits = DEFAULT_L
         rating = record.get("rating")
         if rating is None:
             raise InvalidRecord("missing required field 'rating'")
-        if not _is_number(rating) or not math.isfinite(rating):
+        if not _is_finite(rating):
             raise InvalidRecord(f"rating must be a number, got {rating!r}")
         if not limits.rating_min <= rating <= limits.rating_max:
             raise InvalidRecord(f"rating {rating} out of range [{limits.rating_min}, {limits.rating_max}]")

@@ -235,6 +235,7 @@ class WorkerRuntime:
                     limits(self.settings),
                     base_model_name(self.settings),
                     dead_letter_sink=self.dead_letters,
+                    on_weights_refused=self.metrics.refused_weights,
                 )
                 runner = ResilientRunner(
                     self._processor,

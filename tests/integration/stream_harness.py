@@ -33,6 +33,9 @@ from tests.helpers import wait_for
 from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
+# The learned model that the fault tests run beside the untrained one: one place to switch
+# when the project's default model changes.
+LEARNED_MODEL = "adapter"
 
 
 class Stack:
@@ -178,6 +181,36 @@ class Stack:
         # The history agrees with the current row: n_events grows by batch, ending at the total.
         applied = self.sql("SELECT count(*) FROM applied_events")[0][0]
         assert applied == sum(expected.values())
+
+    def check_named_versions(self) -> list[str]:
+        """Every model version a user vector names is registered with its item vectors, and,
+        for a model with trainable state, with weights that match their recorded SHA-256.
+        Returns the named versions."""
+        named = [v for (v,) in self.sql("SELECT DISTINCT model_version FROM user_interest_vectors")]
+        trainable = self.settings.model != "decayed_mean"
+        for mv in named:
+            reg = self.sql(
+                """SELECT weights IS NOT NULL AS has_weights,
+                          weights_sha256 = encode(sha256(weights), 'hex') AS checksum_ok
+                   FROM model_versions WHERE model_version = :mv""",
+                mv=mv,
+            )
+            assert reg, f"{mv} is named by user vectors but not registered"
+            if trainable:
+                assert reg[0].has_weights and reg[0].checksum_ok, (mv, reg[0])
+            # A version can rank every item stored before its vectors were written (an item
+            # stored later appears for its users once they act again). 2 s of slack: row and
+            # item times are their transactions' start times, not commit times.
+            missing = self.sql(
+                """SELECT i.item_id FROM items i
+                   LEFT JOIN item_vectors v ON v.item_id = i.item_id AND v.model_version = :mv
+                   WHERE v.item_id IS NULL AND i.updated_at < (
+                       SELECT max(created_at) - interval '2 seconds'
+                       FROM user_interest_vectors WHERE model_version = :mv)""",
+                mv=mv,
+            )
+            assert not missing, (mv, len(missing), self.sql("SELECT count(*) FROM items"))
+        return named
 
 
 class WorkerProcess:

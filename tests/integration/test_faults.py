@@ -1,10 +1,15 @@
 """Exactly-once effects through SIGKILLs, a Postgres restart and a broker cut (real servers).
 
+Run for the untrained model and for the learned one (`LEARNED_MODEL`), whose weights,
+user states and line of versions must survive the same faults.
+
 20,000 events for 500 users (plus duplicates, invalid and poison records) go
 through a worker subprocess that is killed with SIGKILL five times at random
 moments, loses Postgres once and its broker connection for ten seconds once.
 At the end every user's n_events equals the valid events produced for them,
-versions are gapless, and only the invalid records are on the dead-letter topic.
+versions are gapless, and only the invalid records are on the dead-letter topic;
+every model version a user vector names is registered with its item vectors and (learned
+model) weights that match their checksum.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import pytest
 
 from stream.broker import free_port
 from tests.helpers import wait_for
-from tests.integration.stream_harness import Stack, WorkerProcess, workers
+from tests.integration.stream_harness import LEARNED_MODEL, Stack, WorkerProcess, workers
 from tests.integration.workload import build_workload, dead_letter_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -29,7 +34,7 @@ N_EVENTS = int(os.environ.get("FAULT_EVENTS", "20000"))
 KILLS = int(os.environ.get("FAULT_KILLS", "5"))
 
 
-def wait_progress(stack: Stack, worker: WorkerProcess, timeout: float = 60.0) -> None:
+def wait_progress(stack: Stack, worker: WorkerProcess, timeout: float = 120.0) -> None:
     before = stack.applied_total()
     deadline = time.monotonic() + timeout
     while stack.applied_total() <= before:
@@ -38,9 +43,10 @@ def wait_progress(stack: Stack, worker: WorkerProcess, timeout: float = 60.0) ->
         time.sleep(0.2)
 
 
-def test_faults_lose_and_duplicate_nothing(server_tmp: Path) -> None:
+@pytest.mark.parametrize("model", ["decayed_mean", LEARNED_MODEL])
+def test_faults_lose_and_duplicate_nothing(server_tmp: Path, model: str) -> None:
     rng = random.Random(int(os.environ.get("FAULT_SEED", "5")))
-    with Stack(server_tmp) as stack:
+    with Stack(server_tmp, model=model) as stack:
         work = build_workload(stack.settings, N_USERS, N_EVENTS)
         chunks = work.chunks(KILLS + 3)
         stack.produce(work.catalog + chunks[0])
@@ -81,6 +87,9 @@ def test_faults_lose_and_duplicate_nothing(server_tmp: Path) -> None:
             # Graceful stop; give the last commits a moment to settle, then check.
             assert worker.terminate() == 0, worker.tail()
         stack.check_invariants(work.expected)
+        named = stack.check_named_versions()
+        if model == LEARNED_MODEL:
+            assert len(named) > 1, named  # it trained and published through the faults
         dead = dead_letter_ids(stack.topic_values(stack.settings.topic_dead_letter))
         valid_ids = {e for e in dead if e.startswith("syn-")}
         assert not valid_ids, f"valid events on the dead-letter topic: {sorted(valid_ids)[:10]}"
