@@ -66,12 +66,17 @@ def db() -> None:
 def db_upgrade(revision: str) -> None:
     """Create or migrate the schema to the newest (or given) revision."""
     from storage.db import current_revision, upgrade
+    from stream.runtime import vector_width
 
     s = settings()
     if not s.database_url:
         raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres to migrate")
     try:
-        upgrade(s.database_url, revision, vector_dim=s.vector_dim, vector_backend=s.vector_backend)
+        dim = vector_width(s)
+    except (OSError, ValueError) as exc:  # a base model that cannot be found or read
+        raise UserError(f"cannot tell the vector width of ISTREAM_MODEL={s.model}: {exc}") from None
+    try:
+        upgrade(s.database_url, revision, vector_dim=dim, vector_backend=s.vector_backend)
     except RuntimeError as exc:  # e.g. stored vectors of another width: the message says what to set
         raise UserError(str(exc)) from None
     at = current_revision(s.database_url)

@@ -32,6 +32,7 @@ from stream.runtime import (
     build_store,
     limits,
     published_dim,
+    vector_width,
     retention_policy,
     settle_heap,
 )
@@ -491,7 +492,9 @@ def run_worker(settings: Settings, bootstrap: str, database_url: str) -> None:
         reraise=True,
     ):
         with attempt:
-            upgrade(database_url)
+            # A fresh database gets the width this model writes; a migrated one keeps its own
+            # and check_vector_width below refuses a mismatch with the command that fixes it.
+            upgrade(database_url, vector_dim=vector_width(settings))
     check_vector_width(settings, database_url)
     serve(settings.metrics_port)
     app = create_app(settings, bootstrap, database_url)
