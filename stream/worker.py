@@ -32,9 +32,9 @@ from stream.runtime import (
     build_store,
     limits,
     published_dim,
-    vector_width,
     retention_policy,
     settle_heap,
+    vector_width,
 )
 from stream.settings import Settings
 
