@@ -49,6 +49,7 @@ class LineProgress:
         self.n: float = 0
         self.started = clock()
         self._last = self.started
+        self._printed: float | None = None
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
@@ -66,6 +67,7 @@ class LineProgress:
 
     def _print(self) -> None:
         print(self.line(), file=self.stream or sys.stderr, flush=True)
+        self._printed = self.n
 
     def update(self, n: float = 1) -> None:
         self.n += n
@@ -78,7 +80,8 @@ class LineProgress:
         self.total = total
 
     def close(self) -> None:
-        self._print()
+        if self._printed != self.n:  # the final state, unless the last line already said it
+            self._print()
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:

@@ -28,6 +28,7 @@ from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatc
 from stream.resilience import ResilientRunner, ShuttingDown, is_transient
 from stream.runtime import (
     base_model_name,
+    build_encoder,
     build_interest_model,
     build_store,
     limits,
@@ -124,7 +125,9 @@ class WorkerRuntime:
     def runner(self) -> ResilientRunner:
         with self._lock:
             if self._runner is None:
-                model = build_interest_model(self.settings)
+                encoder = build_encoder(self.settings)
+                encoder.on_encoded = self.metrics.texts_encoded.inc
+                model = build_interest_model(self.settings, encoder)
                 self._processor = BatchProcessor(
                     model,
                     self.store,
@@ -141,6 +144,7 @@ class WorkerRuntime:
                 )
                 runner._attempt(lambda: (self._processor.restore(), BatchOutcome())[1])  # type: ignore[union-attr]
                 self._runner = runner
+                self.metrics.model_loaded.set(1)
             return self._runner
 
     def _run(self, batch: list[RawRecord]) -> BatchOutcome:
@@ -442,6 +446,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
         if not rt.trainer:
             rt.give_up_training()
         parts = sorted({tp.partition for tp in assigned})
+        rt.metrics.partitions_assigned.set(len(assigned))
         log.info(
             "partitions assigned: %s; dropped %d held records; %s",
             parts,
