@@ -146,7 +146,7 @@ class ItemMatrices:
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def get(self, model_version: str) -> tuple[np.ndarray, np.ndarray]:
-        """(matrix (n_items, dim) float64, present mask) of one model version."""
+        """(matrix (n_items, dim) float32 as stored, present mask) of one model version."""
         if model_version not in self._cache:
             with self.engine.connect() as conn:
                 rows = conn.execute(
@@ -154,7 +154,7 @@ class ItemMatrices:
                     {"m": model_version},
                 ).all()
             present = np.zeros(self.n, dtype=bool)
-            mat = np.zeros((self.n, len(rows[0][1]) if rows else 1), dtype=np.float64)
+            mat = np.zeros((self.n, len(rows[0][1]) if rows else 1), dtype=np.float32)
             for item_id, vector in rows:
                 row = self.index.get(item_id)
                 if row is not None:
@@ -180,7 +180,8 @@ def score(
     for v, rows in by_version.items():
         mat, present = items.get(v)
         assert vecs is not None
-        s = vecs[rows].astype(np.float64) @ mat.T
+        # float32 like the stored vectors (and pgvector's inner product), then float64 for ranking.
+        s = (vecs[rows] @ mat.T).astype(np.float64)
         s[:, ~present] = -np.inf
         out[rows] = s
     return out
@@ -193,9 +194,13 @@ def _chunks(events: Sequence[Event], size: int) -> Iterator[tuple[int, Sequence[
 
 def model_spec(engine: Engine, model_versions: Sequence[str]) -> str:
     """The model family the versions came from (the registry's config, else the version's prefix)."""
-    if not model_versions:
-        return "unknown"
     with engine.connect() as conn:
+        if not model_versions:  # no positive had a stored vector before it: name what is stored
+            model_versions = list(
+                conn.execute(text("SELECT DISTINCT model_version FROM user_interest_vectors")).scalars()
+            )
+        if not model_versions:
+            return "unknown"
         specs = set(
             conn.execute(
                 text("SELECT config->>'model' FROM model_versions WHERE model_version = ANY(:m)"),
