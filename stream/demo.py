@@ -25,6 +25,7 @@ from typing import Any
 import click
 from sqlalchemy import Engine, text
 
+from models.catalog import item_text
 from storage.db import make_engine
 from stream.broker import free_port, make_producer, topic_end_offsets
 from stream.producer import EventProducer
@@ -118,7 +119,8 @@ def run_demo(settings: Settings, data: Path | None, n_events: int, n_show: int) 
             engine = make_engine(ep.database_url)
             try:
                 watch = WorkerWatch(worker, port, log_path)
-                follow_startup(watch, len(catalog), len(events))
+                texts = {item_text(r.get("text") or "", r.get("attrs") or {}) for r in catalog}
+                follow_startup(watch, len(catalog), len(texts), len(events))
                 dead = topic_end_offsets(ep.bootstrap, s.topic_dead_letter)
                 click.echo(f"  {len(MALFORMED)} malformed records -> {s.topic_dead_letter} ({dead} there)")
                 show_users(engine, n_show)
@@ -227,19 +229,20 @@ class WorkerWatch:
         click.echo(f"  done in {time.monotonic() - started:.1f}s")
 
 
-def follow_startup(watch: WorkerWatch, n_items: int, n_events: int) -> None:
+def follow_startup(watch: WorkerWatch, n_items: int, n_texts: int, n_events: int) -> None:
     watch.wait("loading the base model", lambda m: m.get("istream_model_loaded", 0.0), None, "")
     watch.wait("joining the consumer group", lambda m: m.get("istream_partitions_assigned", 0.0), None, "")
-    # Every applied event means the catalog was encoded (items with equal texts are encoded once).
+    # Catalog partitions are encoded while other partitions' events already apply; once every
+    # event is applied the catalog is surely encoded (a text is encoded once however many items share it).
     watch.wait(
         f"encoding {n_items:,} catalog items",
         lambda m: (
-            n_items
-            if m.get("istream_events_applied_total", 0.0) > 0
+            n_texts
+            if m.get("istream_events_applied_total", 0.0) >= n_events
             else m.get("istream_base_texts_encoded_total", 0.0)
         ),
-        n_items,
-        "item",
+        n_texts,
+        "text",
     )
     watch.wait(
         f"applying {n_events:,} events",
