@@ -140,11 +140,12 @@ def backtests(ml100k: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return out
 
 
-# Measured 2026-12-01 with adapter, 5,000 events, two runs: warm NDCG@10 0.61-0.77x and Recall@20
-# 0.62-0.74x the backtest (README "Live vs backtest"). Users whose earlier events all sit in the
-# current batch have no stored vector yet: Postgres serves them nothing (ranked as a random guess here), while the backtest ranks
-# them by the model's cold-start prior (popularity, MovieLens demographics the worker never
-# receives). Strict: when the default model reaches parity this fails, and the mark goes.
+# Measured 2026-12-01 with adapter, 5,000 events, two runs: warm NDCG@10 0.61-0.77x and
+# Recall@20 0.62-0.74x the backtest (README "Live vs backtest"). Users whose earlier events all
+# sit in the current batch have no stored vector yet: Postgres serves them nothing (ranked as a
+# random guess here), while the backtest ranks them by the model's cold-start prior (popularity,
+# MovieLens demographics the worker never receives). Strict: when the default model reaches
+# parity this fails, and the mark goes.
 LEARNED_DEFAULT_GAP = pytest.mark.xfail(
     strict=True, reason="live vs backtest parity of the learned default: issue 11 item 3 / issue 10"
 )
