@@ -12,7 +12,7 @@ import importlib.resources
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +144,9 @@ class BaseEncoder:
         cfg = json.dumps(config, sort_keys=True, default=str)
         label = self.name.split(":")[-1].rstrip("/").split("/")[-1]
         self.version = f"{label}-{hashlib.sha1(cfg.encode()).hexdigest()[:10]}"
+        # Called with the number of texts after each encoded batch: how a host (the worker's
+        # metrics) reports progress without the core knowing who listens.
+        self.on_encoded: Callable[[int], None] | None = None
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(
@@ -163,6 +166,8 @@ class BaseEncoder:
             hidden = self.model(**batch).last_hidden_state
             pooled = torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
             out.append(pooled.float().cpu().numpy())
+            if self.on_encoded is not None:
+                self.on_encoded(len(out[-1]))
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:

@@ -76,12 +76,17 @@ def db() -> None:
 def db_upgrade(revision: str) -> None:
     """Create or migrate the schema to the newest (or given) revision."""
     from storage.db import current_revision, upgrade
+    from stream.runtime import vector_width
 
     s = settings()
     if not s.database_url:
         raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres to migrate")
     try:
-        upgrade(s.database_url, revision, vector_dim=s.vector_dim, vector_backend=s.vector_backend)
+        dim = vector_width(s)
+    except (OSError, ValueError) as exc:  # a base model that cannot be found or read
+        raise UserError(f"cannot tell the vector width of ISTREAM_MODEL={s.model}: {exc}") from None
+    try:
+        upgrade(s.database_url, revision, vector_dim=dim, vector_backend=s.vector_backend)
     except RuntimeError as exc:  # e.g. stored vectors of another width: the message says what to set
         raise UserError(str(exc)) from None
     at = current_revision(s.database_url)
@@ -420,27 +425,108 @@ def _topic_source(
 
     from stream.backtest.topics import TopicRange, load_topic_range
     from stream.runtime import limits
-    from stream.schema import InvalidRecord, parse_ts
 
     if not s.kafka_bootstrap:
         raise UserError("ISTREAM_KAFKA_BOOTSTRAP is not set: say which broker holds the topics")
 
-    def when(value: str | None, flag: str) -> float | None:
-        if value is None:
-            return None
-        try:
-            return parse_ts(int(value) if value.strip().isdigit() else value)
-        except InvalidRecord as exc:
-            raise UserError(f"{flag}: {exc.reason}") from None
-
     try:
-        rng = TopicRange(from_offset, to_offset, when(from_ts, "--from-ts"), when(to_ts, "--to-ts"))
+        rng = TopicRange(from_offset, to_offset, _when(from_ts, "--from-ts"), _when(to_ts, "--to-ts"))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
         return load_topic_range(s.kafka_bootstrap, s, rng, limits(s))
     except KafkaError as exc:
         raise UserError(f"cannot read the topics at {s.kafka_bootstrap}: {exc}") from None
+
+
+def _when(value: str | None, flag: str) -> float | None:
+    """An RFC 3339 time or epoch milliseconds from the command line, as epoch seconds."""
+    from stream.schema import InvalidRecord, parse_ts
+
+    if value is None:
+        return None
+    try:
+        return parse_ts(int(value) if value.strip().isdigit() else value)
+    except InvalidRecord as exc:
+        raise UserError(f"{flag}: {exc.reason}") from None
+
+
+@cli.command()
+@click.option("--since", help="rank positives at or after this event time: RFC 3339 or epoch ms")
+@click.option("--until", help="rank positives before this event time: RFC 3339 or epoch ms")
+@click.option("--threshold", type=float, help="ratings at or above this are positives (default 4)")
+@click.option("--window-hours", type=click.FloatRange(min=0, min_open=True), help="rolling-curve window")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="report folder")
+@click.option("--no-report", is_flag=True, help="print the table only, write no report folder")
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path),
+    help="a backtest report folder (or its result.json): print its figures beside the live ones",
+)
+@click.option("--against-model", help="which model of that report [the live model's]")
+@click.option("--quiet", is_flag=True, help="no progress")
+def evaluate(
+    since: str | None,
+    until: str | None,
+    threshold: float | None,
+    window_hours: float | None,
+    out_dir: Path | None,
+    no_report: bool,
+    against: Path | None,
+    against_model: str | None,
+    quiet: bool,
+) -> None:
+    """The live system's report card: rank each applied positive against the vector stored just before it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from stream.backtest.report import table, write_report
+    from stream.backtest.run import config_from, default_out_dir
+    from stream.evaluate import EvaluateError, Window, compare, evaluate_live, load_against, meta
+
+    s, store = _store_for_maintenance()
+    try:
+        window = Window(_when(since, "--since"), _when(until, "--until"))
+        config = config_from(
+            s,
+            positive_threshold=threshold,
+            window_s=window_hours * 3600 if window_hours else None,
+            progress=not quiet,
+        )
+        reference = load_against(against) if against is not None else None
+    except (EvaluateError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        outcome = evaluate_live(store.engine, config, window, show_progress=not quiet)
+    except EvaluateError as exc:
+        raise UserError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise UserError(f"cannot read Postgres: {str(exc).splitlines()[0]}") from None
+    finally:
+        store.engine.dispose()
+    res = outcome.result
+    pct = round(res.config.tail_fraction * 100)
+    click.echo(f"live, full range ({res.totals()[outcome.model]['n']} warm positives):")
+    click.echo(table(res, "warm"))
+    click.echo(f"\nlast {pct}% of events:")
+    click.echo(table(res, "tail"))
+    click.echo(f"\ncold start ({res.counts['cold']} positives):")
+    click.echo(table(res, "cold"))
+    c = res.counts
+    click.echo(
+        f"\n{res.n_events} events; {c['no_vector']} warm positives had no stored vector yet; "
+        f"{c['pruned_versions']} versions pruned by retention; {len(outcome.model_versions)} model versions"
+    )
+    if reference is not None:
+        try:
+            click.echo("\n" + compare(res, outcome.model, reference, against_model))
+        except EvaluateError as exc:
+            raise UserError(str(exc)) from None
+    if not no_report:
+        target = out_dir or default_out_dir(s).with_name("live-" + default_out_dir(s).name)
+        database = make_url(s.database_url or "").render_as_string(hide_password=True)
+        write_report(res, target, meta(outcome, window, database), live=True)
+        click.echo(f"report: {target}")
 
 
 @cli.command()

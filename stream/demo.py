@@ -1,4 +1,12 @@
-"""`istream demo`: the whole path on embedded servers, start to finish, in a few minutes."""
+"""`istream demo`: the whole path on embedded servers, then one user's interests moving live.
+
+Named phases, each with its own progress: starting servers, producing the sample,
+then what the worker (a child process) reports on its Prometheus endpoint — loading
+the base model, joining the consumer group, encoding the catalog, applying events.
+Then one user's top 5, a burst of that user's new events in one genre produced
+live, the top 5 again once the worker stored them, and the SQL that shows the two
+versions side by side.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +16,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import text
-from tqdm import tqdm
+from sqlalchemy import Engine, text
 
+from models.catalog import item_text
 from storage.db import make_engine
-from stream.broker import make_producer, topic_end_offsets
+from stream.broker import free_port, make_producer, topic_end_offsets
 from stream.producer import EventProducer
+from stream.progress import progress
 from stream.servers import Servers
 from stream.settings import Settings
 from stream.sources import movielens_items, movielens_ratings, synthetic_log
@@ -36,6 +48,29 @@ TOP_SQL = """SELECT t.item_id, i.text AS title, round(t.score::numeric, 3) AS sc
 FROM user_top_items(:user_id, 5, true) t JOIN items i USING (item_id)
 ORDER BY t.score DESC"""
 
+# Two stored versions of one user, each scored against its own model version's item
+# vectors, skipping what the user had seen by then: the top 5 before and after, side by side.
+VERSIONS_SQL = """SELECT r.rank, v.version, v.model_version, i.text AS title,
+       round(r.score::numeric, 3) AS score
+FROM user_interest_vectors v
+CROSS JOIN LATERAL (
+    SELECT iv.item_id, -(iv.vector <#> v.vector) AS score,
+           row_number() OVER (ORDER BY iv.vector <#> v.vector) AS rank
+    FROM item_vectors iv
+    WHERE iv.model_version = v.model_version
+      AND NOT EXISTS (SELECT 1 FROM applied_events e WHERE e.user_id = v.user_id
+                      AND e.item_id = iv.item_id AND e.ts <= v.last_event_ts)
+    ORDER BY iv.vector <#> v.vector LIMIT 5
+) r
+JOIN items i ON i.item_id = r.item_id
+WHERE v.user_id = :user_id AND v.version IN (:before, :after)
+ORDER BY r.rank, v.version"""
+
+BURST = 20  # new events of the shown user, all in one genre
+MIN_HISTORY = 5  # the shown user has at least this many events before the burst
+# Genres that read as a clear change of taste, in the order the demo prefers them.
+SHIFT_GENRES = ("Horror", "Children's", "Western", "Documentary", "Film-Noir", "Musical", "War", "Sci-Fi")
+
 
 def sample_records(data: Path | None, n_events: int) -> tuple[list[dict[str, Any]], str]:
     path = data if data is not None else DEFAULT_ML
@@ -46,32 +81,55 @@ def sample_records(data: Path | None, n_events: int) -> tuple[list[dict[str, Any
     return synthetic_log(n_users=50, n_events=n_events), "the built-in synthetic generator"
 
 
+def genres_of(record: dict[str, Any]) -> list[str]:
+    """MovieLens genres (u.item), or the synthetic generator's topic: the genre-like attribute."""
+    attrs = record.get("attrs") or {}
+    if attrs.get("genres"):
+        return list(attrs["genres"])
+    return [attrs["topic"]] if attrs.get("topic") else []
+
+
+def phase(name: str) -> None:
+    click.echo(f"\n== {name}")
+
+
 def run_demo(settings: Settings, data: Path | None, n_events: int, n_show: int) -> None:
     started = time.monotonic()
     records, source = sample_records(data, n_events)
-    n_valid = sum(1 for r in records if r["type"] != "item")
+    catalog = [r for r in records if r["type"] == "item"]
+    events = [r for r in records if r["type"] != "item"]
     with tempfile.TemporaryDirectory(prefix="istream-demo-") as tmp:
         s = settings.model_copy(update={"kafka_bootstrap": None, "database_url": None, "data_dir": Path(tmp)})
-        click.echo("starting embedded Kafka-compatible broker (Tansu) and PostgreSQL 18 + pgvector…")
+        phase("starting servers: embedded Kafka-compatible broker (Tansu), PostgreSQL 18 + pgvector")
+        t = time.monotonic()
         with Servers(s) as ep:
             click.echo(f"  kafka    {ep.bootstrap}\n  postgres {ep.database_url}")
-            click.echo(f"producing {len(records)} records from {source} (+{len(MALFORMED)} malformed)…")
+            click.echo(f"  ready in {time.monotonic() - t:.1f}s (schema migrated for {s.model}'s vectors)")
+            phase(f"producing {len(records):,} records from {source} (+{len(MALFORMED)} malformed)")
             producer = make_producer(ep.bootstrap)
             EventProducer(producer, s).send_all(records, progress=True, total=len(records))
             topics = {"ratings": s.topic_ratings, "clicks": s.topic_clicks, "searches": s.topic_searches}
             for topic, raw in MALFORMED:
                 producer.send(topics[topic], key=b"1", value=raw)
             producer.flush()
-            producer.close()
             log_path = Path(tmp) / "worker.log"
-            click.echo(f"starting `istream worker` (log: {log_path})…")
-            worker = start_worker(ep.bootstrap, ep.database_url, log_path)
+            port = free_port()
+            phase(f"starting `istream worker` (model {s.model}; log {log_path}; metrics :{port})")
+            worker = start_worker(ep.bootstrap, ep.database_url, log_path, ISTREAM_METRICS_PORT=str(port))
+            engine = make_engine(ep.database_url)
             try:
-                wait_until_consumed(ep, s, worker, n_valid, len(MALFORMED), log_path)
+                watch = WorkerWatch(worker, port, log_path)
+                texts = {item_text(r.get("text") or "", r.get("attrs") or {}) for r in catalog}
+                follow_startup(watch, len(catalog), len(texts), len(events))
+                dead = topic_end_offsets(ep.bootstrap, s.topic_dead_letter)
+                click.echo(f"  {len(MALFORMED)} malformed records -> {s.topic_dead_letter} ({dead} there)")
+                show_users(engine, n_show)
+                show_shift(engine, producer, s, watch, catalog, events)
             finally:
+                producer.close()
                 stop_worker(worker)
-            show_users(ep.database_url, n_show)
-    click.echo(f"demo finished in {time.monotonic() - started:.0f}s; servers shut down.")
+                engine.dispose()
+    click.echo(f"\ndemo finished in {time.monotonic() - started:.0f}s; servers shut down.")
 
 
 def start_worker(
@@ -106,42 +164,96 @@ def stop_worker(worker: subprocess.Popen[bytes], sig: int = signal.SIGTERM, time
     return worker.returncode
 
 
-def wait_until_consumed(
-    ep: Any,
-    s: Settings,
-    worker: subprocess.Popen[bytes],
-    n_valid: int,
-    n_invalid: int,
-    log_path: Path,
-    timeout: float = 240.0,
-) -> None:
-    engine = make_engine(ep.database_url)
-    deadline = time.monotonic() + timeout
-    applied = dead = 0
-    with tqdm(total=n_valid + n_invalid, desc="applied", unit="ev") as bar:
-        while True:
-            with engine.connect() as conn:
-                applied = int(
-                    conn.execute(
-                        text("SELECT coalesce(sum(n_events), 0) FROM user_interests_current")
-                    ).scalar_one()
-                )
-            dead = topic_end_offsets(ep.bootstrap, s.topic_dead_letter)
-            bar.update(applied + dead - bar.n)
-            if applied >= n_valid and dead >= n_invalid:
-                break
-            if worker.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise click.ClickException(f"the worker exited with {worker.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"timed out: {applied}/{n_valid} applied, {dead} dead letters")
-            time.sleep(0.5)
-    engine.dispose()
-    click.echo(f"applied {applied} valid events; {dead} malformed records went to {s.topic_dead_letter}")
+class WorkerWatch:
+    """What the worker says about itself on /metrics (its start-up phases, events applied)."""
+
+    def __init__(self, worker: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.worker = worker
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.log_path = log_path
+
+    def sample(self) -> dict[str, float]:
+        """Metric sample name -> value (labels summed); empty until the endpoint is up."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.check_alive()
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as resp:
+                body = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+        return out
+
+    def check_alive(self) -> None:
+        if self.worker.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise click.ClickException(f"the worker exited with {self.worker.returncode}:\n{tail}")
+
+    def wait(
+        self,
+        name: str,
+        done: Callable[[dict[str, float]], float],
+        total: float | None,
+        unit: str,
+        timeout: float = 240.0,
+    ) -> None:
+        """One phase: poll until done(sample) reaches total (or is truthy when total is None)."""
+        phase(name)
+        started = time.monotonic()
+        deadline = started + timeout
+        if total is None:  # a step without a count: say it is still going, every few seconds
+            said = started
+            while not done(self.sample()):
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"timed out: {name} (after {timeout:.0f}s)")
+                if time.monotonic() - said >= 3.0:
+                    said = time.monotonic()
+                    click.echo(f"  … {said - started:.0f}s")
+                time.sleep(0.25)
+            click.echo(f"  done in {time.monotonic() - started:.1f}s")
+            return
+        with progress(total, "  " + name.split(" ")[0], unit=unit, every_s=2.0) as bar:
+            while True:
+                value = done(self.sample())
+                if value > bar.n:
+                    bar.update(value - bar.n)
+                if (value >= total) if total is not None else value:
+                    break
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"timed out: {name} ({value:g} after {timeout:.0f}s)")
+                time.sleep(0.25)
+        click.echo(f"  done in {time.monotonic() - started:.1f}s")
 
 
-def show_users(database_url: str, n_show: int) -> None:
-    engine = make_engine(database_url)
+def follow_startup(watch: WorkerWatch, n_items: int, n_texts: int, n_events: int) -> None:
+    watch.wait("loading the base model", lambda m: m.get("istream_model_loaded", 0.0), None, "")
+    watch.wait("joining the consumer group", lambda m: m.get("istream_partitions_assigned", 0.0), None, "")
+    # Catalog partitions are encoded while other partitions' events already apply; once every
+    # event is applied the catalog is surely encoded (a text is encoded once however many items share it).
+    watch.wait(
+        f"encoding {n_items:,} catalog items",
+        lambda m: (
+            n_texts
+            if m.get("istream_events_applied_total", 0.0) >= n_events
+            else m.get("istream_base_texts_encoded_total", 0.0)
+        ),
+        n_texts,
+        "text",
+    )
+    watch.wait(
+        f"applying {n_events:,} events",
+        lambda m: m.get("istream_events_applied_total", 0.0),
+        n_events,
+        "ev",
+    )
+
+
+def show_users(engine: Engine, n_show: int) -> None:
+    phase(f"the {n_show} most active users' top unseen items")
     with engine.connect() as conn:
         users = conn.execute(
             text(
@@ -157,9 +269,149 @@ def show_users(database_url: str, n_show: int) -> None:
             )
             for row in conn.execute(text(TOP_SQL), {"user_id": user.user_id}):
                 click.echo(f"  {row.score:>6}  {row.title}")
-    engine.dispose()
-    example = TOP_SQL.replace(":user_id", f"'{users[0].user_id}'" if users else "'1'")
-    click.echo("\nthe same by hand, in psql against ISTREAM_DATABASE_URL:\n")
-    click.echo("  SELECT user_id, version, n_events, vector FROM user_interests_current LIMIT 5;")
-    click.echo("  " + example.replace("\n", "\n  ") + ";")
-    click.echo("  SELECT * FROM user_vector_as_of('1', now() - interval '1 minute');\n")
+
+
+def _current(engine: Engine, user: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT version, model_version, n_events, extract(epoch FROM last_event_ts)::float8 AS ts "
+                "FROM user_interests_current WHERE user_id = :u"
+            ),
+            {"u": user},
+        ).one()
+
+
+def _top(engine: Engine, user: str) -> list[tuple[str, str, float]]:
+    with engine.connect() as conn:
+        return [(r.item_id, r.title, float(r.score)) for r in conn.execute(text(TOP_SQL), {"user_id": user})]
+
+
+def pick_shift(
+    user: str, catalog: list[dict[str, Any]], events: list[dict[str, Any]]
+) -> tuple[str, list[str]]:
+    """A genre the user has shown little taste for, and its most popular items they have not seen."""
+    genres = {r["item_id"]: genres_of(r) for r in catalog}
+    seen = {e.get("item_id") for e in events if e["user_id"] == user}
+    had = Counter(g for i in seen for g in genres.get(i or "", []))
+    popular = Counter(e.get("item_id") for e in events)
+    candidates = [g for g in SHIFT_GENRES if any(g in gs for gs in genres.values())]
+    if not candidates:  # synthetic topics, or another catalog: any genre-like value
+        candidates = sorted({g for gs in genres.values() for g in gs})
+    genre = min(candidates, key=lambda g: (had[g], candidates.index(g)))
+    pool = [i for i, gs in genres.items() if genre in gs and i not in seen]
+    pool.sort(key=lambda i: (-popular[i], i))
+    return genre, pool[:BURST]
+
+
+def show_shift(
+    engine: Engine,
+    producer: Any,
+    s: Settings,
+    watch: WorkerWatch,
+    catalog: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+) -> None:
+    genres = {r["item_id"]: genres_of(r) for r in catalog}
+    with engine.connect() as conn:
+        # A user with a short history: the burst is then a real change of their recent taste.
+        user = conn.execute(
+            text(
+                "SELECT user_id FROM user_interests_current ORDER BY n_events < :n, n_events, user_id LIMIT 1"
+            ),
+            {"n": MIN_HISTORY},
+        ).scalar_one()
+    genre, burst_items = pick_shift(user, catalog, events)
+    before = _current(engine, user)
+    top_before = _top(engine, user)
+    phase(f"interests moving: user {user}")
+    _print_top("now", before, top_before, genres, genre)
+
+    click.echo(f"\n  producing {len(burst_items)} new 5-star ratings of {genre} items by user {user}…")
+    burst = [
+        {
+            "type": "rating",
+            "event_id": f"demo-burst-{user}-{n}",
+            "user_id": user,
+            "item_id": item,
+            "rating": 5.0,
+            "ts": int((before.ts + 60 * (n + 1)) * 1000),  # the minutes after their last event
+        }
+        for n, item in enumerate(burst_items)
+    ]
+    sent_at = time.monotonic()
+    EventProducer(producer, s).send_all(burst)
+    target = before.n_events + len(burst)
+    deadline = time.monotonic() + 60
+    while _current(engine, user).n_events < target:
+        watch.check_alive()
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"timed out waiting for user {user}'s burst to be applied")
+        time.sleep(0.2)
+    after = _current(engine, user)
+    click.echo(f"  stored {time.monotonic() - sent_at:.1f}s after producing")
+    top_after = _top(engine, user)
+    _print_top("a few seconds later", after, top_after, genres, genre)
+    moved = len({i for i, _, _ in top_after} - {i for i, _, _ in top_before})
+    share = [sum(genre in genres.get(i, []) for i, _, _ in t) for t in (top_before, top_after)]
+    click.echo(f"\n  {moved} of 5 items changed; {genre} in the top 5: {share[0]} before, {share[1]} after")
+    others = {i for i, gs in genres.items() if genre in gs} - set(burst_items)
+    ranks = [median_rank(engine, user, v.version, others) for v in (before, after)]
+    click.echo(
+        f"  the other {len(others)} {genre} items' median rank among all {len(genres)}: "
+        f"{ranks[0]:.0f} before, {ranks[1]:.0f} after"
+    )
+
+    phase("the two versions side by side, in SQL (psql against ISTREAM_DATABASE_URL)")
+    sql = VERSIONS_SQL.replace(":user_id", f"'{user}'").replace(":before", str(before.version))
+    sql = sql.replace(":after", str(after.version))
+    click.echo("\n  " + sql.replace("\n", "\n  ") + ";\n")
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(VERSIONS_SQL), {"user_id": user, "before": before.version, "after": after.version}
+        ).all()
+    by_rank: dict[int, dict[int, str]] = {}
+    for r in rows:
+        by_rank.setdefault(int(r.rank), {})[int(r.version)] = f"{r.title} ({r.score})"
+    left, right = f"version {before.version}", f"version {after.version}"
+    click.echo(f"  {'rank':<5} {left:<48} {right}")
+    for rank in sorted(by_rank):
+        cells = by_rank[rank]
+        a, b = cells.get(before.version, ""), cells.get(after.version, "")
+        click.echo(f"  {rank:<5} {a[:48]:<48} {b[:48]}")
+    click.echo(
+        f"\n  SELECT * FROM user_vector_as_of('{user}', now() - interval '1 minute');"
+        "   -- any past moment, by commit time"
+    )
+
+
+def median_rank(engine: Engine, user: str, version: int, items: set[str]) -> float:
+    """Median rank (1 = best) of `items` under one stored version of the user, against its model's items."""
+    import numpy as np
+
+    with engine.connect() as conn:
+        vec, model_version = conn.execute(
+            text(
+                "SELECT vector::real[], model_version FROM user_interest_vectors "
+                "WHERE user_id = :u AND version = :v"
+            ),
+            {"u": user, "v": version},
+        ).one()
+        rows = conn.execute(
+            text("SELECT item_id, vector::real[] FROM item_vectors WHERE model_version = :m"),
+            {"m": model_version},
+        ).all()
+    scores = np.asarray([r[1] for r in rows], dtype=np.float64) @ np.asarray(vec, dtype=np.float64)
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(rows) + 1)
+    mine = [rank[n] for n, r in enumerate(rows) if r[0] in items]
+    return float(np.median(mine)) if mine else float("nan")
+
+
+def _print_top(
+    when: str, cur: Any, top: list[tuple[str, str, float]], genres: dict[str, list[str]], genre: str
+) -> None:
+    click.echo(f"\n  {when}: version {cur.version}, {cur.n_events} events, model version {cur.model_version}")
+    for item, title, score in top:
+        mark = "*" if genre in genres.get(item, []) else " "
+        click.echo(f"   {mark} {score:>7.3f}  {title[:52]:<52} {', '.join(genres.get(item, []))}")

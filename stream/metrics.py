@@ -69,6 +69,21 @@ class WorkerMetrics:
             ["kind"],
             registry=r,
         )
+        # Start-up phases, for `istream demo` and dashboards: what a worker is busy with
+        # before its first batch (loading the base, joining the group, encoding the catalog).
+        self.model_loaded = Gauge(
+            "istream_model_loaded", "1 once the base model and the interest model are loaded", registry=r
+        )
+        self.partitions_assigned = Gauge(
+            "istream_partitions_assigned",
+            "Partitions assigned to this worker (0: not in the group)",
+            registry=r,
+        )
+        self.texts_encoded = Counter(
+            "istream_base_texts_encoded",
+            "Texts (catalog items, queries) encoded by the base model",
+            registry=r,
+        )
         self._version: str | None = None
         # Poison or systemic (stream/resilience.py): a systemic failure is no record's fault;
         # it leaves offsets uncommitted and, repeated ISTREAM_SYSTEMIC_MAX_ATTEMPTS times,

@@ -68,10 +68,12 @@ class EventProducer:
     def send_all(
         self, items: Iterable[dict[str, Any] | LogLine], progress: bool = False, total: int | None = None
     ) -> ProduceReport:
-        from tqdm import tqdm
+        from stream.progress import progress as counter
 
-        for item in tqdm(items, total=total, disable=not progress, desc="producing", unit="rec"):
-            self.send(item)
+        with counter(total, "producing", unit="rec", enabled=progress) as bar:
+            for item in items:
+                self.send(item)
+                bar.update(1)
         self.flush()
         return self.report
 

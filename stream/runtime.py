@@ -116,6 +116,11 @@ def published_dim(settings: Settings) -> int:
     return base
 
 
+def vector_width(settings: Settings) -> int:
+    """Width a new database is migrated with: ISTREAM_VECTOR_DIM when set, else what the model writes."""
+    return settings.vector_dim or published_dim(settings)
+
+
 def build_store(settings: Settings, url: str) -> VectorStore:
     # No pre-ping: it cost a round trip per checkout, several per batch. A connection that
     # died with Postgres fails its batch, SQLAlchemy then drops the whole pool, and the

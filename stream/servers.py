@@ -49,13 +49,11 @@ class Servers:
                 url = self.pg.url
                 log.info("embedded PostgreSQL at %s", url)
             if self.postgres:
-                dim = s.vector_dim
-                if self.pg is not None and "vector_dim" not in s.model_fields_set:
-                    # A fresh embedded database takes the width of what the configured model writes.
-                    from stream.runtime import published_dim
+                # A fresh database takes the width of what the configured model writes (unless
+                # ISTREAM_VECTOR_DIM says otherwise); an existing one keeps its own.
+                from stream.runtime import vector_width
 
-                    dim = published_dim(s)
-                upgrade(url, vector_dim=dim, vector_backend=s.vector_backend)
+                upgrade(url, vector_dim=vector_width(s), vector_backend=s.vector_backend)
         except BaseException:
             self._stack.close()
             raise

@@ -9,6 +9,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The interest model a worker, `make demo`, docker-compose and the backtest's default list use:
+# the one place to change it. `decayed_mean` stays in the backtest list as the untrained baseline.
+DEFAULT_MODEL = "adapter"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ISTREAM_", extra="ignore")
@@ -31,7 +35,7 @@ class Settings(BaseSettings):
     # Model.
     base_model: str | None = None  # path or name; unset = the packaged all-MiniLM-L6-v2
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    model: str = "decayed_mean"
+    model: str = DEFAULT_MODEL
     half_life_s: float = Field(default=3 * 86400.0, gt=0)
     seed: int = 0
 
@@ -72,7 +76,8 @@ class Settings(BaseSettings):
 
     # Storage (issue 4, docs/storage.md). Vector width and backend are fixed when the
     # schema is migrated: `istream db upgrade` reads them; changing them later needs a new database.
-    vector_dim: int = Field(default=384, ge=1, le=16000)
+    # Unset: the width the configured model writes (stream.runtime.vector_width).
+    vector_dim: int | None = Field(default=None, ge=1, le=16000)
     vector_backend: Literal["auto", "pgvector", "array"] = "auto"
     # Retention: newest K versions and everything younger than keep_all are kept; beyond
     # that one version per hour up to `hourly` old, then one per day.
@@ -113,7 +118,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
 
     # Backtests (stream/backtest, docs/backtest.md).
-    backtest_models: str = "popularity,biased_mf,decayed_mean"  # comma-separated registry specs
+    # Comma-separated registry specs: the baselines and the default model.
+    backtest_models: str = f"popularity,biased_mf,decayed_mean,{DEFAULT_MODEL}"
     backtest_batch_size: int = Field(default=100, ge=1)  # events per predict-then-learn micro-batch
     backtest_positive_threshold: float = 4.0  # ratings at or above this are positives
     backtest_windows: int = Field(default=40, ge=1)  # rolling-curve windows over the event-time span

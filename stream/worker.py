@@ -30,12 +30,14 @@ from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatc
 from stream.resilience import ResilientRunner, ShuttingDown, SystemicFailure, is_transient
 from stream.runtime import (
     base_model_name,
+    build_encoder,
     build_interest_model,
     build_store,
     limits,
     published_dim,
     retention_policy,
     settle_heap,
+    vector_width,
 )
 from stream.settings import Settings
 
@@ -227,7 +229,9 @@ class WorkerRuntime:
     def runner(self) -> ResilientRunner:
         with self._lock:
             if self._runner is None:
-                model = build_interest_model(self.settings)
+                encoder = build_encoder(self.settings)
+                encoder.on_encoded = self.metrics.texts_encoded.inc
+                model = build_interest_model(self.settings, encoder)
                 self._processor = BatchProcessor(
                     model,
                     self.store,
@@ -246,6 +250,7 @@ class WorkerRuntime:
                 self._processor.should_stop = self.should_stop
                 runner._attempt(lambda: (self._processor.restore(), BatchOutcome())[1])  # type: ignore[union-attr]
                 self._runner = runner
+                self.metrics.model_loaded.set(1)
             return self._runner
 
     def _run(self, batch: list[RawRecord]) -> BatchOutcome:
@@ -624,6 +629,7 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
         if not rt.trainer:
             rt.give_up_training()
         parts = sorted({tp.partition for tp in assigned})
+        rt.metrics.partitions_assigned.set(len(assigned))
         log.info(
             "partitions assigned: %s; dropped %d held records; %s",
             parts,
@@ -672,7 +678,9 @@ def run_worker(settings: Settings, bootstrap: str, database_url: str) -> None:
         reraise=True,
     ):
         with attempt:
-            upgrade(database_url)
+            # A fresh database gets the width this model writes; a migrated one keeps its own
+            # and check_vector_width below refuses a mismatch with the command that fixes it.
+            upgrade(database_url, vector_dim=vector_width(settings))
     check_vector_width(settings, database_url)
     serve(settings.metrics_port)
     app = create_app(settings, bootstrap, database_url)

@@ -19,8 +19,14 @@ from stream.broker import env_without_proxies, make_consumer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Plumbing tests pin the untrained model: it needs no training thread and matches the
+# 384-d database conftest's `db_url` is migrated with. Tests of the default model say so.
+PLUMBING_MODEL = "decayed_mean"
+
+
 def start_worker(bootstrap: str, db_url: str, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
-    return demo.start_worker(bootstrap, db_url, log_path, cwd=ROOT, **{"ISTREAM_BATCH_SECONDS": "0.5", **env})
+    defaults = {"ISTREAM_BATCH_SECONDS": "0.5", "ISTREAM_MODEL": PLUMBING_MODEL}
+    return demo.start_worker(bootstrap, db_url, log_path, cwd=ROOT, **{**defaults, **env})
 
 
 stop_worker = demo.stop_worker

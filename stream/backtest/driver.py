@@ -39,6 +39,7 @@ from models.core import BatchResult, InterestModel
 from models.events import Event
 from models.metrics import RANKING_METRICS, rank_counts, ranking_metrics, rating_errors
 from stream.backtest.data import BacktestData
+from stream.progress import progress
 
 
 @runtime_checkable
@@ -230,12 +231,6 @@ class _Scorer:
         return mat if self.cols is None else mat[:, self.cols]
 
 
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="backtest", unit="ev", disable=not enabled, smoothing=0.1)
-
-
 @dataclass(slots=True)
 class BatchPlan:
     """What every model is asked about one micro-batch, before any of them learns it."""
@@ -247,8 +242,12 @@ class BatchPlan:
     rating_asks: list[Event]  # ratings with a known user and a known item
 
 
-class _Evaluator:
-    """The evaluator's memory of the stream, separate from any model's: who had what, and when."""
+class Evaluator:
+    """The evaluator's memory of the stream, separate from any model's: who had what, and when.
+
+    Shared with `istream evaluate` (stream/evaluate.py), which ranks the same positives
+    against the vectors the live system stored.
+    """
 
     def __init__(self, catalog: Sequence[str], config: BacktestConfig) -> None:
         self.config = config
@@ -369,13 +368,13 @@ def run_backtest(
         seconds[name]["setup_s"] = time.perf_counter() - t
     raters = {n: m for n, m in models.items() if isinstance(m, RatingPredictor)}
 
-    ev = _Evaluator(catalog, config)
+    ev = Evaluator(catalog, config)
     greater: dict[str, list[np.ndarray]] = {n: [] for n in names}
     ties: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rating_true: dict[str, list[float]] = {n: [] for n in raters}
     rating_pred: dict[str, list[float]] = {n: [] for n in raters}
 
-    with _progress(len(data.events), config.progress) as bar:
+    with progress(len(data.events), "backtest", unit="ev", enabled=config.progress) as bar:
         for start, batch in _batches(data.events, config.batch_size):
             plan = ev.plan(start, batch)
             # Every model scores the whole batch before any model learns any of it.

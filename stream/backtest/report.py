@@ -80,10 +80,22 @@ def summary(result: BacktestResult) -> dict[str, Any]:
     }
 
 
-def to_json(result: BacktestResult, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+BACKTEST_PROTOCOL = (
+    "predict-then-learn per micro-batch; full catalog minus the user's seen items; "
+    "ties at their expected rank under a random tie-break (docs/backtest.md)"
+)
+LIVE_PROTOCOL = (
+    "live: each positive the worker applied, ranked against the item vectors of the model version "
+    "named by the user's stored vector as of just before the event (event time); full catalog minus "
+    "the user's seen items; ties at their expected rank under a random tie-break (README: istream evaluate)"
+)
+
+
+def to_json(
+    result: BacktestResult, meta: dict[str, Any] | None = None, protocol: str = BACKTEST_PROTOCOL
+) -> dict[str, Any]:
     doc = {
-        "protocol": "predict-then-learn per micro-batch; full catalog minus the user's seen items; "
-        "ties at their expected rank under a random tie-break (docs/backtest.md)",
+        "protocol": protocol,
         "config": dataclasses.asdict(result.config),
         "models": {m: result.model_configs.get(m, {}) for m in result.models},
         **summary(result),
@@ -148,18 +160,32 @@ def _versus_table(result: BacktestResult, slice_name: str) -> list[str]:
     return lines
 
 
-def markdown(result: BacktestResult, meta: dict[str, Any] | None = None) -> str:
+def markdown(result: BacktestResult, meta: dict[str, Any] | None = None, live: bool = False) -> str:
     pct = round(result.config.tail_fraction * 100)
     c = result.counts
+    how = (
+        "applied by the worker, each positive ranked against the user's stored vector as of just "
+        "before it (event time)"
+        if live
+        else f"micro-batches of {result.config.batch_size}"
+    )
     parts = [
-        "# Backtest summary",
+        "# Live evaluation summary" if live else "# Backtest summary",
         "",
-        f"{result.n_events} events, {result.n_items} items, micro-batches of {result.config.batch_size}; "
+        f"{result.n_events} events, {result.n_items} items, {how}; "
         f"{c['ranked']} positives ranked ({c['cold']} cold start), {c['repeats']} repeats and "
         f"{c['unknown_item']} unknown items not ranked. "
         f"Positive: rating ≥ {result.config.positive_threshold:g}, clicks, searches with a click.",
         "",
     ]
+    if live:
+        parts += [
+            f"Warm positives whose user had no stored vector yet (ranked as a random guess): "
+            f"{c.get('no_vector', 0)}; targets without an item vector in the version's model: "
+            f"{c.get('target_without_vector', 0)}; "
+            f"versions pruned by retention: {c.get('pruned_versions', 0)}.",
+            "",
+        ]
     for s, label in SLICES.items():
         parts += [f"## {label.format(pct=pct)}", "", table(result, s), ""]
         if s in ("warm", "tail") and (vs := _versus_table(result, s)):
@@ -171,7 +197,8 @@ def markdown(result: BacktestResult, meta: dict[str, Any] | None = None) -> str:
         speed.append(
             f"| {m} | {sec['setup_s']:.1f} | {sec['predict_s']:.1f} | {sec['learn_s']:.1f} | {rate:,.0f} |"
         )
-    parts += ["## time", "", *speed, ""]
+    if not live:
+        parts += ["## time", "", *speed, ""]
     if meta:
         parts += ["## provenance", "", "```json", json.dumps(_clean(meta), indent=2, default=str), "```", ""]
     return "\n".join(parts)
@@ -236,11 +263,14 @@ def plot_rolling(result: BacktestResult, out_dir: Path) -> list[Path]:
     return [grid, *paths]
 
 
-def write_report(result: BacktestResult, out_dir: Path, meta: dict[str, Any] | None = None) -> list[Path]:
+def write_report(
+    result: BacktestResult, out_dir: Path, meta: dict[str, Any] | None = None, live: bool = False
+) -> list[Path]:
+    """The report folder of a backtest, or of `istream evaluate` (live=True): same files, same figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = to_json(result, meta)
+    doc = to_json(result, meta, LIVE_PROTOCOL if live else BACKTEST_PROTOCOL)
     json_path = out_dir / "result.json"
     json_path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
     md_path = out_dir / "summary.md"
-    md_path.write_text(markdown(result, meta))
+    md_path.write_text(markdown(result, meta, live=live))
     return [json_path, md_path, *plot_rolling(result, out_dir)]
