@@ -100,9 +100,9 @@ class InterestModel(ABC):
     def learn(self, events: Sequence[Event]) -> BatchResult:
         """Apply a time-ordered batch; return the updated users."""
 
-    def publish_due(self) -> bool:
-        """Whether the next `learn` publishes a new model version (the worker then refreshes its
-        catalog first). Models with one fixed version never do."""
+    def publish_due(self, n_events: int = 0) -> bool:
+        """Whether learning `n_events` more events publishes a new model version (the worker then
+        refreshes its catalog first). Models with one fixed version never do."""
         return False
 
     def set_profiles(self, profiles: Sequence[UserProfile]) -> None:  # noqa: B027

@@ -422,7 +422,7 @@ class BatchProcessor:
                 outcome.items = len(items)
             # Items stored by other workers (their partitions of the catalog topic); always
             # before this batch publishes a version, so the one it supersedes has them too.
-            self.refresh_catalog(min_interval_s=0.0 if items or self.model.publish_due() else 2.0)
+            self.refresh_catalog(min_interval_s=0.0 if items or self.model.publish_due(len(pairs)) else 2.0)
             if not self.trainer:
                 self.restore_weights()
             self.sync_users(users)
