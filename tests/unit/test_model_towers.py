@@ -141,7 +141,14 @@ def test_find_layers_and_bad_k(tiny: BaseEncoder) -> None:
 @pytest.mark.parametrize("spec", ["top_layers:1", "lora:2", "adapter"])
 def test_every_strategy_learns_end_to_end(tiny: BaseEncoder, spec: str) -> None:
     m = build_model(
-        spec, tiny, dim=8, history=4, tower_items_per_step=3, seed=0, publish_every_steps=1, events_per_step=13
+        spec,
+        tiny,
+        dim=8,
+        history=4,
+        tower_items_per_step=3,
+        seed=0,
+        publish_every_steps=1,
+        events_per_step=13,
     )
     assert isinstance(m, FineTunedModel) and m.spec == spec
     m.upsert_items(items())
