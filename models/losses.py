@@ -6,6 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
+def softmax_rows(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row cross-entropy of each row's target among its candidates (see `sampled_softmax`)."""
+    if mask is not None:
+        mask = mask.clone()
+        mask[torch.arange(len(target), device=mask.device), target] = False
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min / 2)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
 def sampled_softmax(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -18,13 +29,9 @@ def sampled_softmax(
     candidate must not count as a negative (e.g. items the user already has); the
     target column itself is never masked. `weights` (P,) weigh the rows (a weighted mean).
     """
-    if mask is not None:
-        mask = mask.clone()
-        mask[torch.arange(len(target), device=mask.device), target] = False
-        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min / 2)
+    per_row = softmax_rows(logits, target, mask)
     if weights is None:
-        return F.cross_entropy(logits, target)
-    per_row = F.cross_entropy(logits, target, reduction="none")
+        return per_row.mean()
     return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from models.user_state import SIGNAL_CLICK, SIGNAL_SEARCH, Behaviour, UserState
+from models.user_state import Behaviour
 
 
 @dataclass(slots=True)
@@ -28,6 +28,7 @@ class Target:
     query: str | None = None
     hard: tuple[int, ...] = ()
     weight: float = 1.0  # in the loss (replayed targets weigh less than fresh ones)
+    replayed: bool = False  # learned before: its loss is not prequential
 
 
 @dataclass(slots=True)
@@ -122,26 +123,6 @@ def chunk(ep: Episode, history: int, index: Mapping[str, int]) -> list[Episode]:
             )
         )
     return out
-
-
-def replay_episode(
-    user_id: str, state: UserState, index: Mapping[str, int], min_rating_signal: int
-) -> Episode | None:
-    """A user's current sequence with a target at every positive (clicks, searches that led to
-    an item, ratings at or above the positive mark): self-attention trains every position of a
-    sequence at the cost of one, so replaying sequences gives many targets per step."""
-    behaviours = list(state.recent)
-    targets = []
-    for p, b in enumerate(behaviours):
-        row = index.get(b.item_id) if b.item_id is not None else None
-        if row is not None and (b.signal in (SIGNAL_CLICK, SIGNAL_SEARCH) or b.signal >= min_rating_signal):
-            targets.append(Target(pos=p, row=row, positive=True))
-    if not targets:
-        return None
-    in_window = {b.item_id for b in behaviours}
-    seen = tuple(r for r in (index.get(i) for i in state.seen - in_window) if r is not None)
-    lt = None if state.long_term is None else state.long_term.copy()
-    return Episode(user_id, behaviours, lt, targets, seen_rows=seen)
 
 
 def seen_mask(

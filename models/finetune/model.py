@@ -158,11 +158,23 @@ class FineTunedModel(InterestModel):
             self._user_bias[user_id] = (float(state["rating_sum"]), int(state["rating_n"]))
         self._refresh_users([user_id])
 
+    def on_user_drift(self, user_id: str) -> None:
+        """The user's interests moved (their prequential loss drifted up): keep only their newest
+        behaviours in the attention window and restart their long-term average from them."""
+        state = self.users.get(user_id)
+        if state is None:
+            return
+        keep = list(state.recent)[-self.opts.drift_keep :]
+        state.recent.clear()
+        state.recent.extend(keep)
+        state.long_term = None
+
     def forget_user(self, user_id: str) -> None:
         self.users.pop(user_id, None)
         self._uvec.pop(user_id, None)
         self._user_bias.pop(user_id, None)
         self.profiles.pop(user_id, None)
+        self.trainer.drift.forget(user_id)
 
     # ---- catalog ---------------------------------------------------------------------------------
     def upsert_items(self, items: Sequence[Item]) -> None:

@@ -47,9 +47,16 @@ class FineTuneOptions:
     layer_lr_multiplier: float = 0.01
     lora_lr_multiplier: float = 0.1
     tower_refresh_every: int = 10  # publishes between full re-encodings of the catalog (top_layers/lora)
+    # Drift (models.finetune.drift): ADWIN on the prequential loss, globally (learning-rate boost
+    # for a while) and per user (their attention window cut to their newest behaviours).
+    drift: bool = True
+    drift_delta: float = 0.002
+    drift_lr_boost: float = 3.0
+    drift_boost_steps: int = 20
+    drift_keep: int = 5
     replay_size: int = 20_000
-    replay_per_step: int = 8  # recently active users' sequences replayed per step
-    replay_weight: float = 0.5  # all replayed targets of a step together, relative to the fresh ones
+    replay_per_step: int = 64  # earlier positives replayed per step (against forgetting)
+    replay_weight: float = 1.0  # all replayed targets of a step together, relative to the fresh ones
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.
     rollback_threshold: float = 0.5
