@@ -14,7 +14,7 @@ import base64
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -62,6 +62,37 @@ class BatchResult:
     model_version: str
     snapshot: ModelSnapshot | None = None  # set when this batch published a new version
     loss: float | None = None
+
+
+# Optional capabilities: a model has them or not; callers check with isinstance, not hasattr.
+@runtime_checkable
+class BatchScorer(Protocol):
+    """Scores many users at once: (len(user_ids), n_items) scores and which users were known."""
+
+    def predict_many(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class RatingPredictor(Protocol):
+    def predict_rating(self, user_id: str, item_id: str) -> float | None: ...
+
+
+@runtime_checkable
+class TrainableWeights(Protocol):
+    """Has shared trainable state that snapshots carry as bytes and a worker can adopt."""
+
+    def weights(self) -> bytes: ...
+
+    def load_weights(self, blob: bytes) -> None: ...
+
+
+@runtime_checkable
+class Explainable(Protocol):
+    """Can rebuild a user from their events and say which behaviours made their vector."""
+
+    def rebuild_user(self, user_id: str, events: Sequence[Event]) -> None: ...
+
+    def explain(self, user_id: str, top: int = 10) -> list[dict[str, Any]]: ...
 
 
 class InterestModel(ABC):

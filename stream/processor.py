@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, text
 
 from models.catalog import item_text
-from models.core import InterestModel, UserUpdate
+from models.core import InterestModel, TrainableWeights, UserUpdate
 from models.events import Event, Item
 from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
 from storage.repository import OffsetMark, VectorStore
@@ -227,15 +227,14 @@ class BatchProcessor:
     def restore_weights(self) -> None:
         """Load the newest published weights of this model, when it has trainable state.
 
-        Such models expose `load_weights(bytes)` (the bytes their snapshots carry) and
+        Such models are `TrainableWeights` (`load_weights` takes the bytes their snapshots carry) and
         then report the loaded version as their `model_version`.
         """
-        load = getattr(self.model, "load_weights", None)
-        if load is None:
+        if not isinstance(self.model, TrainableWeights):
             return
         saved = self.store.latest_weights(str(self.model.config().get("model", self.model.name)))
         if saved is not None and saved[0] != self.model.model_version:
-            load(saved[1])
+            self.model.load_weights(saved[1])
             self._published.add(saved[0])
             # Its publisher may not have known every item we know (catalog partitions are
             # spread over the workers): fill in the ones it lacks, keep the ones it wrote.
