@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # The training budget, counted in events: one optimisation step per N events, whatever the
     # batch sizes (a worker under backlog learns per event what the backtest learns).
     model_events_per_step: int = Field(default=100, ge=1)
+    # ADWIN on the prequential loss (models/finetune/drift.py): learning-rate boost on a global
+    # drift, a user's attention window cut to their newest behaviours on theirs.
+    model_drift: bool = True
     model_replay_size: int = Field(default=20_000, ge=0)  # recent positives replayed against forgetting
     # A new model version every N training steps or T seconds, whichever comes first. Each
     # version writes the whole catalog's item vectors; between versions user vectors still follow
