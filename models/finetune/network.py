@@ -65,6 +65,44 @@ class CausalBlock(nn.Module):
         return x, att.mean(1)
 
 
+class AttentionReadout(nn.Module):
+    """One attention read-out instead of the blocks (`blocks=0`): the query is the previous
+    behaviour, the keys all behaviours within `history` before it, with learned recency and
+    order slopes. Cheaper than the blocks, and on ML-100K it scored higher (0.0563 vs 0.0549
+    NDCG@10 over the full stream, docs/model.md)."""
+
+    def __init__(self, dim: int, history: int) -> None:
+        super().__init__()
+        self.history = history
+        self.q0 = nn.Parameter(torch.zeros(dim))
+        self.wq = nn.Linear(dim, dim, bias=False)
+        nn.init.eye_(self.wq.weight)
+        self.age_slope = nn.Parameter(torch.tensor(0.0))
+        self.rel_slope = nn.Parameter(torch.tensor(0.0))
+
+    def forward(
+        self, h: torch.Tensor, ts: torch.Tensor, valid: torch.Tensor, qpos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, T, d = h.shape
+        prev_idx = (qpos - 1).clamp(min=0)
+        prev = h.gather(1, prev_idx[..., None].expand(-1, -1, d)) * (qpos > 0)[..., None].to(h.dtype)
+        q = self.q0 + self.wq(prev)  # (U, Q, d)
+        logits = (q @ h.transpose(1, 2)) / math.sqrt(d)  # (U, Q, T)
+        k = torch.arange(T, device=h.device)[None, None, :]
+        rel = qpos[..., None] - 1 - k
+        allowed = (rel >= 0) & (rel < self.history) & valid[:, None, :]
+        ts_prev = ts.gather(1, prev_idx)
+        age_h = (ts_prev[..., None] - ts[:, None, :]).clamp(min=0) / 3600.0
+        logits = (
+            logits
+            + self.age_slope * torch.log1p(age_h)
+            + self.rel_slope * torch.log1p(rel.clamp(min=0).to(h.dtype))
+        )
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(logits.float(), dim=-1), nan=0.0).to(h.dtype)
+        return weights @ h, weights
+
+
 class InterestNet(nn.Module):
     def __init__(
         self,
@@ -93,6 +131,7 @@ class InterestNet(nn.Module):
         self.start = nn.Parameter(torch.zeros(dim))  # the sequence state before any behaviour
         self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(blocks))
         self.final_norm = nn.LayerNorm(dim)
+        self.readout = AttentionReadout(dim, history) if blocks == 0 else None
         self.w_short = nn.Linear(dim, dim, bias=False)
         nn.init.eye_(self.w_short.weight)
         self.w_long = nn.Linear(dim, dim, bias=False)
@@ -128,6 +167,10 @@ class InterestNet(nn.Module):
         bucket = torch.log2(1.0 + gap / 60.0).floor().clamp(max=GAP_BUCKETS - 1).long()
         vmask = valid[..., None].to(vec.dtype)
         h = self.drop(vec + self.signal_emb(signal) + self.gap_emb(bucket)) * vmask
+        if self.readout is not None:
+            short, att_q = self.readout(h, ts, valid, qpos)
+            u = self.w_short(short) + (self.w_long(long_term) + self.w_prof(profile))[:, None, :]
+            return u, att_q
         pos = torch.arange(T, device=vec.device)
         rel = pos[:, None] - pos[None, :]  # query minus key
         allowed = (rel >= 0) & (rel < self.history)
