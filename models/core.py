@@ -14,7 +14,7 @@ import base64
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -64,6 +64,37 @@ class BatchResult:
     loss: float | None = None
 
 
+# Optional capabilities: a model has them or not; callers check with isinstance, not hasattr.
+@runtime_checkable
+class BatchScorer(Protocol):
+    """Scores many users at once: (len(user_ids), n_items) scores and which users were known."""
+
+    def predict_many(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class RatingPredictor(Protocol):
+    def predict_rating(self, user_id: str, item_id: str) -> float | None: ...
+
+
+@runtime_checkable
+class TrainableWeights(Protocol):
+    """Has shared trainable state that snapshots carry as bytes and a worker can adopt."""
+
+    def weights(self) -> bytes: ...
+
+    def load_weights(self, blob: bytes) -> None: ...
+
+
+@runtime_checkable
+class Explainable(Protocol):
+    """Can rebuild a user from their events and say which behaviours made their vector."""
+
+    def rebuild_user(self, user_id: str, events: Sequence[Event]) -> None: ...
+
+    def explain(self, user_id: str, top: int = 10) -> list[dict[str, Any]]: ...
+
+
 class InterestModel(ABC):
     """Base class for interest models: small state, learn/predict, inspectable."""
 
@@ -100,9 +131,9 @@ class InterestModel(ABC):
     def learn(self, events: Sequence[Event]) -> BatchResult:
         """Apply a time-ordered batch; return the updated users."""
 
-    def publish_due(self) -> bool:
-        """Whether the next `learn` publishes a new model version (the worker then refreshes its
-        catalog first). Models with one fixed version never do."""
+    def publish_due(self, n_events: int = 0) -> bool:
+        """Whether learning `n_events` more events publishes a new model version (the worker then
+        refreshes its catalog first). Models with one fixed version never do."""
         return False
 
     def set_profiles(self, profiles: Sequence[UserProfile]) -> None:  # noqa: B027

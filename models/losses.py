@@ -6,20 +6,33 @@ import torch
 import torch.nn.functional as F
 
 
-def sampled_softmax(
+def softmax_rows(
     logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row cross-entropy of each row's target among its candidates (see `sampled_softmax`)."""
+    if mask is not None:
+        mask = mask.clone()
+        mask[torch.arange(len(target), device=mask.device), target] = False
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min / 2)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def sampled_softmax(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of each row's target among its candidates.
 
     `logits` (P, C), `target` (P,) column of the positive, `mask` (P, C) True where a
     candidate must not count as a negative (e.g. items the user already has); the
-    target column itself is never masked.
+    target column itself is never masked. `weights` (P,) weigh the rows (a weighted mean).
     """
-    if mask is not None:
-        mask = mask.clone()
-        mask[torch.arange(len(target), device=mask.device), target] = False
-        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min / 2)
-    return F.cross_entropy(logits, target)
+    per_row = softmax_rows(logits, target, mask)
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 def bpr(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

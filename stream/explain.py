@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from models import weights_io
+from models.core import Explainable, TrainableWeights
 from models.events import Event
 from storage.schema import AppliedEvent, CatalogItem
 from stream.runtime import build_interest_model
@@ -60,20 +61,20 @@ def explain_user(settings: Settings, engine: Engine, user_id: str, top: int = 10
     if not events:
         raise ExplainError(f"user {user_id!r} has no applied events in this database")
     model = build_interest_model(settings)
-    if not hasattr(model, "explain") or not hasattr(model, "rebuild_user"):
+    if not isinstance(model, Explainable) or not isinstance(model, TrainableWeights):
         raise ExplainError(
             f"model {settings.model!r} cannot explain its vectors; use adapter, top_layers:k or lora:r"
         )
     model.upsert_items(VectorStore(engine).load_catalog())
-    saved = VectorStore(engine).latest_weights(getattr(model, "spec", settings.model))
+    saved = VectorStore(engine).latest_weights(str(model.config().get("model", settings.model)))
     if saved is not None:
         try:
             weights_io.verify(saved.weights, saved.sha256)
-            model.load_weights(saved.weights)  # type: ignore[attr-defined]
+            model.load_weights(saved.weights)
         except weights_io.WeightsRejected as exc:
             raise ExplainError(f"refused the weights of {saved.version}: {exc.reason}") from None
-    model.rebuild_user(user_id, events)  # type: ignore[attr-defined]
-    rows = model.explain(user_id, top=top)  # type: ignore[attr-defined]
+    model.rebuild_user(user_id, events)
+    rows = model.explain(user_id, top=top)
     with engine.connect() as conn:
         ids = [r["item_id"] for r in rows if r.get("item_id")]
         titles = dict(

@@ -33,7 +33,7 @@ from sqlalchemy import Connection, func, select, text
 
 from models import weights_io
 from models.catalog import item_text
-from models.core import InterestModel, UserUpdate
+from models.core import InterestModel, TrainableWeights, UserUpdate
 from models.events import Event, Item
 from models.weights_io import WeightsRejected
 from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
@@ -269,20 +269,19 @@ class BatchProcessor:
     def restore_weights(self) -> None:
         """Load the newest published weights of this model, when it has trainable state.
 
-        Such models expose `load_weights(bytes)` (the bytes their snapshots carry) and
+        Such models are `TrainableWeights` (`load_weights` takes the bytes their snapshots carry) and
         then report the loaded version as their `model_version`. A blob whose SHA-256 is
         not the one recorded at publish, or that is not tensors-only (models.weights_io), is
         refused: logged, counted, never tried again, and the model keeps the version it has.
         """
-        load = getattr(self.model, "load_weights", None)
-        if load is None:
+        if not isinstance(self.model, TrainableWeights):
             return
         saved = self.store.latest_weights(str(self.model.config().get("model", self.model.name)))
         if saved is None or saved.version in (self.model.model_version, *self.refused_weights):
             return
         try:
             weights_io.verify(saved.weights, saved.sha256)
-            load(saved.weights)
+            self.model.load_weights(saved.weights)
         except WeightsRejected as exc:
             self.refused_weights[saved.version] = exc.reason
             log.error(
@@ -500,7 +499,7 @@ class BatchProcessor:
                 outcome.items = len(items)
             # Items stored by other workers (their partitions of the catalog topic); always
             # before this batch publishes a version, so the one it supersedes has them too.
-            self.refresh_catalog(min_interval_s=0.0 if items or self.model.publish_due() else 2.0)
+            self.refresh_catalog(min_interval_s=0.0 if items or self.model.publish_due(len(pairs)) else 2.0)
             if not self.trainer:
                 self.restore_weights()
             self.sync_users(users)

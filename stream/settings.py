@@ -43,13 +43,17 @@ class Settings(BaseSettings):
     model_dim: int = Field(default=64, ge=0)  # interest-space dimension; 0 = the base's (slower)
     model_history: int = Field(default=50, ge=1)  # recent behaviours a user vector attends over
     model_lr: float = Field(default=3e-3, gt=0)
-    model_steps_per_batch: int = Field(default=1, ge=1)
+    # The training budget, counted in events: one optimisation step per N events, whatever the
+    # batch sizes (a worker under backlog learns per event what the backtest learns).
+    model_events_per_step: int = Field(default=100, ge=1)
+    # ADWIN on the prequential loss (models/finetune/drift.py): learning-rate boost on a global
+    # drift, a user's attention window cut to their newest behaviours on theirs.
+    model_drift: bool = True
     model_replay_size: int = Field(default=20_000, ge=0)  # recent positives replayed against forgetting
-    # A new model version every N batches or T seconds, whichever comes first. Each version
-    # writes the whole catalog's item vectors; between versions user vectors still follow every
-    # event (computed with the published weights). ML-100K: one per batch 0.0660 NDCG@10 on
-    # the last 20%, one per 20 batches 0.0647, at 2.6x the replay speed.
-    model_publish_every_batches: int = Field(default=10, ge=1)
+    # A new model version every N training steps or T seconds, whichever comes first. Each
+    # version writes the whole catalog's item vectors; between versions user vectors still follow
+    # every event (computed with the published weights).
+    model_publish_every_steps: int = Field(default=10, ge=1)
     model_publish_every_s: float = Field(default=10.0, gt=0)
     model_deterministic: bool = False  # deterministic kernels (with ISTREAM_SEED): same data, same numbers
     model_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)

@@ -31,25 +31,15 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
-from models.core import BatchResult, InterestModel
+from models.core import BatchResult, BatchScorer, InterestModel, RatingPredictor
 from models.events import Event
 from models.metrics import RANKING_METRICS, rank_counts, ranking_metrics, rating_errors
 from stream.backtest.data import BacktestData
 from stream.progress import progress
-
-
-@runtime_checkable
-class BatchScorer(Protocol):
-    def predict_many(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-@runtime_checkable
-class RatingPredictor(Protocol):
-    def predict_rating(self, user_id: str, item_id: str) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)

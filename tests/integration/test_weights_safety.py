@@ -42,7 +42,9 @@ def db_url(empty_db_url: str) -> str:
 
 
 def processor(db_url: str, metrics: WorkerMetrics | None = None) -> BatchProcessor:
-    model = FineTunedModel(HashEncoder(24), "adapter", dim=DIM, history=8, seed=0, publish_every_batches=1)
+    model = FineTunedModel(
+        HashEncoder(24), "adapter", dim=DIM, history=8, seed=0, publish_every_steps=1, events_per_step=1
+    )
     proc = BatchProcessor(
         model,
         VectorStore(make_engine(db_url), group_id="g"),

@@ -38,7 +38,7 @@ def walk_events(n_items: int, n_users: int, steps: int, seed: int = 0) -> list[E
 
 def model(**kw: object) -> FineTunedModel:
     # A version per batch: these tests look at what learning does to the published vectors.
-    opts = {"dim": 16, "history": 8, "seed": 0, "publish_every_batches": 1, **kw}
+    opts = {"dim": 16, "history": 8, "seed": 0, "publish_every_steps": 1, "events_per_step": 1, **kw}
     m = FineTunedModel(HashEncoder(24), "adapter", **opts)
     m.upsert_items(catalog())
     return m
@@ -67,7 +67,7 @@ def test_scores_are_the_published_inner_product() -> None:
 
 def test_learns_a_sequential_pattern() -> None:
     """After some batches the next item of the walk ranks near the top (chance: rank ~20 of 40)."""
-    m = model(lr=0.03, dim=24)
+    m = model(lr=0.01, dim=24, events_per_step=10)
     events = walk_events(40, 30, 12)
     ranks = []
     for b in range(0, len(events), 30):
@@ -85,8 +85,8 @@ def test_learns_a_sequential_pattern() -> None:
     assert np.mean(ranks) < 10 and np.mean(np.asarray(ranks) <= 3) > 0.3, np.mean(ranks)
 
 
-def test_snapshots_every_n_batches_with_weights_and_items() -> None:
-    m = model(publish_every_batches=2)
+def test_snapshots_every_n_steps_with_weights_and_items() -> None:
+    m = model(publish_every_steps=2, events_per_step=10)
     first = m.model_version
     events = walk_events(40, 5, 4)
     r1 = m.learn(events[:10])
@@ -103,7 +103,7 @@ def test_snapshots_every_n_batches_with_weights_and_items() -> None:
 def test_between_publishes_user_vectors_use_the_published_weights() -> None:
     """A vector names a model version: it must come from that version's weights, not the live ones."""
     events = walk_events(40, 5, 4)
-    trained = model(publish_every_batches=100, publish_every_s=1e9, lr=0.05)
+    trained = model(publish_every_steps=100, publish_every_s=1e9, lr=0.05)
     frozen = model(lr=0.0)  # publishes every batch, but its weights never move
     first = trained.model_version
     trained.learn(events[:10])
@@ -111,8 +111,8 @@ def test_between_publishes_user_vectors_use_the_published_weights() -> None:
     r = trained.learn(events[10:])
     frozen.learn(events[10:])
     assert r.model_version == first and r.snapshot is None
-    live = {n: p for n, p in trained.net.named_parameters() if n in trained._serving}
-    assert any(not torch.equal(p, trained._serving[n]) for n, p in live.items())  # training moved on
+    live = {n: p for n, p in trained.net.named_parameters() if n in trained.versions.serving}
+    assert any(not torch.equal(p, trained.versions.serving[n]) for n, p in live.items())  # training moved on
     for user in ("u0", "u2", "u4"):
         np.testing.assert_allclose(trained.user_vector(user), frozen.user_vector(user), rtol=1e-5, atol=1e-6)
     # Item vectors too (the bias column also holds popularity counts, which move with every batch).
@@ -201,13 +201,13 @@ def test_rollback_restores_the_last_good_weights() -> None:
     m = model(rollback_window=10, rollback_patience=2, rollback_threshold=0.5)
     good = {k: v.clone() for k, v in m.net.state_dict().items()}
     for _ in range(10):
-        m._check_rollback(1.0)
+        m.trainer.check_rollback(1.0)
     with torch.no_grad():
         m.net.item_emb.add_(1.0)  # training went somewhere bad
-    m._check_rollback(5.0)
-    assert m.rollbacks == 0
-    m._check_rollback(5.0)
-    assert m.rollbacks == 1
+    m.trainer.check_rollback(5.0)
+    assert m.trainer.rollbacks == 0
+    m.trainer.check_rollback(5.0)
+    assert m.trainer.rollbacks == 1
     torch.testing.assert_close(m.net.item_emb.detach(), good["item_emb"])
 
 
@@ -247,7 +247,7 @@ def test_sampled_negatives_for_large_catalogs() -> None:
 
 def test_events_before_their_items_arrive() -> None:
     """A worker can see events before the catalog records they name (topics are read in parallel)."""
-    m = FineTunedModel(HashEncoder(24), "adapter", dim=8, history=4)
+    m = FineTunedModel(HashEncoder(24), "adapter", dim=8, history=4, events_per_step=1)
     r = m.learn([Event("a", "u", 1.0, "click", item_id="1"), Event("b", "u", 2.0, "click", item_id="2")])
     assert r.updates["u"].vector.shape == (9,)
     m.upsert_items(catalog(5))
@@ -284,7 +284,7 @@ def test_user_state_checkpoint_is_compact_and_reads_the_first_layout() -> None:
 
 
 def test_a_scale_out_follower_neither_trains_nor_publishes() -> None:
-    m = model(publish_every_batches=1)
+    m = model(publish_every_steps=1)
     m.train_shared = False
     before = {n: p.detach().clone() for n, p in m.net.named_parameters()}
     version = m.model_version

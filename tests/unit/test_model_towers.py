@@ -113,12 +113,12 @@ def test_cached_layers_run_without_dropout_and_learn_slowly(tiny: BaseEncoder) -
     m = build_model("top_layers:1", tiny, dim=8, seed=0, lr=0.01, layer_lr_multiplier=0.05)
     m.net.train()
     assert not m.net.tower.top.training and m.net.tower.training
-    rates = {id(p): g["lr"] for g in m.optimizer.param_groups for p in g["params"]}
+    rates = {id(p): g["lr"] for g in m.trainer.optimizer.param_groups for p in g["params"]}
     assert all(rates[id(p)] == pytest.approx(5e-4) for p in m.net.tower.top.parameters())
     assert rates[id(m.net.tower.up.weight)] == pytest.approx(0.01)
     lora = build_model("lora:2", tiny, dim=8, seed=0, lr=0.01, lora_lr_multiplier=0.5)
     trained = [p for p in lora.net.tower.top.parameters() if p.requires_grad]
-    rates = {id(p): g["lr"] for g in lora.optimizer.param_groups for p in g["params"]}
+    rates = {id(p): g["lr"] for g in lora.trainer.optimizer.param_groups for p in g["params"]}
     assert trained and all(rates[id(p)] == pytest.approx(5e-3) for p in trained)
 
 
@@ -140,7 +140,16 @@ def test_find_layers_and_bad_k(tiny: BaseEncoder) -> None:
 
 @pytest.mark.parametrize("spec", ["top_layers:1", "lora:2", "adapter"])
 def test_every_strategy_learns_end_to_end(tiny: BaseEncoder, spec: str) -> None:
-    m = build_model(spec, tiny, dim=8, history=4, tower_items_per_step=3, seed=0, publish_every_batches=1)
+    m = build_model(
+        spec,
+        tiny,
+        dim=8,
+        history=4,
+        tower_items_per_step=3,
+        seed=0,
+        publish_every_steps=1,
+        events_per_step=13,
+    )
     assert isinstance(m, FineTunedModel) and m.spec == spec
     m.upsert_items(items())
     before = m.item_matrix().copy()
@@ -184,7 +193,7 @@ def test_real_packaged_minilm_top_layer_matches_and_trains() -> None:
     with torch.no_grad():
         out = tower.run_top(tower.lower(TEXTS)).numpy()
     np.testing.assert_allclose(out, enc.encode(TEXTS), atol=1e-4)
-    m = build_model("top_layers:1", enc, seed=0)
+    m = build_model("top_layers:1", enc, seed=0, events_per_step=6)
     m.upsert_items(items(8))
     assert m.item_matrix().shape == (8, 65)
     r = m.learn([Event(f"e{i}", "u", float(i), "click", item_id=str(i)) for i in range(6)])

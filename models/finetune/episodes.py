@@ -1,0 +1,158 @@
+"""Events -> episodes -> tensors: what a training step and a user vector are computed from.
+
+An episode is one user's context before a batch plus the batch's behaviours, with
+a training target at each event. The user vector for a target at position p is
+computed from behaviours [p - history, p): what the user had done before that
+event, never the event itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from models.user_state import Behaviour
+
+
+@dataclass(slots=True)
+class Target:
+    """A training signal inside an episode: at behaviour position `pos`, the user went to `row`."""
+
+    pos: int
+    row: int  # catalog row of the clicked/rated item
+    positive: bool
+    rating: float | None = None
+    query: str | None = None
+    hard: tuple[int, ...] = ()
+    weight: float = 1.0  # in the loss (replayed targets weigh less than fresh ones)
+    replayed: bool = False  # learned before: its loss is not prequential
+
+
+@dataclass(slots=True)
+class Episode:
+    user_id: str
+    behaviours: list[Behaviour]
+    long_term: np.ndarray | None
+    targets: list[Target] = field(default_factory=list)
+    seen_rows: tuple[int, ...] = ()  # items the user had before the episode (not negatives)
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeTensors:
+    vec: torch.Tensor  # (U, T, d) behaviour vectors, zero where padded
+    signal: torch.Tensor  # (U, T) long
+    ts: torch.Tensor  # (U, T) seconds since each episode's first behaviour
+    valid: torch.Tensor  # (U, T) bool
+
+    def as_args(self) -> tuple[torch.Tensor, ...]:
+        return self.vec, self.signal, self.ts, self.valid
+
+
+def episode_tensors(
+    episodes: Sequence[Episode],
+    item_vec: torch.Tensor,
+    index: Mapping[str, int],
+    encode_queries: Callable[[list[str]], torch.Tensor],
+) -> EpisodeTensors:
+    """Behaviour tensors of `episodes`; item vectors gathered from `item_vec` by `index`
+    (item id -> row of `item_vec`), search texts through `encode_queries`."""
+    U = len(episodes)
+    T = max(1, max(len(ep.behaviours) for ep in episodes))
+    n_items = item_vec.shape[0]
+    pad = -1  # a zero row appended below
+    idx = np.full((U, T), pad, dtype=np.int64)
+    signal = np.zeros((U, T), dtype=np.int64)
+    ts = np.zeros((U, T), dtype=np.float64)
+    queries: dict[str, int] = {}
+    # Whole rows at a time from Python lists: element-wise numpy writes cost more than the step.
+    for u, ep in enumerate(episodes):
+        bs = ep.behaviours
+        if not bs:
+            continue
+        n = len(bs)
+        idx[u, :n] = [
+            index.get(b.item_id, pad)
+            if b.item_id is not None
+            else (n_items + queries.setdefault(b.query, len(queries)) if b.query is not None else pad)
+            for b in bs
+        ]
+        signal[u, :n] = [b.signal for b in bs]
+        ts[u, :n] = [b.ts for b in bs]
+        ts[u, :n] -= bs[0].ts
+    valid = idx != pad
+    signal[~valid] = 0
+    ts[~valid] = 0.0
+    parts = [item_vec]
+    if queries:
+        parts.append(encode_queries(list(queries)).to(item_vec.dtype))
+    parts.append(torch.zeros(1, item_vec.shape[1], dtype=item_vec.dtype, device=item_vec.device))
+    table = torch.cat(parts)
+    idx[~valid] = table.shape[0] - 1
+    dev = item_vec.device
+    vec = table[torch.from_numpy(idx).to(dev).reshape(-1)].reshape(U, T, -1)
+    return EpisodeTensors(
+        vec,
+        torch.from_numpy(signal).to(dev),
+        torch.from_numpy(ts.astype(np.float32)).to(dev),
+        torch.from_numpy(valid).to(dev),
+    )
+
+
+def chunk(ep: Episode, history: int, index: Mapping[str, int]) -> list[Episode]:
+    """Split a long episode so that no chunk is longer than 2 × history: each target only
+    attends over the `history` behaviours before it, so the rest is padding and waste."""
+    L = history
+    if len(ep.behaviours) <= 2 * L or len(ep.targets) <= 1:
+        return [ep]
+    out = []
+    for i in range(0, len(ep.targets), L):
+        group = ep.targets[i : i + L]
+        start = max(0, group[0].pos - L)
+        end = group[-1].pos
+        before = [index.get(b.item_id) for b in ep.behaviours[:start] if b.item_id is not None]
+        out.append(
+            Episode(
+                ep.user_id,
+                ep.behaviours[start:end],
+                ep.long_term,
+                [replace(t, pos=t.pos - start) for t in group],
+                seen_rows=ep.seen_rows + tuple(r for r in before if r is not None),
+            )
+        )
+    return out
+
+
+def seen_mask(
+    episodes: Sequence[Episode],
+    targets: Sequence[tuple[int, Target]],
+    n_cand: int,
+    cand_pos: Mapping[int, int] | None,
+    index: Mapping[str, int],
+    device: torch.device,
+) -> torch.Tensor:
+    """(P, C) True where a candidate is an item the user already had: never a negative,
+    as the evaluation never ranks items a user already has."""
+    pi: list[np.ndarray] = []
+    ci: list[np.ndarray] = []
+    ep_rows: dict[int, np.ndarray] = {}
+    for k, (u, t) in enumerate(targets):
+        rows = ep_rows.get(u)
+        if rows is None:
+            ep = episodes[u]
+            beh = [index.get(b.item_id, -1) if b.item_id is not None else -1 for b in ep.behaviours]
+            rows = ep_rows[u] = np.asarray(list(ep.seen_rows) + beh, dtype=np.int64)
+        cut = rows[: len(episodes[u].seen_rows) + t.pos]
+        cut = cut[cut >= 0]
+        if cand_pos is not None:
+            cut = np.asarray([cand_pos[r] for r in cut.tolist() if r in cand_pos], dtype=np.int64)
+        pi.append(np.full(len(cut), k, dtype=np.int64))
+        ci.append(cut)
+    mask = torch.zeros(len(targets), n_cand, dtype=torch.bool, device=device)
+    if pi:
+        p = torch.from_numpy(np.concatenate(pi)).to(device)
+        c = torch.from_numpy(np.concatenate(ci)).to(device)
+        mask[p, c] = True
+    return mask

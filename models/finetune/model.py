@@ -1,0 +1,671 @@
+"""The fine-tuned interest model: the facade that the worker and the backtest drive.
+
+`FineTunedModel` keeps the catalog, the users' states and vectors, and ties the
+parts together: the network (`network`), events -> episodes -> tensors
+(`episodes`), the trainer with its budget counted in events (`trainer`), and the
+published versions with their serving weights (`versions`). Scoring, and what
+the published vectors reproduce with a plain inner product:
+
+    score(user, item) = s · u·e_item + β_item
+
+Published item vectors are [e_item, β_item] and user vectors [s·u, 1], so
+`SELECT ... ORDER BY vector <#> user_vector` ranks exactly like `predict`.
+
+Each batch is learned after it was predicted (predict-then-learn): for every
+positive event the user vector is built from the behaviours *before* it, and the
+clicked/rated item must win a softmax against the catalog (or, for large
+catalogs, against its impressions and uniform draws with a log-Q correction).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.catalog import Catalog, TextEncoder, item_text
+from models.core import BatchResult, InterestModel, ModelSnapshot, UserUpdate
+from models.device import cpu_threads, pick_device, set_deterministic
+from models.events import Event, Item, UserProfile
+from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors
+from models.finetune.network import InterestNet
+from models.finetune.options import FineTuneOptions
+from models.finetune.trainer import Trainer, rows_tensor
+from models.finetune.versions import Versions, pack_weights, unpack_weights, version_id
+from models.towers import build_tower
+from models.user_state import SIGNAL_CLICK, SIGNAL_SEARCH, Behaviour, UserState, rating_signal
+
+log = logging.getLogger(__name__)
+
+
+class FineTunedModel(InterestModel):
+    """`adapter`, `top_layers:k`, `lora:r`: one class, the tower is the strategy."""
+
+    def __init__(
+        self, encoder: TextEncoder, strategy: str = "adapter", arg: str | None = None, **kwargs: Any
+    ):
+        self.opts = FineTuneOptions.from_kwargs(**kwargs)
+        o = self.opts
+        set_deterministic(o.seed, o.deterministic)
+        self.encoder = encoder
+        self.device = pick_device(o.device)
+        self.catalog = Catalog(encoder)
+        tower = build_tower(
+            strategy,
+            arg,
+            encoder,
+            dropout=o.dropout,
+            adapter_hidden=o.adapter_hidden,
+            lora_layers=o.lora_layers,
+        )
+        self.spec = tower.strategy
+        self.name = self.spec.split(":")[0]
+        dim = o.dim or int(encoder.dim)
+        self.net = InterestNet(
+            tower,
+            dim,
+            o.history,
+            o.dropout,
+            n_pop=len(o.popularity_half_lives_events),
+            blocks=o.blocks,
+            heads=o.heads,
+        )
+        with torch.no_grad():
+            self.net.log_scale.fill_(math.log(o.init_scale))
+            self.net.w_pop.fill_(o.init_pop_weight / len(o.popularity_half_lives_events))
+        self.net.to(self.device)
+        self.users: dict[str, UserState] = {}
+        self.profiles: dict[str, str] = {}
+        self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
+        self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
+        self._live_vec = torch.zeros(0, dim)  # item vectors of the live weights (no grad)
+        self._live_aug = np.zeros((0, dim + 1), dtype=np.float32)
+        self._uvec: dict[str, np.ndarray] = {}
+        self._user_bias: dict[str, tuple[float, int]] = {}
+        self.versions = Versions(dim)
+        self.trainer = Trainer(self, o)
+        self.batches = 0
+        # False on a scale-out follower: it keeps its users' state and vectors current against
+        # the weights it loaded from the trainer, and neither trains nor publishes.
+        self.train_shared = True
+        self._publish(initial=True)
+
+    # ---- InterestModel -------------------------------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        return self.versions.version
+
+    @property
+    def dim(self) -> int:
+        return self.net.dim + 1
+
+    def config(self) -> dict[str, Any]:
+        opts = asdict(self.opts)
+        opts.pop("half_life_s", None)
+        return {"model": self.spec, "base": self.encoder.version, **self.net.tower.describe(), **opts}
+
+    def item_ids(self) -> Sequence[str]:
+        return self.catalog.ids
+
+    def item_matrix(self) -> np.ndarray:
+        """Item vectors of the published version that user vectors name (bias in the last column)."""
+        return self.versions.item_aug
+
+    def user_vector(self, user_id: str) -> np.ndarray | None:
+        return self._uvec.get(user_id)
+
+    def predict_many(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (len(user_ids), n_items) in one product, and which users were scored (all)."""
+        vecs = np.stack([self._uvec[u] if u in self._uvec else self._cold_vector(u)[0] for u in user_ids])
+        # Every user gets real scores: those without a vector of their own are ranked by their
+        # cold-start prior (first search, profile, or popularity), as production serves them.
+        return vecs @ self.versions.item_aug.T, np.ones(len(user_ids), dtype=bool)
+
+    def predict(self, user_id: str) -> np.ndarray | None:
+        vec = self._uvec.get(user_id)
+        if vec is None:
+            vec = self._cold_vector(user_id)[0]
+        return self.versions.item_aug @ vec
+
+    def set_profiles(self, profiles: Sequence[UserProfile]) -> None:
+        for p in profiles:
+            if p.attrs:
+                self.profiles[p.user_id] = profile_text(p.attrs)
+
+    def known_users(self) -> Sequence[str]:
+        return list(self.users)
+
+    def get_user_state(self, user_id: str) -> dict[str, Any] | None:
+        s = self.users.get(user_id)
+        if s is None:
+            return None
+        out = s.to_json()
+        ub = self._user_bias.get(user_id)
+        if ub is not None:
+            out["rating_sum"], out["rating_n"] = ub
+        return out
+
+    def set_user_state(self, user_id: str, state: Mapping[str, Any]) -> None:
+        self.users[user_id] = UserState.from_json(state, self.opts.history)
+        if "rating_n" in state:
+            self._user_bias[user_id] = (float(state["rating_sum"]), int(state["rating_n"]))
+        self._refresh_users([user_id])
+
+    def on_user_drift(self, user_id: str) -> None:
+        """The user's interests moved (their prequential loss drifted up): keep only their newest
+        behaviours in the attention window and restart their long-term average from them."""
+        state = self.users.get(user_id)
+        if state is None:
+            return
+        keep = list(state.recent)[-self.opts.drift_keep :]
+        state.recent.clear()
+        state.recent.extend(keep)
+        state.long_term = None
+
+    def forget_user(self, user_id: str) -> None:
+        self.users.pop(user_id, None)
+        self._uvec.pop(user_id, None)
+        self._user_bias.pop(user_id, None)
+        self.profiles.pop(user_id, None)
+        self.trainer.drift.forget(user_id)
+
+    # ---- catalog ---------------------------------------------------------------------------------
+    def upsert_items(self, items: Sequence[Item]) -> None:
+        if not items:
+            return
+        rows = self.catalog.upsert(items)
+        n = len(self.catalog)
+        self._grow(n)
+        for item, row in zip(items, rows, strict=True):
+            if item.embedding is not None:
+                self._set_modal(row, np.asarray(item.embedding, dtype=np.float32))
+        self.net.tower.sync(self.catalog, rows)
+        self.refresh_items()
+        self.versions.add_items(self._live_aug, rows)
+
+    def _set_modal(self, row: int, emb: np.ndarray) -> None:
+        n = len(self.catalog)
+        if self._modal is None:
+            self._modal = np.zeros((n, emb.shape[0]), dtype=np.float32)
+            fuse = nn.Linear(emb.shape[0], self.net.tower.base_dim, bias=False).to(self.device)
+            nn.init.normal_(fuse.weight, std=1.0 / math.sqrt(emb.shape[0]))
+            self.net.fuse = fuse
+            self.trainer.add_params(list(fuse.parameters()))
+        if emb.shape[0] != self._modal.shape[1]:
+            log.warning(
+                "item %s: embedding has %d dimensions, the catalog's have %d; the embedding is ignored",
+                self.catalog.ids[row],
+                emb.shape[0],
+                self._modal.shape[1],
+            )
+            return
+        if self._modal.shape[0] < n:
+            self._modal = np.concatenate(
+                [self._modal, np.zeros((n - self._modal.shape[0], self._modal.shape[1]), np.float32)]
+            )
+        norm = float(np.linalg.norm(emb))
+        self._modal[row] = emb / norm if norm > 0 else emb
+
+    def _grow(self, n: int) -> None:
+        """Extend per-item parameters (zero rows) and their optimizer state to n items."""
+        net = self.net
+        old = net.item_emb.shape[0]
+        if len(self._pop) < n:
+            self._pop = np.concatenate([self._pop, np.zeros((n - len(self._pop), self._pop.shape[1]))])
+        if n <= old:
+            return
+        extra = n - old
+        params = {"item_emb": (extra, net.dim), "item_bias": (extra,), "rating_bias": (extra,)}
+        for name, shape in params.items():
+            p_old: nn.Parameter = getattr(net, name)
+            p_new = nn.Parameter(torch.cat([p_old.data, torch.zeros(*shape, device=self.device)]))
+            self.trainer.swap_param(p_old, p_new, shape)
+            setattr(net, name, p_new)
+
+    # ---- item vectors ----------------------------------------------------------------------------
+    def _tower_rows(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
+        tower = self.net.tower
+        out = tower(rows, live)
+        if self.net.fuse is not None and self._modal is not None:
+            modal = torch.from_numpy(self._modal[rows.cpu().numpy()]).to(self.device)
+            out = out + self.net.fuse(modal)
+        return out
+
+    def item_vectors(
+        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors and scoring biases of `rows`, with gradients; a tower with an expensive part
+        (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`)."""
+        net = self.net
+        base = self._tower_rows(rows, grad_rows)
+        vec = net.proj(base) + net.item_emb[rows]
+        pop = torch.from_numpy(np.log1p(self._pop[rows.cpu().numpy()]).astype(np.float32)).to(self.device)
+        bias = net.item_bias[rows] + pop @ net.w_pop
+        return vec, bias
+
+    @torch.no_grad()
+    def refresh_items(self, full_tower: bool = False) -> None:
+        """Recompute the live item vectors (cheap: cached tower outputs through the projection)."""
+        net = self.net
+        n = len(self.catalog)
+        if n == 0:
+            return
+        was = net.training
+        net.eval()
+        if full_tower:
+            net.tower.refresh()
+        # Over every row: cheap for every tower (transformer layers come from their cache).
+        rows = rows_tensor(range(n), self.device)
+        base = torch.cat([self._tower_rows(rows[i : i + 512]) for i in range(0, n, 512)])
+        vec = net.proj(base) + net.item_emb[rows]
+        pop = torch.from_numpy(np.log1p(self._pop[:n]).astype(np.float32)).to(self.device)
+        bias = net.item_bias[rows] + pop @ net.w_pop
+        net.train(was)
+        self._live_vec = vec.float().cpu()
+        self._live_aug = np.concatenate([self._live_vec.numpy(), bias.float().cpu().numpy()[:, None]], axis=1)
+
+    # ---- user vectors ------------------------------------------------------------------------------
+    def profile_tensor(self, user_ids: Sequence[str]) -> torch.Tensor:
+        texts = [self.profiles.get(u) for u in user_ids]
+        out = torch.zeros(len(user_ids), self.net.tower.base_dim, device=self.device)
+        known = [i for i, t in enumerate(texts) if t]
+        if known:
+            enc = self.encoder.encode([texts[i] for i in known])  # type: ignore[misc]
+            out[known] = torch.from_numpy(enc).to(self.device)
+        return out
+
+    def long_tensor(self, longs: Sequence[np.ndarray | None]) -> torch.Tensor:
+        d = self.net.dim
+        arr = np.zeros((len(longs), d), dtype=np.float32)
+        for i, lt in enumerate(longs):
+            if lt is not None:
+                arr[i] = lt
+        return torch.from_numpy(arr).to(self.device)
+
+    def _current_episodes(self, user_ids: Sequence[str]) -> list[Episode]:
+        return [Episode(u, list(self.users[u].recent), self.users[u].long_term) for u in user_ids]
+
+    def _published_vec(self) -> torch.Tensor:
+        return torch.from_numpy(self.versions.item_aug[:, :-1]).to(self.device)
+
+    def _serving_tensors(self, episodes: Sequence[Episode]) -> EpisodeTensors:
+        """Behaviour tensors over the published item vectors (searches through the served tower)."""
+        return episode_tensors(
+            episodes,
+            self._published_vec(),
+            self.catalog.index,
+            lambda texts: self.versions.call(self.net, "texts", texts),
+        )
+
+    @torch.no_grad()
+    def _user_vectors(self, user_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Published user vectors (U, d) and their attention over the recent behaviours (U, T):
+        the serving weights over the published item vectors."""
+        net = self.net
+        was = net.training
+        net.eval()
+        episodes = self._current_episodes(user_ids)
+        t = self._serving_tensors(episodes)
+        qpos = torch.as_tensor([[len(ep.behaviours)] for ep in episodes], device=self.device)
+        u, weights = self.versions.call(
+            net,
+            "user",
+            *t.as_args(),
+            qpos,
+            self.long_tensor([ep.long_term for ep in episodes]),
+            self.profile_tensor(user_ids),
+        )
+        net.train(was)
+        return u[:, 0], weights[:, 0]
+
+    def _refresh_users(self, user_ids: Sequence[str]) -> None:
+        user_ids = [u for u in user_ids if u in self.users]
+        if not user_ids:
+            return
+        with torch.no_grad():
+            scale = float(self.versions.call(self.net, "scale"))
+            for i in range(0, len(user_ids), 512):
+                part = user_ids[i : i + 512]
+                u = self._user_vectors(part)[0].float().cpu().numpy() * scale
+                for uid, vec in zip(part, u, strict=True):
+                    self._uvec[uid] = np.append(vec, np.float32(1.0)).astype(np.float32)
+
+    def _cold_vector(self, user_id: str, first_query: str | None = None) -> tuple[np.ndarray, str]:
+        """A vector for a user without history: first search text, profile, or the popularity prior."""
+        d = self.net.dim
+        with torch.no_grad():
+            scale = float(self.versions.call(self.net, "scale"))
+            if first_query:
+                v = self.versions.call(self.net, "texts", [first_query])[0]
+                return np.append(v.float().cpu().numpy() * scale, 1.0).astype(np.float32), "search"
+            if user_id in self.profiles:
+                v = self.versions.call(self.net, "profile", self.profile_tensor([user_id]))[0]
+                return np.append(v.float().cpu().numpy() * scale, 1.0).astype(np.float32), "profile"
+        # A zero interest part leaves only the item bias: time-decayed popularity.
+        return np.append(np.zeros(d, dtype=np.float32), 1.0).astype(np.float32), "popularity"
+
+    # ---- learning --------------------------------------------------------------------------------
+    def _signal(self, e: Event) -> int:
+        if e.kind == "rating" and e.rating is not None:
+            return rating_signal(e.rating, self.opts.rating_min, self.opts.rating_max)
+        return SIGNAL_SEARCH if e.kind == "search" else SIGNAL_CLICK
+
+    def _observe(self, events: Sequence[Event]) -> tuple[list[Episode], dict[str, int], dict[str, str]]:
+        """Walk the batch in time order: one episode per user (their context before the batch
+        plus the batch's behaviours, with a target at each event), updating the user states."""
+        o = self.opts
+        episodes: dict[str, Episode] = {}
+        touched: dict[str, int] = {}
+        cold: dict[str, str] = {}
+        live = self._live_vec.numpy()
+        index = self.catalog.index
+        for e in events:
+            state = self.users.get(e.user_id)
+            if state is None:
+                state = self.users[e.user_id] = UserState(history_len=o.history, last_ts=e.ts)
+                cold[e.user_id] = (
+                    "search"
+                    if e.kind == "search" and e.query
+                    else "profile"
+                    if e.user_id in self.profiles
+                    else "popularity"
+                )
+                state.cold_start = cold[e.user_id]
+            ep = episodes.get(e.user_id)
+            if ep is None:
+                seen = tuple(r for r in (index.get(i) for i in state.seen) if r is not None)
+                lt = None if state.long_term is None else state.long_term.copy()
+                ep = episodes[e.user_id] = Episode(e.user_id, list(state.recent), lt, seen_rows=seen)
+            touched[e.user_id] = touched.get(e.user_id, 0) + 1
+            row = index.get(e.target_item) if e.target_item is not None else None
+            if row is not None:
+                positive = e.kind != "rating" or (e.rating is not None and e.rating >= o.positive_rating)
+                hard = tuple(r for r in (index.get(i) for i in e.impressions) if r is not None and r != row)
+                ep.targets.append(
+                    Target(
+                        pos=len(ep.behaviours),
+                        row=row,
+                        positive=positive,
+                        rating=e.rating if e.kind == "rating" else None,
+                        query=e.query if e.kind == "search" else None,
+                        hard=hard,
+                    )
+                )
+            new: list[Behaviour] = []
+            if e.kind == "search" and e.query:
+                new.append(Behaviour(SIGNAL_SEARCH, e.ts, None, e.query, e.event_id))
+            if e.target_item is not None:
+                # Kept even when the item is not in the catalog yet: it counts once it arrives.
+                new.append(Behaviour(self._signal(e), e.ts, e.target_item, None, e.event_id))
+            if row is not None:
+                weight = 1.0
+                if e.kind == "rating" and e.rating is not None:
+                    weight = (e.rating - o.rating_min) / max(o.rating_max - o.rating_min, 1e-9)
+                    s, n = self._user_bias.get(e.user_id, (0.0, 0))
+                    self._user_bias[e.user_id] = (s + e.rating, n + 1)
+                rate = o.long_term_rate * weight
+                if state.long_term is None:
+                    state.long_term = live[row].copy() * weight
+                else:
+                    state.long_term = (1 - rate) * state.long_term + rate * live[row]
+            for b in new:
+                state.push(b)
+                ep.behaviours.append(b)
+            state.n_events += 1
+            state.last_ts = max(state.last_ts, e.ts)
+        return list(episodes.values()), touched, cold
+
+    def user_offset(self, user_id: str) -> float:
+        s, n = self._user_bias.get(user_id, (0.0, 0))
+        mu = float(self.net.mu.detach())
+        return (s - n * mu) / (n + 5.0)  # shrunk towards 0 for users with few ratings
+
+    def predict_rating(self, user_id: str, item_id: str) -> float | None:
+        """Predicted rating (MSE-trained head with global, user and item biases)."""
+        row = self.catalog.row(item_id)
+        vec = self._uvec.get(user_id)
+        if row is None or vec is None:
+            return None
+        scale = float(self.net.log_scale.detach().exp())
+        dot = float(vec[:-1] @ self._live_vec[row].numpy()) / scale
+        with torch.no_grad():
+            pred = (
+                float(self.net.mu)
+                + self.user_offset(user_id)
+                + float(self.net.rating_bias[row])
+                + float(self.net.rating_scale) * dot
+            )
+        return float(min(max(pred, self.opts.rating_min), self.opts.rating_max))
+
+    def _update_popularity(self, events: Sequence[Event]) -> None:
+        """Decayed counts per item, the clock counted in events: half-lives of 10^2 .. 10^5
+        events fit a stream of any pace (a month of one log is a day of another)."""
+        hl = np.asarray(self.opts.popularity_half_lives_events, dtype=np.float64)
+        decay = 0.5 ** (1.0 / hl)
+        for e in events:
+            self._pop *= decay
+            row = self.catalog.row(e.target_item)
+            if row is not None:
+                self._pop[row] += 1.0
+
+    def learn(self, events: Sequence[Event]) -> BatchResult:
+        with cpu_threads(self.device, self.opts.cpu_threads):
+            return self._learn(events)
+
+    def _learn(self, events: Sequence[Event]) -> BatchResult:
+        episodes, touched, cold = self._observe(events)
+        loss = None
+        if self.train_shared:
+            self.trainer.add(episodes)
+            loss = self.trainer.train(len(events), self.device)
+        # Popularity counts move after the step: training saw the counts as they were before.
+        self._update_popularity(events)
+        self.batches += 1
+        snapshot = None
+        if self._publish_is_due():
+            snapshot = self._publish()
+        elif self.train_shared:
+            self.refresh_items()
+        self._refresh_users(list(touched))
+        updates = {}
+        for uid, n in touched.items():
+            state = self.users[uid]
+            updates[uid] = UserUpdate(
+                user_id=uid,
+                vector=self._uvec[uid],
+                n_applied=n,
+                last_event_ts=state.last_ts,
+                cold_start=cold.get(uid),
+            )
+        return BatchResult(updates=updates, model_version=self.model_version, snapshot=snapshot, loss=loss)
+
+    # ---- rollback and publishing ---------------------------------------------------------------
+    def publish_due(self, n_events: int = 0) -> bool:
+        """Whether learning `n_events` more events publishes a version (the worker refreshes its
+        catalog first, so that the version it leaves behind has every item stored so far)."""
+        return self._publish_is_due(steps_ahead=self.trainer.steps_due(max(n_events, 1)))
+
+    def _publish_is_due(self, steps_ahead: int = 0) -> bool:
+        o = self.opts
+        return self.train_shared and (
+            self.trainer.steps_since_publish + steps_ahead >= o.publish_every_steps
+            or time.monotonic() - self.versions.last_publish >= o.publish_every_s
+        )
+
+    def weights(self) -> bytes:
+        """The trainable state (including the item residuals), serialised (`versions.pack_weights`)."""
+        return pack_weights(self.net, self.catalog.ids, self.config(), self._pop)
+
+    def load_weights(self, blob: bytes) -> None:
+        """Restore weights published earlier (rows matched by item id; unknown items keep zeros)."""
+        saved = unpack_weights(blob, self.device)
+        state = dict(saved["net"])
+        ids = saved["item_ids"]
+        n = len(self.catalog)
+        for key in ("item_emb", "item_bias", "rating_bias"):
+            src = state.pop(key)
+            dst = getattr(self.net, key).data.clone()
+            for j, item_id in enumerate(ids):
+                row = self.catalog.row(item_id)
+                if row is not None and row < n:
+                    dst[row] = src[j]
+            state[key] = dst
+        if "popularity" in saved:
+            pop = saved["popularity"].numpy()
+            for j, item_id in enumerate(ids):
+                row = self.catalog.row(item_id)
+                if row is not None and row < n:
+                    self._pop[row] = pop[j]
+        if "fuse.weight" in state and self.net.fuse is None:
+            state.pop("fuse.weight")
+        self.net.load_state_dict(state, strict=False)
+        self.trainer.make_optimizer()
+        self._publish(initial=True)  # the restored weights are the version user vectors name now
+        self._refresh_users(list(self.users))
+
+    def _publish(self, initial: bool = False) -> ModelSnapshot | None:
+        """A new model version: re-encode every item from the cached base with the current weights.
+
+        Users touched by the batch get vectors against the new version in the same result;
+        the others keep the (older) version their stored vectors name.
+        """
+        # Trained transformer layers: every item through them only every few publishes (the
+        # items of each step are refreshed as they are trained); the adapter is cheap, always.
+        full = initial or self.versions.publishes % self.opts.tower_refresh_every == 0
+        self.refresh_items(full_tower=full)
+        blob = self.weights()
+        trainer = self.trainer
+        trainer.steps_since_publish = 0
+        previous = self.versions.publish(
+            self.net, self._live_aug, version_id(self.spec, blob, self.encoder.version)
+        )
+        if trainer.good_state is None or self.versions.publishes % self.opts.good_state_every == 0:
+            trainer.good_state = trainer.capture()
+        if initial or previous is None:
+            return None
+        return ModelSnapshot(
+            version=self.versions.version,
+            parent=self.versions.parent,
+            config=self.config(),
+            item_ids=list(self.catalog.ids),
+            item_vectors=self.versions.item_aug.copy(),
+            metrics={"batches": float(self.batches), "rollbacks": float(trainer.rollbacks)},
+            weights=blob,
+        )
+
+    def snapshot(self) -> ModelSnapshot:
+        return ModelSnapshot(
+            version=self.versions.version,
+            parent=self.versions.parent,
+            config=self.config(),
+            item_ids=list(self.catalog.ids),
+            item_vectors=self.versions.item_aug.copy(),
+            weights=self.weights(),
+        )
+
+    def rebuild_user(self, user_id: str, events: Sequence[Event]) -> None:
+        """Rebuild a user's state from their events (time order) without training on them."""
+        profile = self.profiles.get(user_id)
+        self.forget_user(user_id)
+        if profile is not None:
+            self.profiles[user_id] = profile
+        self._observe([e for e in events if e.user_id == user_id])
+        self._refresh_users([user_id])
+
+    # ---- explain ------------------------------------------------------------------------------
+    def explain(self, user_id: str, top: int = 10, ig_steps: int = 16) -> list[dict[str, Any]]:
+        """The behaviours that contributed most to the user's vector, with their share of it.
+
+        The vector is u = W_s·state(behaviours) + W_l·long-term + W_p·profile. The long-term and
+        profile parts are linear: their share is their projection on u, part·u/|u|². The
+        sequence state is not (self-attention), so the short-term share is split over the
+        behaviours by integrated gradients of state·u/|u|² along each behaviour's vector from
+        zero (16 steps), scaled to add up to that share: behaviours, long-term and profile add
+        up to 1. `attention` is the last block's attention of the user's state on each behaviour.
+        """
+        state = self.users.get(user_id)
+        if state is None:
+            return []
+        net = self.net
+        was = net.training
+        net.eval()
+        call = self.versions.call
+        with torch.no_grad():
+            u, att = self._user_vectors([user_id])
+            ep = self._current_episodes([user_id])[0]
+            vec, signal, ts, valid = self._serving_tensors([ep]).as_args()
+            uu = u[0]
+            denom = float(uu @ uu) or 1.0
+            long_share = float(call(net, "long", self.long_tensor([state.long_term]))[0] @ uu / denom)
+            profile = self.profile_tensor([user_id])
+            prof_share = float(call(net, "profile", profile)[0] @ uu / denom)
+        qpos = torch.as_tensor([[len(ep.behaviours)]], device=self.device)
+        zeros_long = torch.zeros(1, net.dim, device=self.device)
+        zeros_prof = torch.zeros_like(profile)
+        grads = torch.zeros_like(vec)
+        for k in range(1, ig_steps + 1):
+            x = (vec * (k / ig_steps)).detach().requires_grad_(True)
+            part, _ = call(net, "user", x, signal, ts, valid, qpos, zeros_long, zeros_prof)
+            (part[0, 0] @ uu / denom).backward()
+            assert x.grad is not None
+            grads += x.grad
+        raw = (vec * grads / ig_steps).sum(-1)[0].detach().float().cpu().numpy()
+        net.train(was)
+        short_share = 1.0 - long_share - prof_share
+        total = float(raw.sum())
+        shares = raw * (short_share / total) if abs(total) > 1e-12 else np.zeros_like(raw)
+        out: list[dict[str, Any]] = []
+        for k, b in enumerate(ep.behaviours):
+            kind = (
+                "search" if b.signal == SIGNAL_SEARCH else "click" if b.signal == SIGNAL_CLICK else "rating"
+            )
+            out.append(
+                {
+                    "event_id": b.event_id,
+                    "kind": kind,
+                    "item_id": b.item_id,
+                    "query": b.query,
+                    "ts": b.ts,
+                    "attention": float(att[0, k]),
+                    "weight": float(shares[k]),
+                }
+            )
+        out.sort(key=lambda r: abs(r["weight"]), reverse=True)
+        rest = out[top:]
+        out = out[:top]
+        if rest:  # what the behaviours beyond `top` add up to, so the list still sums to 1
+            out.append({"kind": "other_behaviours", "weight": float(sum(r["weight"] for r in rest))})
+        if abs(total) <= 1e-12:
+            out.append({"kind": "sequence_state", "weight": short_share})
+        out.append({"kind": "long_term", "weight": long_share})
+        if user_id in self.profiles:
+            out.append({"kind": "profile", "weight": prof_share, "query": self.profiles[user_id]})
+        return out
+
+
+def profile_text(attrs: Mapping[str, Any]) -> str:
+    """Profile attributes as text for the base; ages become decades so nearby ages share a vector."""
+    flat = dict(attrs)
+    age = flat.get("age")
+    if isinstance(age, int | float):
+        flat["age"] = f"{int(age) // 10 * 10}s"
+    return item_text("user", flat)
+
+
+def adapter_model(encoder: TextEncoder, **options: Any) -> FineTunedModel:
+    return FineTunedModel(encoder, "adapter", **options)
+
+
+def top_layers_model(encoder: TextEncoder, **options: Any) -> FineTunedModel:
+    return FineTunedModel(encoder, "top_layers", **options)
+
+
+def lora_model(encoder: TextEncoder, **options: Any) -> FineTunedModel:
+    return FineTunedModel(encoder, "lora", **options)
