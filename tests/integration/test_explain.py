@@ -24,7 +24,13 @@ ITEMS = [
 
 def test_explain_weighs_the_users_events(empty_db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     db_url = empty_db_url
-    settings = Settings(database_url=db_url, model="adapter", device="cpu", model_publish_every_steps=1)
+    settings = Settings(
+        database_url=db_url,
+        model="adapter",
+        device="cpu",
+        model_publish_every_steps=1,
+        model_events_per_step=1,
+    )
     upgrade(db_url, vector_dim=published_dim(settings))
     store = build_store(settings, db_url)
     model = build_interest_model(settings)
