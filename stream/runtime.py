@@ -88,6 +88,7 @@ def model_options(settings: Settings) -> dict[str, object]:
             lr=settings.model_lr,
             events_per_step=settings.model_events_per_step,
             drift=settings.model_drift,
+            blocks=settings.model_blocks,
             replay_size=settings.model_replay_size,
             publish_every_steps=settings.model_publish_every_steps,
             publish_every_s=settings.model_publish_every_s,

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # The training budget, counted in events: one optimisation step per N events, whatever the
     # batch sizes (a worker under backlog learns per event what the backtest learns).
     model_events_per_step: int = Field(default=100, ge=1)
+    # The user encoder: 0 = one attention read-out, k = k causal self-attention blocks.
+    model_blocks: int = Field(default=0, ge=0)
     # ADWIN on the prequential loss (models/finetune/drift.py): learning-rate boost on a global
     # drift, a user's attention window cut to their newest behaviours on theirs.
     model_drift: bool = True

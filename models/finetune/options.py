@@ -20,8 +20,9 @@ class FineTuneOptions:
     clip_norm: float = 5.0
     # The training budget, counted in events: one optimisation step per this many events.
     events_per_step: int = 100
-    # Causal self-attention over the recent behaviours.
-    blocks: int = 2
+    # The user encoder: 0 = one attention read-out queried by the newest behaviour (scored
+    # higher on ML-100K: 0.0559 vs 0.0549 NDCG@10), k = k causal self-attention blocks.
+    blocks: int = 0
     heads: int = 2
     adapter_hidden: int = 128
     lora_layers: int = 2

@@ -65,9 +65,10 @@ def test_scores_are_the_published_inner_product() -> None:
     assert m.item_matrix().shape == (40, m.dim)
 
 
-def test_learns_a_sequential_pattern() -> None:
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_learns_a_sequential_pattern(blocks: int) -> None:
     """After some batches the next item of the walk ranks near the top (chance: rank ~20 of 40)."""
-    m = model(lr=0.01, dim=24, events_per_step=10)
+    m = model(lr=0.01, dim=24, events_per_step=10, blocks=blocks)
     events = walk_events(40, 30, 12)
     ranks = []
     for b in range(0, len(events), 30):
