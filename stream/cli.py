@@ -341,7 +341,7 @@ def backtest(
 
     from stream.backtest.data import load_jsonl, load_lastfm, load_movielens
     from stream.backtest.models import check_models, parse_model_list
-    from stream.backtest.report import table
+    from stream.backtest.report import side_by_side, table
     from stream.backtest.run import PointInTime, config_from, default_out_dir, run
     from stream.runtime import limits
 
@@ -403,6 +403,10 @@ def backtest(
     click.echo(table(res, "warm"))
     click.echo(f"\nlast {pct}% of events:")
     click.echo(table(res, "tail"))
+    click.echo(f"\nnew items (fewer than {res.config.new_item_events} earlier events of the item):")
+    click.echo(table(res, "new_item"))
+    click.echo("\nside by side (ratio to the best baseline of the slice; † trained offline on these events):")
+    click.echo(side_by_side(res))
     click.echo(f"\ncold start ({res.counts['cold']} positives):")
     click.echo(table(res, "cold"))
     click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")
