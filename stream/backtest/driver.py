@@ -323,6 +323,9 @@ class _PlanBuilder:
             self.ex_rows.append(np.full(len(exclude), k, dtype=np.int64))
             self.ex_cols.append(np.asarray(exclude, dtype=np.int64))
 
+    def full(self) -> bool:
+        return len(self.rows) >= MAX_PLAN_ROWS
+
     def build(self, n_items: int) -> BatchPlan:
         excluded = None
         if self.rows:
@@ -379,19 +382,13 @@ class _Evaluator:
         Each tie group is judged against the history before it, never against the order
         inside it; the evaluator's history moves on a whole group at a time.
         """
-        plans: list[BatchPlan] = []
-        builder = _PlanBuilder()
+        builders = [_PlanBuilder()]
         starts, ends = tie_groups(block)
         for g0, g1 in zip(starts, ends, strict=True):
-            self._plan_group(start + g0, block[g0:g1], builder)
-            if len(builder.rows) >= MAX_PLAN_ROWS:
-                plans.append(builder.build(self.n_items))
-                builder = _PlanBuilder()
-        if builder.rows or builder.rating_asks or not plans:
-            plans.append(builder.build(self.n_items))
-        return plans
+            self._plan_group(start + g0, block[g0:g1], builders)
+        return [b.build(self.n_items) for b in builders if b.rows or b.rating_asks or len(builders) == 1]
 
-    def _plan_group(self, start: int, group: Sequence[Event], builder: _PlanBuilder) -> None:
+    def _plan_group(self, start: int, group: Sequence[Event], builders: list[_PlanBuilder]) -> None:
         counts, log = self.counts, self.log
         in_group: dict[str, list[int]] = {}  # user -> rows they interacted with in this group
         for e in group:
@@ -415,7 +412,9 @@ class _Evaluator:
                     ranked.add((e.user_id, row))
                     history = self.seen.get(e.user_id, [])
                     others = [r for r in in_group[e.user_id] if r != row]
-                    builder.add(e.user_id, row, history + others)
+                    if builders[-1].full():
+                        builders.append(_PlanBuilder())
+                    builders[-1].add(e.user_id, row, history + others)
                     cold = e.user_id not in self.had_event
                     log.ts.append(e.ts)
                     log.position.append(start + offset)
@@ -431,7 +430,7 @@ class _Evaluator:
                 and e.user_id in self.learned_users
                 and e.item_id in self.learned_items
             ):
-                builder.rating_asks.append(e)
+                builders[-1].rating_asks.append(e)
                 counts["ratings_scored"] += 1
         # Only now does the group become history: nothing in it depends on its inner order.
         for e in group:

@@ -159,3 +159,16 @@ def test_tail_starts_on_a_tie_boundary() -> None:
         {"p": PopularityModel()}, data, BacktestConfig(batch_size=3, tail_fraction=0.5, progress=False)
     )
     assert res.tail_start == 4
+
+
+def test_a_big_tie_scored_in_pieces_gives_the_same_figures(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import stream.backtest.driver as driver
+
+    records = [*_items(30)] + [_click(k, f"u{k % 7}", f"i{(k * 3) % 30}", k // 25) for k in range(100)]
+    cfg = BacktestConfig(batch_size=10, progress=False)
+    whole = run_backtest({"p": PopularityModel()}, from_records(records), cfg)
+    monkeypatch.setattr(driver, "MAX_PLAN_ROWS", 3)
+    pieces = run_backtest({"p": PopularityModel()}, from_records(records), cfg)
+    np.testing.assert_array_equal(whole.greater["p"], pieces.greater["p"])
+    np.testing.assert_array_equal(whole.ties["p"], pieces.ties["p"])
+    np.testing.assert_array_equal(whole.position, pieces.position)
