@@ -5,7 +5,8 @@ blocks (pre-norm, `heads` heads, width `dim`, dropout), the item embeddings shar
 output layer, a target at every position. The loss is the full softmax over the catalog
 (cross-entropy), which trains faster and ranks better than BCE with one sampled negative
 (Klenitskiy & Vasilev, RecSys 2023); batches shrink with the catalog to bound the logits'
-memory.
+memory. Above `full_softmax_max_items` items (4,096) the softmax is sampled: 1,024 negatives
+shared by a batch, drawn ~ count^0.75, log-Q corrected.
 
 It is a baseline for the backtest's tail: `fit_offline(events)` (models.core.OfflineFit)
 trains it on the events before the tail, with early stopping on each user's last item of
@@ -107,6 +108,8 @@ class SASRecModel(InterestModel):
         max_epochs: int = 100,
         patience: int = 3,
         threads: int = 1,
+        full_softmax_max_items: int = 4096,
+        negatives: int = 1024,
         seed: int = 0,
         **_other_options: Any,  # options the runtime passes to every strategy; none apply here
     ) -> None:
@@ -119,6 +122,7 @@ class SASRecModel(InterestModel):
         self.width, self.n_blocks, self.heads, self.dropout = dim, blocks, heads, dropout
         self.lr, self.batch_size, self.max_epochs, self.patience = lr, batch_size, max_epochs, patience
         self.threads, self.seed = threads, seed
+        self.full_softmax_max_items, self.negatives = full_softmax_max_items, negatives
         self.catalog = _IdCatalog()
         self.net: SASRecNet | None = None
         self.n_trained_items = 0  # items the network has embeddings for (catalog rows below this)
@@ -147,7 +151,9 @@ class SASRecModel(InterestModel):
             "batch_size": self.batch_size,
             "max_epochs": self.max_epochs,
             "patience": self.patience,
-            "loss": "full softmax",
+            "loss": "full softmax"
+            if len(self.catalog.ids) <= self.full_softmax_max_items
+            else f"sampled softmax, {self.negatives} shared negatives ~ count^0.75, log-Q corrected",
             "seed": self.seed,
         }
 
@@ -233,7 +239,17 @@ class SASRecModel(InterestModel):
         val_held = [seqs[u][-1] for u in held_users]
         windows = self._windows(train)
         n_items = len(self.catalog.ids)
-        batch = max(8, min(self.batch_size, LOGIT_BUDGET // max(1, self.max_len * n_items)))
+        sampled = n_items > self.full_softmax_max_items
+        width = self.negatives + 1 if sampled else n_items
+        batch = max(8, min(self.batch_size, LOGIT_BUDGET // max(1, self.max_len * width)))
+        # Sampled softmax for big catalogs: shared negatives drawn ~ count^0.75 and every logit
+        # corrected by -log q (Yi et al., RecSys 2019), so popular items are not over-penalised.
+        counts = np.ones(n_items)
+        for seq in train.values():
+            np.add.at(counts, np.asarray(seq) - 1, 1.0)
+        q = counts**0.75
+        q /= q.sum()
+        log_q = torch.from_numpy(np.log(q)).float()
         with torch.random.fork_rng(devices=[]), _few_threads(self.threads):
             # Its own seed, and the global RNG restored after: other models' numbers do not
             # depend on whether this one ran beside them.
@@ -250,7 +266,17 @@ class SASRecModel(InterestModel):
                     inp, tgt = rows[:, :-1], rows[:, 1:]
                     valid = tgt > 0
                     states = net(inp)[valid]
-                    loss = nn.functional.cross_entropy(net.logits(states), tgt[valid] - 1)
+                    target = tgt[valid] - 1
+                    if sampled:
+                        neg = torch.from_numpy(rng.choice(n_items, size=self.negatives, p=q))
+                        emb = net.items.weight[1:]
+                        pos_logit = (states * emb[target]).sum(-1, keepdim=True) - log_q[target][:, None]
+                        neg_logit = states @ emb[neg].T - log_q[neg][None, :]
+                        neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], -torch.inf)
+                        logits = torch.cat([pos_logit, neg_logit], dim=1)
+                        loss = nn.functional.cross_entropy(logits, torch.zeros_like(target))
+                    else:
+                        loss = nn.functional.cross_entropy(net.logits(states), target)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

@@ -103,3 +103,10 @@ def test_backtest_fits_it_on_the_head_and_counts_it_on_the_tail_only() -> None:
     assert "sasrec" in versus_baselines(res, "tail")
     assert res.totals("tail")["sasrec"]["ndcg@10"] > res.totals("tail")["popularity"]["ndcg@10"]
     assert ")†" in markdown(res)
+
+
+def test_sampled_softmax_for_big_catalogs_learns_too() -> None:
+    m = _small(full_softmax_max_items=5, negatives=6)
+    report = m.fit_offline(_walks())
+    assert "sampled" in m.config()["loss"]
+    assert report["best_val_ndcg@10"] > 0.3
