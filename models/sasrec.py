@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from models.baselines import _IdCatalog, _touched
 from models.catalog import TextEncoder
@@ -108,6 +109,7 @@ class SASRecModel(InterestModel):
         max_epochs: int = 100,
         patience: int = 5,
         threads: int = 1,
+        progress: bool = True,  # a progress bar over epochs on stderr (early stopping ends it sooner)
         full_softmax_max_items: int = 4096,
         negatives: int = 1024,
         seed: int = 0,
@@ -121,7 +123,7 @@ class SASRecModel(InterestModel):
             raise ValueError(f"sasrec max length must be >= 2, got {self.max_len}")
         self.width, self.n_blocks, self.heads, self.dropout = dim, blocks, heads, dropout
         self.lr, self.batch_size, self.max_epochs, self.patience = lr, batch_size, max_epochs, patience
-        self.threads, self.seed = threads, seed
+        self.threads, self.seed, self.progress = threads, seed, progress
         self.full_softmax_max_items, self.negatives = full_softmax_max_items, negatives
         self.catalog = _IdCatalog()
         self.net: SASRecNet | None = None
@@ -258,6 +260,9 @@ class SASRecModel(InterestModel):
             opt = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.9, 0.98))
             best, best_epoch, best_state, history = -1.0, 0, None, []
             net.train()
+            bar = tqdm(
+                total=self.max_epochs, desc="sasrec offline fit", unit="epoch", disable=not self.progress
+            )
             for epoch in range(1, self.max_epochs + 1):
                 perm = rng.permutation(len(windows))
                 losses = []
@@ -294,11 +299,14 @@ class SASRecModel(InterestModel):
                     score,
                     time.perf_counter() - started,
                 )
+                bar.set_postfix(val_ndcg10=f"{score:.4f}", best_epoch=best_epoch if score <= best else epoch)
+                bar.update(1)
                 if score > best:
                     best, best_epoch = score, epoch
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
                 elif epoch - best_epoch >= self.patience:
                     break
+            bar.close()
             if best_state is not None:
                 net.load_state_dict(best_state)
             net.eval()

@@ -38,7 +38,16 @@ def _walks(n_users: int = 40, length: int = 8) -> list[Event]:
 
 
 def _small(**kw: object) -> SASRecModel:
-    opts = {"dim": 16, "max_len": 6, "max_epochs": 40, "patience": 5, "lr": 0.01, "dropout": 0.0, "seed": 3}
+    opts = {
+        "progress": False,
+        "dim": 16,
+        "max_len": 6,
+        "max_epochs": 40,
+        "patience": 5,
+        "lr": 0.01,
+        "dropout": 0.0,
+        "seed": 3,
+    }
     m = SASRecModel(**{**opts, **kw})  # type: ignore[arg-type]
     m.upsert_items(_items())
     return m
