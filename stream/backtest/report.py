@@ -79,6 +79,9 @@ def summary(result: BacktestResult) -> dict[str, Any]:
         "totals": {s: result.totals(s) for s in SLICES},
         "versus_best_baseline": {s: versus_baselines(result, s) for s in HEADLINE},
         "best_baseline": {s: best_baselines(result, s) for s in HEADLINE},
+        # New items: text models against the best baseline that never reads text.
+        "versus_best_id_only_baseline": {"new_item": versus_baselines(result, "new_item", ID_ONLY_BASELINES)},
+        "best_id_only_baseline": {"new_item": best_baselines(result, "new_item", ID_ONLY_BASELINES)},
         # Models trained offline on events of the slice (e.g. sasrec on the full stream): their
         # figures there are leaky, shown but never compared.
         "not_comparable": {s: result.not_comparable(s) for s in SLICES},
@@ -136,14 +139,20 @@ def table(result: BacktestResult, slice_name: str = "warm") -> str:
 BASELINES = frozenset({"popularity", "biased_mf", "decayed_mean", "item_knn", "sasrec"})
 
 
-def is_baseline(model: str) -> bool:
-    return model.partition(":")[0] in BASELINES
+# Baselines that never read item text: the new-item goal compares text models with these.
+ID_ONLY_BASELINES = frozenset({"popularity", "biased_mf", "item_knn", "sasrec"})
 
 
-def best_baselines(result: BacktestResult, slice_name: str = "warm") -> dict[str, dict[str, Any]]:
+def is_baseline(model: str, pool: frozenset[str] = BASELINES) -> bool:
+    return model.partition(":")[0] in pool
+
+
+def best_baselines(
+    result: BacktestResult, slice_name: str = "warm", pool: frozenset[str] = BASELINES
+) -> dict[str, dict[str, Any]]:
     """Per metric: the best comparable baseline of the run on the slice, and its value."""
     totals = result.totals(slice_name)
-    base = [m for m in result.models if is_baseline(m) and result.comparable(m, slice_name)]
+    base = [m for m in result.models if is_baseline(m, pool) and result.comparable(m, slice_name)]
     out: dict[str, dict[str, Any]] = {}
     for k in RANKING_METRICS:
         finite = [b for b in base if math.isfinite(totals[b][k])]
@@ -153,13 +162,15 @@ def best_baselines(result: BacktestResult, slice_name: str = "warm") -> dict[str
     return out
 
 
-def versus_baselines(result: BacktestResult, slice_name: str = "warm") -> dict[str, dict[str, float]]:
+def versus_baselines(
+    result: BacktestResult, slice_name: str = "warm", pool: frozenset[str] = BASELINES
+) -> dict[str, dict[str, float]]:
     """For every comparable model: each metric relative to the best baseline of the run (1.10 = +10%).
 
     Baselines get a row too (the best one is 1.0), so a table shows how far apart they are.
     """
     totals = result.totals(slice_name)
-    best = best_baselines(result, slice_name)
+    best = best_baselines(result, slice_name, pool)
     if not best:
         return {}
     out: dict[str, dict[str, float]] = {}
@@ -241,6 +252,19 @@ def markdown(result: BacktestResult, meta: dict[str, Any] | None = None) -> str:
             best = best_baselines(result, s)
             which = ", ".join(f"{k} {v['model']}" for k, v in best.items())
             parts += [f"Relative to the best baseline of this run on each metric ({which}):", "", *vs, ""]
+        if s == "new_item" and (best_id := best_baselines(result, s, ID_ONLY_BASELINES)).get("ndcg@10"):
+            ref = best_id["ndcg@10"]
+            rows = [
+                f"{m} {result.totals(s)[m]['ndcg@10'] / ref['value']:.2f}×"
+                for m in result.models
+                if not is_baseline(m) and ref["value"] > 0
+            ]
+            if rows:
+                parts += [
+                    f"NDCG@10 over the best ID-only baseline ({ref['model']}, {ref['value']:.4f}): "
+                    + ", ".join(rows),
+                    "",
+                ]
     speed = [
         "| model | setup s | offline fit s | predict s | learn s | events/s (learn) |",
         "|---|---|---|---|---|---|",
