@@ -132,6 +132,7 @@ class SASRecModel(InterestModel):
         self.had: dict[str, set[int]] = {}
         self.users: dict[str, int] = {}
         self.fit_report: dict[str, Any] = {}
+        self.prior: np.ndarray | None = None  # log popularity of the training events, for empty sequences
 
     @property
     def model_version(self) -> str:
@@ -314,6 +315,7 @@ class SASRecModel(InterestModel):
                 p.requires_grad_(False)
         self.net = net
         self.n_trained_items = n_items
+        self.prior = np.log(counts)  # counts start at 1: log 0 for items never seen in training
         self.fit_report = {
             "events": len(events),
             "users": len(seqs),
@@ -351,6 +353,11 @@ class SASRecModel(InterestModel):
         n = len(self.catalog.ids)
         scores = np.zeros((len(user_ids), n), dtype=np.float64)
         known = np.array([bool(self.seqs.get(u)) and self.net is not None for u in user_ids], dtype=bool)
+        if self.prior is not None:
+            # A user with no item yet (e.g. the rest of their first micro-batch): the attention has
+            # nothing to read, so the training set's popularity ranks, as a deployed SASRec would
+            # fall back; scoring them at random would hide what the encoder does for everyone else.
+            scores[~known, : self.n_trained_items] = self.prior[None, :]
         if known.any():
             assert self.net is not None
             rows = np.flatnonzero(known)
@@ -362,6 +369,8 @@ class SASRecModel(InterestModel):
             if self.n_trained_items < n:
                 # Items added after training have no embedding: below every trained item.
                 scores[:, self.n_trained_items :] = scores[:, : self.n_trained_items].min(initial=0.0) - 1.0
+        if self.prior is not None:
+            known[:] = True
         return scores, known
 
     def predict(self, user_id: str) -> np.ndarray | None:
