@@ -171,3 +171,16 @@ class InterestModel(ABC):
 
     def known_users(self) -> Sequence[str]:
         return []
+
+
+@runtime_checkable
+class OfflineFit(Protocol):
+    """A model trained offline on a prefix of the stream before the replay starts (e.g. `sasrec`).
+
+    The backtest calls `fit_offline(events)` once, after `upsert_items`, with the events before
+    the tail slice (tie-aware: never part of a timestamp tie), then replays the whole stream;
+    such a model's figures count only on the tail, which it never trained on. Returns what
+    the training did (epochs, validation figures), for the report.
+    """
+
+    def fit_offline(self, events: Sequence[Event]) -> Mapping[str, Any]: ...

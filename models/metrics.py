@@ -32,13 +32,18 @@ def rank_counts(
     `excluded` is a boolean mask of the same shape (True = not a candidate); the
     target itself must not be excluded. NaN scores count as the lowest score.
     """
-    s = np.where(np.isnan(scores), -np.inf, scores)
-    if excluded is not None:
-        s = np.where(excluded, np.nan, s)  # NaN compares False both ways: out of the ranking
+    # Two passes over the matrix, no full-size float copies: the evaluator ranks a catalog of
+    # 10,000+ items for thousands of positives, and memory traffic is its cost.
+    s = np.where(np.isnan(scores), -np.inf, scores) if np.isnan(scores).any() else scores
     rows = np.arange(s.shape[0])
     st = s[rows, target][:, None]
-    greater = np.count_nonzero(s > st, axis=1)
-    ties = np.count_nonzero(s == st, axis=1) - 1
+    above = s > st
+    level = s == st
+    if excluded is not None:
+        above &= ~excluded
+        level &= ~excluded
+    greater = np.count_nonzero(above, axis=1)
+    ties = np.count_nonzero(level, axis=1) - 1
     return greater.astype(np.int64), ties.astype(np.int64)
 
 

@@ -188,20 +188,23 @@ def erase(user_id: str, yes: bool, grace_s: float | None) -> None:
 @cli.command()
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder")
+@click.option("--lastfm", type=click.Path(path_type=Path), help="a Last.fm-2k folder (see docs/backtest.md)")
 @click.option("--limit", type=click.IntRange(min=1), help="at most this many events")
-def produce(file: Path | None, movielens: Path | None, limit: int | None) -> None:
-    """Send a JSONL event log (or MovieLens 100K) to the topics, key = user_id."""
+def produce(file: Path | None, movielens: Path | None, lastfm: Path | None, limit: int | None) -> None:
+    """Send a JSONL event log (or MovieLens 100K, or Last.fm-2k) to the topics, key = user_id."""
     from stream.broker import make_producer
     from stream.producer import EventProducer
-    from stream.sources import movielens_items, movielens_ratings, read_jsonl
+    from stream.sources import lastfm_source, movielens_items, movielens_ratings, read_jsonl
 
-    if (file is None) == (movielens is None):
-        raise UserError("give either FILE or --movielens DIR")
+    if sum(x is not None for x in (file, movielens, lastfm)) != 1:
+        raise UserError("give one of FILE, --movielens DIR or --lastfm DIR")
     s = settings()
     if not s.kafka_bootstrap:
         raise UserError("ISTREAM_KAFKA_BOOTSTRAP is not set: say which broker to produce to")
     if movielens is not None:
         records: list = [*movielens_items(movielens), *movielens_ratings(movielens, limit)]
+    elif lastfm is not None:
+        records = lastfm_source(lastfm, limit).records
     else:
         assert file is not None
         records = list(read_jsonl(file))[:limit]
@@ -261,6 +264,7 @@ def status() -> None:
 @cli.command()
 @click.argument("log", required=False, type=click.Path(path_type=Path))
 @click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder instead of LOG")
+@click.option("--lastfm", type=click.Path(path_type=Path), help="a Last.fm-2k folder instead of LOG")
 @click.option(
     "--speed",
     type=click.FloatRange(min=0),
@@ -269,20 +273,24 @@ def status() -> None:
     help="event-time seconds per wall second (3600: an hour a second); 0: as fast as possible",
 )
 @click.option("--limit", type=click.IntRange(min=1), help="at most this many events")
-def replay(log: Path | None, movielens: Path | None, speed: float, limit: int | None) -> None:
+def replay(
+    log: Path | None, movielens: Path | None, lastfm: Path | None, speed: float, limit: int | None
+) -> None:
     """Push a recorded log into the topics in event time, each user's order kept, timing scaled by --speed."""
     from stream.broker import make_producer
     from stream.producer import EventProducer
     from stream.replay import paced, schedule
-    from stream.sources import movielens_items, movielens_ratings, read_jsonl
+    from stream.sources import lastfm_source, movielens_items, movielens_ratings, read_jsonl
 
-    if (log is None) == (movielens is None):
-        raise UserError("give either LOG or --movielens DIR")
+    if sum(x is not None for x in (log, movielens, lastfm)) != 1:
+        raise UserError("give one of LOG, --movielens DIR or --lastfm DIR")
     s = settings()
     if not s.kafka_bootstrap:
         raise UserError("ISTREAM_KAFKA_BOOTSTRAP is not set: say which broker to replay into")
     if movielens is not None:
         items: list = [*movielens_items(movielens), *movielens_ratings(movielens, limit)]
+    elif lastfm is not None:
+        items = lastfm_source(lastfm, limit).records
     else:
         assert log is not None
         items = list(read_jsonl(log))
@@ -308,6 +316,7 @@ def replay(log: Path | None, movielens: Path | None, speed: float, limit: int | 
 @cli.command()
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--movielens", type=click.Path(path_type=Path), help="a MovieLens 100K folder")
+@click.option("--lastfm", type=click.Path(path_type=Path), help="a Last.fm-2k folder (tags as searches)")
 @click.option("--topics", is_flag=True, help="read the event topics of ISTREAM_KAFKA_BOOTSTRAP")
 @click.option("--from-offset", type=click.IntRange(min=0), help="topic range start, per partition")
 @click.option("--to-offset", type=click.IntRange(min=0), help="topic range end (exclusive), per partition")
@@ -329,6 +338,7 @@ def replay(log: Path | None, movielens: Path | None, speed: float, limit: int | 
 def backtest(
     file: Path | None,
     movielens: Path | None,
+    lastfm: Path | None,
     topics: bool,
     from_offset: int | None,
     to_offset: int | None,
@@ -349,14 +359,16 @@ def backtest(
     """Replay an event log through the models (predict, then learn) and report how well they did."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from stream.backtest.data import load_jsonl, load_movielens
+    from stream.backtest.data import load_jsonl, load_lastfm, load_movielens
     from stream.backtest.models import check_models, parse_model_list
-    from stream.backtest.report import table
+    from stream.backtest.report import side_by_side, table
     from stream.backtest.run import PointInTime, config_from, default_out_dir, run
     from stream.runtime import limits
 
-    if sum((file is not None, movielens is not None, topics)) != 1:
-        raise UserError("give one source: FILE (a JSONL event log), --movielens DIR or --topics")
+    if sum((file is not None, movielens is not None, lastfm is not None, topics)) != 1:
+        raise UserError(
+            "give one source: FILE (a JSONL event log), --movielens DIR, --lastfm DIR or --topics"
+        )
     if not topics and any(v is not None for v in (from_offset, to_offset, from_ts, to_ts)):
         raise UserError("--from-offset/--to-offset/--from-ts/--to-ts only apply with --topics")
     s = settings()
@@ -385,6 +397,8 @@ def backtest(
             data.events = data.events[:limit]  # the earliest by event time
     elif movielens is not None:
         data = load_movielens(movielens, limits(s), limit)
+    elif lastfm is not None:
+        data = load_lastfm(lastfm, limits(s), limit)
     else:
         assert file is not None
         data = load_jsonl(file, limits(s), limit)
@@ -409,6 +423,10 @@ def backtest(
     click.echo(table(res, "warm"))
     click.echo(f"\nlast {pct}% of events:")
     click.echo(table(res, "tail"))
+    click.echo(f"\nnew items (fewer than {res.config.new_item_events} earlier events of the item):")
+    click.echo(table(res, "new_item"))
+    click.echo("\nside by side (ratio to the best baseline of the slice; † trained offline on these events):")
+    click.echo(side_by_side(res))
     click.echo(f"\ncold start ({res.counts['cold']} positives):")
     click.echo(table(res, "cold"))
     click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")

@@ -25,6 +25,7 @@ than the one the application saw, and the counts report how many are missing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -39,7 +40,14 @@ from sqlalchemy import Engine, text
 
 from models.events import Event
 from models.metrics import RANKING_METRICS, rank_counts
-from stream.backtest.driver import BacktestConfig, BacktestResult, Evaluator
+from stream.backtest.driver import (
+    BacktestConfig,
+    BacktestResult,
+    BatchPlan,
+    Evaluator,
+    tail_start_of,
+    tie_groups,
+)
 from stream.progress import progress
 
 # Positives per as-of query and scoring pass: bounds memory (positives x catalog) and round trips.
@@ -188,8 +196,17 @@ def score(
 
 
 def _chunks(events: Sequence[Event], size: int) -> Iterator[tuple[int, Sequence[Event]]]:
-    for start in range(0, len(events), size):
-        yield start, events[start : start + size]
+    """About `size` events at a time, cut only between timestamp ties (the evaluator judges a
+    tie group whole, as the backtest does)."""
+    starts, _ends = tie_groups(events)
+    cuts = [0]
+    for g in starts:
+        if g - cuts[-1] >= size:
+            cuts.append(g)
+    cuts.append(len(events))
+    for a, b in itertools.pairwise(cuts):
+        if b > a:
+            yield a, events[a:b]
 
 
 def model_spec(engine: Engine, model_versions: Sequence[str]) -> str:
@@ -233,28 +250,36 @@ def evaluate_live(
     learned: list[np.ndarray] = []
     counts = {"no_vector": 0, "target_without_vector": 0}
     used: set[str] = set()
+
+    def score_plan(plan: BatchPlan, n0: int, n1: int) -> None:
+        """Rank one plan's positives (log entries n0..n1) against the vectors stored before them."""
+        ts = np.asarray(ev.log.ts[n0:n1], dtype=np.float64)
+        in_range = ts >= since
+        keep.append(in_range)
+        if not in_range.any():
+            return
+        rows = plan.rows[in_range]
+        users = [plan.users[r] for r in rows]
+        versions, vecs, known = vectors_as_of(engine, users, ts[in_range])
+        s = score(items, versions, vecs, known)
+        targets = plan.targets[in_range]
+        excluded = plan.excluded[in_range] if plan.excluded is not None else None
+        g, t = rank_counts(s, targets, excluded)
+        greater.append(g)
+        ties.append(t)
+        learned.append(known)
+        cold = np.asarray(ev.log.cold[n0:n1], dtype=bool)[in_range]
+        counts["no_vector"] += int((~known & ~cold).sum())
+        counts["target_without_vector"] += int(np.isneginf(s[np.arange(len(targets)), targets]).sum())
+        used.update(v for v in versions if v is not None)
+
     with progress(len(events), "evaluate", unit="ev", enabled=show_progress) as bar:
         for start, chunk in _chunks(events, CHUNK_EVENTS):
             n0 = len(ev.log.ts)
-            plan = ev.plan(start, chunk)
-            ts = np.asarray(ev.log.ts[n0:], dtype=np.float64)
-            in_range = ts >= since
-            keep.append(in_range)
-            if in_range.any():
-                rows = plan.rows[in_range]
-                users = [plan.users[r] for r in rows]
-                versions, vecs, known = vectors_as_of(engine, users, ts[in_range])
-                s = score(items, versions, vecs, known)
-                targets = plan.targets[in_range]
-                excluded = plan.excluded[in_range] if plan.excluded is not None else None
-                g, t = rank_counts(s, targets, excluded)
-                greater.append(g)
-                ties.append(t)
-                learned.append(known)
-                cold = np.asarray(ev.log.cold[n0:], dtype=bool)[in_range]
-                counts["no_vector"] += int((~known & ~cold).sum())
-                counts["target_without_vector"] += int(np.isneginf(s[np.arange(len(targets)), targets]).sum())
-                used.update(v for v in versions if v is not None)
+            for plan in ev.plan(start, chunk):
+                n1 = n0 + len(plan.rows)
+                score_plan(plan, n0, n1)
+                n0 = n1
             bar.update(len(chunk))
     mask = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     log = ev.log
@@ -286,6 +311,8 @@ def evaluate_live(
         rating_pred={},
         seconds={name: {"setup_s": 0.0, "predict_s": seconds, "learn_s": 0.0}},
         model_configs={name: {"model_versions": len(model_versions)}},
+        item_events=np.asarray(log.item_events, dtype=np.int64)[mask],
+        tail_start=tail_start_of(events[first:], config.tail_fraction),
     )
     return LiveEvaluation(result=result, model=name, model_versions=model_versions, seconds=seconds)
 

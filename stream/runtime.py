@@ -81,6 +81,8 @@ FINE_TUNED = ("adapter", "top_layers", "lora")
 def model_options(settings: Settings) -> dict[str, object]:
     """Settings -> options of the configured model (each family takes its own)."""
     options: dict[str, object] = {"half_life_s": settings.half_life_s, "rating_max": settings.rating_max}
+    if settings.model.partition(":")[0] == "sasrec":
+        options["seed"] = settings.seed  # its offline training is seeded by the run's seed
     if settings.model.partition(":")[0] in FINE_TUNED:
         options.update(
             dim=settings.model_dim,

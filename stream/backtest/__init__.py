@@ -1,6 +1,13 @@
 """Backtests: replay event logs through the same `models/` core the worker runs, predict-then-learn."""
 
-from stream.backtest.data import BacktestData, Rejected, from_records, load_jsonl, load_movielens
+from stream.backtest.data import (
+    BacktestData,
+    Rejected,
+    from_records,
+    load_jsonl,
+    load_lastfm,
+    load_movielens,
+)
 from stream.backtest.driver import BacktestConfig, BacktestResult, run_backtest
 from stream.backtest.models import build_models
 
@@ -12,6 +19,7 @@ __all__ = [
     "build_models",
     "from_records",
     "load_jsonl",
+    "load_lastfm",
     "load_movielens",
     "run_backtest",
 ]

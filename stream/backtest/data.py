@@ -1,6 +1,6 @@
 """What a backtest replays: catalog, events in event-time order, profiles, and what was rejected.
 
-Every source (JSONL log, MovieLens folder, topic range) ends up here through the
+Every source (JSONL log, MovieLens folder, Last.fm-2k folder, topic range) ends up here through the
 same validation as the worker (`stream.schema`), so a record the worker would
 dead-letter is reported by the backtest with the same reason, never dropped
 silently.
@@ -19,6 +19,8 @@ from stream.schema import DEFAULT_LIMITS, InvalidRecord, Limits, parse_log_recor
 from stream.sources import (
     LogLine,
     SourceError,
+    lastfm_dir,
+    lastfm_source,
     movielens_dir,
     movielens_items,
     movielens_ratings,
@@ -143,3 +145,19 @@ def load_movielens(path: Path, limits: Limits = DEFAULT_LIMITS, limit: int | Non
     records = [*movielens_items(folder), *movielens_ratings(folder, limit)]
     source = {"kind": "movielens", "path": str(path), "sha256": files, "limit": limit}
     return from_records(records, limits, source, profiles)
+
+
+def load_lastfm(path: Path, limits: Limits = DEFAULT_LIMITS, limit: int | None = None) -> BacktestData:
+    """Last.fm-2k: first taggings as clicks, tag assignments as searches, artist names as item text."""
+    folder = lastfm_dir(path)
+    files = {name: file_sha256(folder / name) for name in ("events.csv", "tag_events.csv", "artists.csv")}
+    src = lastfm_source(folder, limit)
+    source = {
+        "kind": "lastfm",
+        "path": str(path),
+        "sha256": files,
+        "limit": limit,
+        "unnamed_items": src.unnamed_items,
+        "items_not_in_artists": src.items_not_in_artists,
+    }
+    return from_records(src.records, limits, source)

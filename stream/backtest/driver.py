@@ -2,21 +2,34 @@
 
 Protocol (the README states it; `docs/backtest.md` has the details):
 
-- Events are taken in event-time order and cut into micro-batches of
+- Events are taken in event-time order and learned in micro-batches of
   `batch_size` events, as the worker would see them.
-- Every event of a batch is scored before any event of that batch is learned,
-  for every model, so no model sees the answer it is asked about.
+- **Ties.** Events with the same timestamp form a *tie group*; their order is
+  unknown (Last.fm's timestamps are month-level), so no model may profit from
+  it. Every event of a tie group is scored before any event of that group is
+  learned: the events to score before learning micro-batch k are the tie groups
+  that *start* in micro-batch k (a group may run on into later micro-batches,
+  which are then learned without new predictions). A stream without ties gets
+  exactly the old protocol: every event of a batch is scored before any of it
+  is learned.
 - A *positive* is a rating at or above `positive_threshold`, a click, or a
   search that led to a click; its true item is the rated/clicked item.
 - Each positive is ranked against the whole catalog minus the items its user
-  interacted with before it (ratings of any value, clicks, clicked searches).
-  A positive whose item the user already had is a repeat and is not ranked.
-- A positive whose user has no earlier event at all is *cold start*; cold
-  positives are their own slice and the headline totals are over the others
-  (*warm*). Warm positives whose user's earlier events all sit in the same
-  micro-batch are scored by a model that has not learned them yet, as in
-  production; the `learned` slice keeps only positives whose user has an event
-  in an earlier batch.
+  interacted with before its tie group and minus the user's other items in the
+  same tie group. A positive whose item the user had before its tie group is a
+  repeat and is not ranked; a (user, item) is ranked once per tie group (a
+  click and a search for the same item in the same month are one positive).
+- A positive whose user has no event before its tie group is *cold start*;
+  cold positives are their own slice and the headline totals are over the
+  others (*warm*). Warm positives whose user's earlier events are not learned
+  yet are scored by a model that has not learned them, as in production; the
+  `learned` slice keeps only positives whose user has an event in a micro-batch
+  learned before the positive was scored. The `new_item` slice keeps warm
+  positives whose item had fewer than `new_item_events` events (any user, any
+  kind) before its tie group.
+- The tail slice starts at the first event of the tie group that holds the event
+  at `1 - tail_fraction` of the stream; models trained offline (`OfflineFit`)
+  are fitted on the events before it and count only on slices inside it.
 - Rating errors (RMSE/MAE) are over ratings whose user and item both appear in
   earlier batches, for models that predict ratings (`predict_rating`).
 
@@ -27,15 +40,16 @@ faster or different scorer through `predict_many(user_ids) -> (scores, known)`.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from models.core import BatchResult, BatchScorer, InterestModel, RatingPredictor
+from models.core import BatchResult, BatchScorer, InterestModel, OfflineFit, RatingPredictor
 from models.events import Event
 from models.metrics import RANKING_METRICS, rank_counts, ranking_metrics, rating_errors
 from stream.backtest.data import BacktestData
@@ -49,6 +63,7 @@ class BacktestConfig:
     window_s: float | None = None  # rolling-curve window in event time; None = span / windows
     windows: int = 40
     tail_fraction: float = 0.2  # totals are also given over this last fraction of events
+    new_item_events: int = 5  # the new_item slice: targets whose item had fewer earlier events
     seed: int = 0
     progress: bool = True
 
@@ -59,6 +74,8 @@ class BacktestConfig:
             raise ValueError("window_s must be > 0")
         if not 0 < self.tail_fraction <= 1:
             raise ValueError("tail_fraction must be in (0, 1]")
+        if self.new_item_events < 1:
+            raise ValueError("new_item_events must be >= 1")
 
 
 # Called after each model learned a batch; the point-in-time writer hooks in here.
@@ -74,6 +91,7 @@ class EvalLog:
     cold: list[bool] = field(default_factory=list)
     kind: list[str] = field(default_factory=list)
     learned: list[bool] = field(default_factory=list)
+    item_events: list[int] = field(default_factory=list)  # events naming the item before the tie group
 
 
 @dataclass(slots=True)
@@ -88,12 +106,17 @@ class BacktestResult:
     cold: np.ndarray
     kind: np.ndarray  # event kind of each ranked positive (click, search, rating)
     learned: np.ndarray  # the user has an event in an earlier micro-batch
+    item_events: np.ndarray  # per ranked positive: events naming its item before its tie group
+    tail_start: int  # first event of the tail slice (a tie group's first event)
     greater: dict[str, np.ndarray]
     ties: dict[str, np.ndarray]
     rating_true: dict[str, list[float]]
     rating_pred: dict[str, list[float]]
     seconds: dict[str, dict[str, float]]
     model_configs: dict[str, dict[str, Any]]
+    # Models fitted offline (`OfflineFit`): how many leading events they trained on, and the fit report.
+    trained_until: dict[str, int] = field(default_factory=dict)
+    offline_fits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def values(self, model: str) -> dict[str, np.ndarray]:
         """Per-positive metric values of one model."""
@@ -108,13 +131,19 @@ class BacktestResult:
             return ~self.cold & (self.position >= self.tail_start)
         if slice_name == "learned":
             return self.learned.copy()
+        if slice_name == "new_item":
+            return ~self.cold & (self.item_events < self.config.new_item_events)
         if slice_name.startswith("kind:"):
             return ~self.cold & (self.kind == slice_name[5:])
         raise ValueError(f"unknown slice {slice_name!r}")
 
-    @property
-    def tail_start(self) -> int:
-        return math.floor(self.n_events * (1 - self.config.tail_fraction))
+    def comparable(self, model: str, slice_name: str) -> bool:
+        """False when a model trained offline on events whose positives are in the slice (a leak)."""
+        until = self.trained_until.get(model)
+        return until is None or not bool((self.mask(slice_name) & (self.position < until)).any())
+
+    def not_comparable(self, slice_name: str) -> list[str]:
+        return [m for m in self.models if not self.comparable(m, slice_name)]
 
     def totals(self, slice_name: str = "warm") -> dict[str, dict[str, float]]:
         m = self.mask(slice_name)
@@ -163,9 +192,33 @@ class BacktestResult:
         }
 
 
-def _batches(events: Sequence[Event], size: int) -> Iterator[tuple[int, Sequence[Event]]]:
-    for start in range(0, len(events), size):
-        yield start, events[start : start + size]
+def tie_groups(events: Sequence[Event]) -> tuple[list[int], list[int]]:
+    """Start and end (exclusive) of each run of equal timestamps, in stream order."""
+    starts: list[int] = []
+    ends: list[int] = []
+    prev: float | None = None
+    for i, e in enumerate(events):
+        if prev is None or e.ts != prev:
+            if starts:
+                ends.append(i)
+            starts.append(i)
+            prev = e.ts
+    if starts:
+        ends.append(len(events))
+    return starts, ends
+
+
+def tail_start_of(events: Sequence[Event], fraction: float) -> int:
+    """The first event of the tie group holding the event at `1 - fraction` of the stream.
+
+    Snapped to a tie boundary so that no tie group is split between the part a model may
+    train on offline and the part it is judged on.
+    """
+    cut = math.floor(len(events) * (1 - fraction))
+    if cut >= len(events):
+        return len(events)
+    starts, _ends = tie_groups(events)
+    return starts[bisect.bisect_right(starts, cut) - 1]
 
 
 def score_users(model: InterestModel, users: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +285,47 @@ class BatchPlan:
     rating_asks: list[Event]  # ratings with a known user and a known item
 
 
+# Positives per scoring call: a big tie group (a month of Last.fm) is scored in pieces, all
+# before any of it is learned, so the (positives x catalog) matrices stay small enough to be
+# cheap (2,048 rows over 12,500 items made the ranking memory-bound and 3x slower).
+MAX_PLAN_ROWS = 256
+
+
+class _PlanBuilder:
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.targets: list[int] = []
+        self.ex_rows: list[np.ndarray] = []
+        self.ex_cols: list[np.ndarray] = []
+        self.users: dict[str, int] = {}
+        self.rating_asks: list[Event] = []
+
+    def add(self, user: str, target: int, exclude: list[int]) -> None:
+        k = len(self.rows)
+        self.rows.append(self.users.setdefault(user, len(self.users)))
+        self.targets.append(target)
+        if exclude:
+            self.ex_rows.append(np.full(len(exclude), k, dtype=np.int64))
+            self.ex_cols.append(np.asarray(exclude, dtype=np.int64))
+
+    def full(self) -> bool:
+        return len(self.rows) >= MAX_PLAN_ROWS
+
+    def build(self, n_items: int) -> BatchPlan:
+        excluded = None
+        if self.rows:
+            excluded = np.zeros((len(self.rows), n_items), dtype=bool)
+            if self.ex_rows:
+                excluded[np.concatenate(self.ex_rows), np.concatenate(self.ex_cols)] = True
+        return BatchPlan(
+            users=list(self.users),
+            rows=np.asarray(self.rows, dtype=np.int64),
+            targets=np.asarray(self.targets, dtype=np.int64),
+            excluded=excluded,
+            rating_asks=self.rating_asks,
+        )
+
+
 class Evaluator:
     """The evaluator's memory of the stream, separate from any model's: who had what, and when.
 
@@ -245,8 +339,9 @@ class Evaluator:
         self.n_items = len(catalog)
         self.seen: dict[str, list[int]] = {}  # user -> catalog rows interacted with, in order
         self.seen_set: dict[str, set[int]] = {}
+        self.item_events = np.zeros(len(catalog), dtype=np.int64)  # events naming each item so far
         self.had_event: set[str] = set()  # users with any earlier event (searches without a click count)
-        self.learned_users: set[str] = set()  # users with an event in an earlier batch
+        self.learned_users: set[str] = set()  # users with an event in a learned batch
         self.learned_items: set[str] = set()
         self.log = EvalLog()
         self.counts = {
@@ -254,6 +349,7 @@ class Evaluator:
             "ranked": 0,
             "cold": 0,
             "repeats": 0,
+            "same_tie_repeats": 0,
             "unknown_item": 0,
             "ratings_scored": 0,
         }
@@ -265,39 +361,56 @@ class Evaluator:
             or (e.kind == "search" and e.clicked_item_id is not None)
         )
 
-    def plan(self, start: int, batch: Sequence[Event]) -> BatchPlan:
-        """Walk the batch in event order, noting each positive against the history before it."""
-        rows: list[int] = []
-        targets: list[int] = []
-        ex_rows: list[np.ndarray] = []
-        ex_cols: list[np.ndarray] = []
-        users: dict[str, int] = {}
-        rating_asks: list[Event] = []
+    def _row(self, e: Event) -> int | None:
+        target = e.target_item
+        return self.cat_index.get(target) if target is not None else None
+
+    def plan(self, start: int, block: Sequence[Event]) -> list[BatchPlan]:
+        """Note every positive of `block` (whole tie groups, `start` = index of its first event).
+
+        Each tie group is judged against the history before it, never against the order
+        inside it; the evaluator's history moves on a whole group at a time.
+        """
+        builders = [_PlanBuilder()]
+        starts, ends = tie_groups(block)
+        for g0, g1 in zip(starts, ends, strict=True):
+            self._plan_group(start + g0, block[g0:g1], builders)
+        return [b.build(self.n_items) for b in builders if b.rows or b.rating_asks or len(builders) == 1]
+
+    def _plan_group(self, start: int, group: Sequence[Event], builders: list[_PlanBuilder]) -> None:
         counts, log = self.counts, self.log
-        for offset, e in enumerate(batch):
-            target = e.target_item
-            row = self.cat_index.get(target) if target is not None else None
-            history = self.seen.get(e.user_id)
-            history_set = self.seen_set.get(e.user_id, set())
+        in_group: dict[str, list[int]] = {}  # user -> rows they interacted with in this group
+        for e in group:
+            row = self._row(e)
+            if row is not None:
+                rows = in_group.setdefault(e.user_id, [])
+                if row not in rows:
+                    rows.append(row)
+        ranked: set[tuple[str, int]] = set()
+        for offset, e in enumerate(group):
+            row = self._row(e)
             if self.is_positive(e):
                 counts["positives"] += 1
                 if row is None:
                     counts["unknown_item"] += 1
-                elif row in history_set:
+                elif row in self.seen_set.get(e.user_id, ()):
                     counts["repeats"] += 1
+                elif (e.user_id, row) in ranked:
+                    counts["same_tie_repeats"] += 1
                 else:
-                    k = len(rows)
-                    rows.append(users.setdefault(e.user_id, len(users)))
-                    targets.append(row)
-                    if history:
-                        ex_rows.append(np.full(len(history), k, dtype=np.int64))
-                        ex_cols.append(np.asarray(history, dtype=np.int64))  # a copy: the prefix so far
+                    ranked.add((e.user_id, row))
+                    history = self.seen.get(e.user_id, [])
+                    others = [r for r in in_group[e.user_id] if r != row]
+                    if builders[-1].full():
+                        builders.append(_PlanBuilder())
+                    builders[-1].add(e.user_id, row, history + others)
                     cold = e.user_id not in self.had_event
                     log.ts.append(e.ts)
                     log.position.append(start + offset)
                     log.cold.append(cold)
                     log.kind.append(e.kind)
                     log.learned.append(e.user_id in self.learned_users)
+                    log.item_events.append(int(self.item_events[row]))
                     counts["ranked"] += 1
                     counts["cold"] += int(cold)
             if (
@@ -306,24 +419,18 @@ class Evaluator:
                 and e.user_id in self.learned_users
                 and e.item_id in self.learned_items
             ):
-                rating_asks.append(e)
+                builders[-1].rating_asks.append(e)
+                counts["ratings_scored"] += 1
+        # Only now does the group become history: nothing in it depends on its inner order.
+        for e in group:
             self.had_event.add(e.user_id)
-            if row is not None and row not in history_set:
-                self.seen.setdefault(e.user_id, []).append(row)
-                self.seen_set.setdefault(e.user_id, set()).add(row)
-        excluded = None
-        if rows:
-            excluded = np.zeros((len(rows), self.n_items), dtype=bool)
-            if ex_rows:
-                excluded[np.concatenate(ex_rows), np.concatenate(ex_cols)] = True
-        counts["ratings_scored"] += len(rating_asks)
-        return BatchPlan(
-            users=list(users),
-            rows=np.asarray(rows, dtype=np.int64),
-            targets=np.asarray(targets, dtype=np.int64),
-            excluded=excluded,
-            rating_asks=rating_asks,
-        )
+            row = self._row(e)
+            if row is not None:
+                self.item_events[row] += 1
+                user_set = self.seen_set.setdefault(e.user_id, set())
+                if row not in user_set:
+                    user_set.add(row)
+                    self.seen.setdefault(e.user_id, []).append(row)
 
     def learned(self, batch: Sequence[Event]) -> None:
         for e in batch:
@@ -347,7 +454,7 @@ def run_backtest(
     names = list(models)
     catalog = [i.item_id for i in data.items]
 
-    seconds = {name: {"setup_s": 0.0, "predict_s": 0.0, "learn_s": 0.0} for name in names}
+    seconds = {name: {"setup_s": 0.0, "fit_s": 0.0, "predict_s": 0.0, "learn_s": 0.0} for name in names}
     scorers: dict[str, _Scorer] = {}
     for name, model in models.items():
         t = time.perf_counter()
@@ -358,31 +465,52 @@ def run_backtest(
         seconds[name]["setup_s"] = time.perf_counter() - t
     raters = {n: m for n, m in models.items() if isinstance(m, RatingPredictor)}
 
+    events = data.events
+    tail_start = tail_start_of(events, config.tail_fraction)
+    trained_until: dict[str, int] = {}
+    offline_fits: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        if isinstance(model, OfflineFit):
+            t = time.perf_counter()
+            offline_fits[name] = dict(model.fit_offline(events[:tail_start]))
+            seconds[name]["fit_s"] = time.perf_counter() - t
+            trained_until[name] = tail_start
+
     ev = Evaluator(catalog, config)
     greater: dict[str, list[np.ndarray]] = {n: [] for n in names}
     ties: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rating_true: dict[str, list[float]] = {n: [] for n in raters}
     rating_pred: dict[str, list[float]] = {n: [] for n in raters}
+    group_starts, group_ends = tie_groups(events)
 
-    with progress(len(data.events), "backtest", unit="ev", enabled=config.progress) as bar:
-        for start, batch in _batches(data.events, config.batch_size):
-            plan = ev.plan(start, batch)
-            # Every model scores the whole batch before any model learns any of it.
-            for name in names:
-                t = time.perf_counter()
-                if len(plan.rows):
-                    s = scorers[name].scores(plan.users)[plan.rows]
-                    g, ti = rank_counts(s, plan.targets, plan.excluded)
-                    greater[name].append(g)
-                    ties[name].append(ti)
-                if name in raters:
-                    for e in plan.rating_asks:
-                        assert e.item_id is not None and e.rating is not None
-                        p = raters[name].predict_rating(e.user_id, e.item_id)
-                        if p is not None:
-                            rating_true[name].append(e.rating)
-                            rating_pred[name].append(p)
-                seconds[name]["predict_s"] += time.perf_counter() - t
+    def predict(plan: BatchPlan) -> None:
+        for name in names:
+            t = time.perf_counter()
+            if len(plan.rows):
+                s = scorers[name].scores(plan.users)[plan.rows]
+                g, ti = rank_counts(s, plan.targets, plan.excluded)
+                greater[name].append(g)
+                ties[name].append(ti)
+            if name in raters:
+                for e in plan.rating_asks:
+                    assert e.item_id is not None and e.rating is not None
+                    p = raters[name].predict_rating(e.user_id, e.item_id)
+                    if p is not None:
+                        rating_true[name].append(e.rating)
+                        rating_pred[name].append(p)
+            seconds[name]["predict_s"] += time.perf_counter() - t
+
+    with progress(len(events), "backtest", unit="ev", enabled=config.progress) as bar:
+        for start in range(0, len(events), config.batch_size):
+            batch = events[start : start + config.batch_size]
+            # Score the tie groups that start in this batch, whole (they may run on past it),
+            # before any model learns any of it.
+            g_lo = bisect.bisect_left(group_starts, start)
+            g_hi = bisect.bisect_left(group_starts, start + config.batch_size)
+            if g_lo < g_hi:
+                lo, hi = group_starts[g_lo], group_ends[g_hi - 1]
+                for plan in ev.plan(lo, events[lo:hi]):
+                    predict(plan)
             for name, model in models.items():
                 t = time.perf_counter()
                 result = model.learn(batch)
@@ -406,6 +534,8 @@ def run_backtest(
         position=np.asarray(log.position, dtype=np.int64),
         cold=np.asarray(log.cold, dtype=bool),
         learned=np.asarray(log.learned, dtype=bool),
+        item_events=np.asarray(log.item_events, dtype=np.int64),
+        tail_start=tail_start,
         kind=np.asarray(log.kind, dtype=str),
         greater={n: cat(greater[n]) for n in names},
         ties={n: cat(ties[n]) for n in names},
@@ -413,4 +543,6 @@ def run_backtest(
         rating_pred=rating_pred,
         seconds=seconds,
         model_configs={n: m.config() for n, m in models.items()},
+        trained_until=trained_until,
+        offline_fits=offline_fits,
     )

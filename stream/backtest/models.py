@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
-import models.baselines  # noqa: F401  (registers the baselines with the registry)
+# Imported for their side effect: each registers its baselines with the registry.
+import models.baselines
+import models.item_knn
+import models.sasrec  # noqa: F401
 from models.catalog import TextEncoder
 from models.core import InterestModel
 from stream.settings import Settings

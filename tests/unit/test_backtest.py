@@ -190,7 +190,8 @@ def test_strategies_are_compared_with_the_best_baseline_per_metric() -> None:
     models = {**_baselines(0), "mine": DecayedMeanModel(HashEncoder(32), half_life_s=600.0)}
     res = run_backtest(models, data, BacktestConfig(batch_size=50, progress=False))
     rel = versus_baselines(res)
-    assert set(rel) == {"mine"}
+    assert set(rel) == {"mine", "popularity", "biased_mf", "decayed_mean"}
+    assert max(rel[b]["ndcg@10"] for b in ("popularity", "biased_mf", "decayed_mean")) == pytest.approx(1.0)
     totals = res.totals()
     for k, v in rel["mine"].items():
         best = max(totals[b][k] for b in ("popularity", "biased_mf", "decayed_mean"))

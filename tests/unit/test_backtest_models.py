@@ -40,7 +40,7 @@ def _tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
 
 
-_FAST = {"popularity", "biased_mf", "decayed_mean"}
+_FAST = {"popularity", "biased_mf", "decayed_mean", "item_knn"}
 
 
 @pytest.mark.parametrize(

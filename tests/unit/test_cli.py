@@ -20,7 +20,7 @@ def istream(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     ("args", "env", "words"),
     [
         (["no-such-command"], {}, "No such command"),
-        (["produce"], {}, "give either FILE or --movielens"),
+        (["produce"], {}, "give one of FILE, --movielens DIR or --lastfm DIR"),
         (["produce", "x.jsonl"], {}, "ISTREAM_KAFKA_BOOTSTRAP is not set"),
         (["produce", "nope.jsonl"], {"ISTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, "no such event log"),
         (["produce", "--movielens", "/tmp"], {"ISTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, "not a MovieLens"),

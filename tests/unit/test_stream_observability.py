@@ -58,7 +58,7 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_misuse_is_one_line_and_nonzero(tmp_path: object) -> None:
     cases = [
-        (("replay",), "give either LOG or --movielens"),
+        (("replay",), "give one of LOG, --movielens DIR or --lastfm DIR"),
         (("replay", "/no/such.jsonl"), "ISTREAM_KAFKA_BOOTSTRAP is not set"),
         (("replay", "x.jsonl", "--speed", "-1"), "--speed"),
         (("status",), "set ISTREAM_KAFKA_BOOTSTRAP and ISTREAM_DATABASE_URL"),
