@@ -49,6 +49,7 @@ from models.core import BatchResult, InterestModel, ModelSnapshot, UserUpdate
 from models.device import autocast, cpu_threads, pick_device, set_deterministic
 from models.events import Event, Item, UserProfile
 from models.losses import bpr, info_nce, rating_mse, sampled_softmax
+from models.privacy import DPConfig, UserLevelDP
 from models.replay import ReplayBuffer
 from models.towers import ItemTower, build_tower, sample_live_rows
 from models.user_state import (
@@ -121,6 +122,19 @@ class FineTuneOptions:
     half_life_s: float | None = None
     init_scale: float = 1.0  # logit scale on u·e at the start (learned)
     init_pop_weight: float = 1.0  # weight of log(1 + decayed count) at the start (learned)
+    # User-level differential privacy (models/privacy.py, docs/privacy.md): off unless
+    # dp_epsilon or dp_noise_multiplier is set.
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clip: float = 1.0
+    dp_max_events_per_window: int = 32
+    dp_window_s: float = 86400.0
+    dp_max_participations: int = 50
+    # The clipped, noised sum is divided by this public constant (not the step's user count,
+    # which depends on who took part); Adam makes the learning rate nearly independent of it.
+    dp_expected_users: float = 16.0
+    dp_accountant: str = "prv"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:
@@ -141,6 +155,7 @@ class Target:
     rating: float | None = None
     query: str | None = None
     hard: tuple[int, ...] = ()
+    event_id: str = ""  # the event it came from (DP: only admitted events train)
 
 
 @dataclass(slots=True)
@@ -279,6 +294,7 @@ class FineTunedModel(InterestModel):
         self._user_bias: dict[str, tuple[float, int]] = {}
         self.replay: ReplayBuffer[tuple[Episode, Target]] = ReplayBuffer(o.replay_size, seed=o.seed)
         self._make_optimizer()
+        self.dp = _make_dp(o)
         self._version = ""
         self._parent: str | None = None
         self._batches_since_publish = 0
@@ -477,7 +493,8 @@ class FineTunedModel(InterestModel):
         net = self.net
         base = self._tower_rows(rows, grad_rows)
         vec = net.proj(base) + net.item_emb[rows]
-        pop = torch.from_numpy(np.log1p(self._pop[rows.cpu().numpy()]).astype(np.float32)).to(self.device)
+        pop_np = np.log1p(np.maximum(self._pop[rows.cpu().numpy()], 0.0))  # DP counts are noisy
+        pop = torch.from_numpy(pop_np.astype(np.float32)).to(self.device)
         bias = net.item_bias[rows] + pop @ net.w_pop
         return vec, bias
 
@@ -496,7 +513,7 @@ class FineTunedModel(InterestModel):
         rows = _rows_tensor(range(n), self.device)
         base = torch.cat([self._tower_rows(rows[i : i + 512]) for i in range(0, n, 512)])
         vec = net.proj(base) + net.item_emb[rows]
-        pop = torch.from_numpy(np.log1p(self._pop[:n]).astype(np.float32)).to(self.device)
+        pop = torch.from_numpy(np.log1p(np.maximum(self._pop[:n], 0.0)).astype(np.float32)).to(self.device)
         bias = net.item_bias[rows] + pop @ net.w_pop
         net.train(was)
         self._live_vec = vec.float().cpu()
@@ -683,6 +700,7 @@ class FineTunedModel(InterestModel):
                         rating=e.rating if e.kind == "rating" else None,
                         query=e.query if e.kind == "search" else None,
                         hard=hard,
+                        event_id=e.event_id,
                     )
                 )
             new: list[Behaviour] = []
@@ -757,11 +775,13 @@ class FineTunedModel(InterestModel):
         if not flat:
             return float("nan")
         full = n <= o.full_softmax_max
+        drawn: set[int] = set()
         if full:
             cand_rows = list(range(n))
         else:
             cand = {t.row for _, t in pos}
-            cand.update(int(r) for r in self.rng.integers(0, n, size=o.random_negatives))
+            drawn = {int(r) for r in self.rng.integers(0, n, size=o.random_negatives)}
+            cand.update(drawn)
             for _, t in pos:
                 cand.update(t.hard)
             cand_rows = sorted(cand)
@@ -785,6 +805,17 @@ class FineTunedModel(InterestModel):
             grad_rows = sample_live_rows(targets, cand_rows, o.tower_items_per_step, self.rng)
 
         dev = self.device
+        # ---- DP: each loss term per row, with the user (index) it belongs to ----
+        dp = self.dp
+        terms: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+        user_index: dict[str, int] = {}
+        for ep in episodes:
+            user_index.setdefault(ep.user_id, len(user_index))
+
+        def who(idx: Sequence[int]) -> torch.Tensor:
+            return _rows_tensor([user_index[episodes[flat[i][0]].user_id] for i in idx], dev)
+
+        # ---- end DP ----
         net.train()
         with autocast(dev, o.bf16):
             vec, bias = self._item_vectors(_rows_tensor(need_rows, dev), grad_rows)
@@ -817,11 +848,22 @@ class FineTunedModel(InterestModel):
                     cand_pos = {r: i for i, r in enumerate(cand_rows)}
                     target = _rows_tensor([cand_pos[flat[i][1].row] for i in pos_idx], dev)
                 mask = self._seen_mask(episodes, [flat[i] for i in pos_idx], len(cand_rows), cand_pos)
+                if dp is not None and cand_pos is not None:
+                    # DP: another user's positives or impressions are not this user's negatives
+                    # (their presence would change this user's term: sensitivity beyond `clip`).
+                    mask |= self._dp_foreign_mask([flat[i][1] for i in pos_idx], cand_pos, drawn)
                 if o.loss == "bpr":
                     pos_logit = logits.gather(1, target[:, None]).squeeze(1)
                     valid = ~mask
                     valid[torch.arange(len(target)), target] = False
-                    losses.append(bpr(pos_logit, logits, valid))
+                    if dp is not None:
+                        terms.append((1.0, bpr(pos_logit, logits, valid, per_row=True), who(pos_idx)))
+                    else:
+                        losses.append(bpr(pos_logit, logits, valid))
+                elif dp is not None:
+                    terms.append(
+                        (1.0, sampled_softmax(logits.float(), target, mask, per_row=True), who(pos_idx))
+                    )
                 else:
                     losses.append(sampled_softmax(logits.float(), target, mask))
                 # Impressions shown but not clicked: a pairwise push below the clicked item.
@@ -836,7 +878,11 @@ class FineTunedModel(InterestModel):
                     hp_t = _rows_tensor(hp, dev)
                     pos_logit = logits.gather(1, target[:, None]).squeeze(1)[hp_t]
                     neg_logit = logits[hp_t, _rows_tensor(hn, dev)]
-                    losses.append(o.hard_negative_weight * bpr(pos_logit, neg_logit[:, None]))
+                    if dp is not None:
+                        pair = bpr(pos_logit, neg_logit[:, None], per_row=True)
+                        terms.append((o.hard_negative_weight, pair, who([pos_idx[k] for k in hp])))
+                    else:
+                        losses.append(o.hard_negative_weight * bpr(pos_logit, neg_logit[:, None]))
             rated = [i for i, (_, t) in enumerate(flat) if t.rating is not None]
             if rated and o.rating_weight > 0:
                 tcols = _rows_tensor([col[flat[i][1].row] for i in rated], dev)
@@ -847,12 +893,19 @@ class FineTunedModel(InterestModel):
                 dots = (u_all[rated] * vec[tcols]).sum(-1)
                 pred = net.mu + ub + net.rating_bias[trows] + net.rating_scale * dots
                 truth = torch.tensor([flat[i][1].rating for i in rated], device=dev)
-                losses.append(o.rating_weight * rating_mse(pred.float(), truth))
+                if dp is not None:
+                    terms.append((o.rating_weight, (pred.float() - truth) ** 2, who(rated)))
+                else:
+                    losses.append(o.rating_weight * rating_mse(pred.float(), truth))
             searched = [i for i, (_, t) in enumerate(flat) if t.query]
-            if len(searched) >= 2 and o.search_weight > 0:
+            # DP: no in-batch contrastive term (each query's negatives are other users' items);
+            # a search that led to a click still trains as that user's positive above.
+            if dp is None and len(searched) >= 2 and o.search_weight > 0:
                 qv = net.proj(net.tower.encode_texts([flat[i][1].query for i in searched]))  # type: ignore[misc]
                 tcols = _rows_tensor([col[flat[i][1].row] for i in searched], dev)
                 losses.append(o.search_weight * info_nce(qv, vec[tcols]))
+            if dp is not None:
+                return self._dp_step(terms, user_index)
             if not losses:
                 return float("nan")
             loss = torch.stack([x.float() for x in losses]).sum()
@@ -864,6 +917,78 @@ class FineTunedModel(InterestModel):
         self.optimizer.step()
         return float(loss.detach())
 
+    # ---- DP (models/privacy.py) ------------------------------------------------------------------
+    def _dp_params(self) -> list[torch.Tensor]:
+        """Shared parameters trained under DP. Per-item rows stay frozen (at zero): noise on
+        every row of a sparse table would swamp the few users who touched a row, and each row
+        would drift by Adam's step size every step (docs/privacy.md)."""
+        return [
+            p for name, p in self.net.named_parameters() if p.requires_grad and not name.startswith(_PER_ITEM)
+        ]
+
+    def _dp_step(
+        self, terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], users: Mapping[str, int]
+    ) -> float:
+        """Per-user losses -> per-user gradients -> clipped, noised sum -> one optimizer step."""
+        dp = self.dp
+        assert dp is not None
+        if not terms:
+            return float("nan")
+        n_users = len(users)
+        per_user = torch.zeros(n_users, device=self.device)
+        for weight, rows, owner in terms:
+            # Each user's mean of each term: a user's weight does not grow with their events.
+            zero = torch.zeros(n_users, device=self.device)
+            sums = zero.index_add(0, owner, rows.float())
+            counts = zero.index_add(0, owner, torch.ones_like(rows.float()))
+            per_user = per_user + weight * sums / counts.clamp(min=1.0)
+        if not dp.may_release(users):
+            log.warning(
+                "DP budget spent (epsilon %.3f of %s): shared parameters are frozen from now on",
+                dp.epsilon,
+                dp.config.epsilon,
+            )
+            return float("nan")
+        params = self._dp_params()
+        grads = [
+            torch.autograd.grad(per_user[i], params, retain_graph=i < n_users - 1, allow_unused=True)
+            for i in range(n_users)
+        ]
+        noisy = dp.privatize(grads, params)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, noisy, strict=True):
+            p.grad = g.to(p.dtype)
+        self.optimizer.step()
+        dp.record(users)
+        return float(per_user.detach().mean())
+
+    def _dp_foreign_mask(
+        self, targets: Sequence[Target], cand_pos: Mapping[int, int], drawn: set[int]
+    ) -> torch.Tensor:
+        """(P, C) True on candidates that are neither random draws nor the row's own impressions."""
+        allowed = torch.zeros(len(targets), len(cand_pos), dtype=torch.bool, device=self.device)
+        if drawn:
+            allowed[:, _rows_tensor([cand_pos[r] for r in drawn], self.device)] = True
+        for k, t in enumerate(targets):
+            own = [cand_pos[r] for r in t.hard if r in cand_pos]
+            if own:
+                allowed[k, _rows_tensor(own, self.device)] = True
+        return ~allowed
+
+    def _dp_counts(self, events: Sequence[Event], admitted: set[str]) -> np.ndarray:
+        """The popularity increments of the admitted events, clipped per user and noised."""
+        assert self.dp is not None
+        rows: dict[str, list[int]] = {}
+        for e in events:
+            row = self.catalog.row(e.target_item) if e.event_id in admitted else None
+            if row is not None:
+                rows.setdefault(e.user_id, []).append(row)
+        return self.dp.noisy_counts(rows, len(self.catalog))
+
+    def privacy_state(self) -> dict[str, float]:
+        return self.dp.state() if self.dp is not None else {}
+
+    # ---- end DP ----------------------------------------------------------------------------------
     def _seen_mask(
         self,
         episodes: Sequence[Episode],
@@ -918,7 +1043,9 @@ class FineTunedModel(InterestModel):
             )
         return float(min(max(pred, self.opts.rating_min), self.opts.rating_max))
 
-    def _update_popularity(self, events: Sequence[Event]) -> None:
+    def _update_popularity(self, events: Sequence[Event], counts: np.ndarray | None = None) -> None:
+        """Decay the counts to the batch's newest event time, then count the batch's events
+        (or, under DP, add `counts`: the noised release of them; None there = nothing to add)."""
         if not events:
             return
         t = max(e.ts for e in events)
@@ -926,6 +1053,10 @@ class FineTunedModel(InterestModel):
             hl = np.asarray(self.opts.popularity_half_lives_s, dtype=np.float64)
             self._pop *= 0.5 ** ((t - self._pop_t) / hl)
         self._pop_t = t if self._pop_t is None else max(self._pop_t, t)
+        if self.dp is not None:
+            if counts is not None:
+                self._pop[: len(counts)] += counts[:, None]
+            return
         for e in events:
             row = self.catalog.row(e.target_item)
             if row is not None:
@@ -939,8 +1070,20 @@ class FineTunedModel(InterestModel):
         o = self.opts
         episodes, touched, cold = self._observe(events)
         loss = None
-        if self.train_shared and any(ep.targets for ep in episodes):
-            batch = [ep for ep in episodes if ep.targets] + self._replayed(o.replay_per_batch)
+        # ---- DP (models/privacy.py): only admitted events train; no replay (a replayed event
+        # would take its user into more releases than the cap allows). ----
+        dp = self.dp
+        training = self.train_shared and not (dp is not None and dp.exhausted)
+        released_before = dp.releases if dp is not None else 0
+        admitted: set[str] = set()
+        if dp is not None and training:
+            admitted = dp.admit(events)
+            for ep in episodes:
+                ep.targets = [t for t in ep.targets if t.event_id in admitted]
+        # ---- end DP ----
+        if training and any(ep.targets for ep in episodes):
+            replayed = self._replayed(o.replay_per_batch) if dp is None else []
+            batch = [ep for ep in episodes if ep.targets] + replayed
             # Dropout draws from a generator seeded by (seed, batch number): the numbers depend
             # on the data alone, not on what else ran in the process before.
             devices = [self.device] if self.device.type == "cuda" else []
@@ -948,9 +1091,14 @@ class FineTunedModel(InterestModel):
                 torch.manual_seed(o.seed * 1_000_003 + self.batches)
                 losses = [self._step(batch) for _ in range(max(1, o.steps_per_batch))]
             loss = losses[0]
-            self.replay.extend(self._replay_items(episodes))
+            if dp is None:
+                self.replay.extend(self._replay_items(episodes))
         # Popularity counts move after the step: training saw the counts as they were before.
-        self._update_popularity(events)
+        if dp is None:
+            self._update_popularity(events)
+        else:  # DP: noisy, clipped counts of the admitted events, released with the step's gradient
+            released = dp.releases > released_before
+            self._update_popularity(events, self._dp_counts(events, admitted) if released else None)
         self.batches += 1
         self._batches_since_publish += 1
         if loss is not None and math.isfinite(loss):
@@ -981,9 +1129,13 @@ class FineTunedModel(InterestModel):
 
     def _publish_is_due(self, batches_ahead: int = 0) -> bool:
         o = self.opts
-        return self.train_shared and (
-            self._batches_since_publish + batches_ahead >= o.publish_every_batches
-            or time.monotonic() - self._last_publish >= o.publish_every_s
+        return (
+            self.train_shared
+            and not (self.dp is not None and self.dp.exhausted)
+            and (
+                self._batches_since_publish + batches_ahead >= o.publish_every_batches
+                or time.monotonic() - self._last_publish >= o.publish_every_s
+            )
         )
 
     def _check_rollback(self, loss: float) -> None:
@@ -1043,6 +1195,8 @@ class FineTunedModel(InterestModel):
                 # Not trained, but part of the scores: the items' time-decayed counts.
                 "popularity": torch.from_numpy(self._pop.copy()),
                 "popularity_t": self._pop_t,
+                # The accountant's counts (no user ids): a restart goes on from the published state.
+                **({"dp": self.dp.checkpoint()} if self.dp is not None else {}),
             },
             buf,
         )
@@ -1069,6 +1223,8 @@ class FineTunedModel(InterestModel):
                 if row is not None and row < n:
                     self._pop[row] = pop[j]
             self._pop_t = saved.get("popularity_t")
+        if self.dp is not None and "dp" in saved:
+            self.dp.restore(saved["dp"])
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)
@@ -1112,7 +1268,11 @@ class FineTunedModel(InterestModel):
             config=self.config(),
             item_ids=list(self.catalog.ids),
             item_vectors=self._published_aug.copy(),
-            metrics={"batches": float(self.batches), "rollbacks": float(self.rollbacks)},
+            metrics={
+                "batches": float(self.batches),
+                "rollbacks": float(self.rollbacks),
+                **self.privacy_state(),
+            },
             weights=blob,
         )
 
@@ -1183,6 +1343,24 @@ class FineTunedModel(InterestModel):
         if user_id in self.profiles:
             out.append({"kind": "profile", "weight": prof_share, "query": self.profiles[user_id]})
         return out
+
+
+def _make_dp(o: FineTuneOptions) -> UserLevelDP | None:
+    cfg = DPConfig(
+        epsilon=o.dp_epsilon,
+        delta=o.dp_delta,
+        noise_multiplier=o.dp_noise_multiplier,
+        clip=o.dp_clip,
+        max_events_per_window=o.dp_max_events_per_window,
+        window_s=o.dp_window_s,
+        max_participations=o.dp_max_participations,
+        accountant=o.dp_accountant,
+    )
+    if not cfg.enabled:
+        return None
+    # Two releases per step where item popularity is counted: the gradient and the counts.
+    releases = 2 if o.popularity_half_lives_s else 1
+    return UserLevelDP(cfg, releases_per_step=releases, expected_users=o.dp_expected_users, seed=o.seed)
 
 
 def profile_text(attrs: Mapping[str, Any]) -> str:

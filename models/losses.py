@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def sampled_softmax(
-    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, per_row: bool = False
 ) -> torch.Tensor:
     """Cross-entropy of each row's target among its candidates.
 
@@ -19,12 +19,20 @@ def sampled_softmax(
         mask = mask.clone()
         mask[torch.arange(len(target), device=mask.device), target] = False
         logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min / 2)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, reduction="none" if per_row else "mean")
 
 
-def bpr(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Bayesian personalised ranking: -log σ(pos - neg), over (P, N) negatives (valid marks real ones)."""
+def bpr(
+    pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None = None, per_row: bool = False
+) -> torch.Tensor:
+    """Bayesian personalised ranking: -log σ(pos - neg), over (P, N) negatives (valid marks real
+    ones); `per_row`: each row's mean over its negatives, not the mean over all pairs."""
     loss = -F.logsigmoid(pos[:, None] - neg)
+    if per_row:
+        if valid is None:
+            return loss.mean(dim=1)
+        v = valid.to(loss.dtype)
+        return (loss * v).sum(dim=1) / v.sum(dim=1).clamp(min=1.0)
     if valid is None:
         return loss.mean()
     valid = valid.to(loss.dtype)
