@@ -295,6 +295,7 @@ class FineTunedModel(InterestModel):
         self.replay: ReplayBuffer[tuple[Episode, Target]] = ReplayBuffer(o.replay_size, seed=o.seed)
         self._make_optimizer()
         self.dp = _make_dp(o)
+        self._batched_grads = True  # DP: per-user gradients in one vmapped backward pass
         self._version = ""
         self._parent: str | None = None
         self._batches_since_publish = 0
@@ -950,17 +951,39 @@ class FineTunedModel(InterestModel):
             )
             return float("nan")
         params = self._dp_params()
-        grads = [
-            torch.autograd.grad(per_user[i], params, retain_graph=i < n_users - 1, allow_unused=True)
-            for i in range(n_users)
-        ]
-        noisy = dp.privatize(grads, params)
+        noisy = dp.privatize(self._per_user_grads(per_user, params), params)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, noisy, strict=True):
             p.grad = g.to(p.dtype)
         self.optimizer.step()
         dp.record(users)
         return float(per_user.detach().mean())
+
+    def _per_user_grads(
+        self, per_user: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> list[Sequence[torch.Tensor | None]]:
+        """Each user's gradient of `params`: one batched backward pass (vmap over the rows of an
+        identity), or one pass per user where an op has no batching rule."""
+        n = len(per_user)
+        if self._batched_grads:
+            try:
+                eye = torch.eye(n, device=per_user.device, dtype=per_user.dtype)
+                stacked = torch.autograd.grad(
+                    per_user,
+                    params,
+                    grad_outputs=eye,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                    retain_graph=True,
+                )
+                return [[None if g is None else g[i] for g in stacked] for i in range(n)]
+            except RuntimeError as exc:
+                log.info("DP: per-user gradients one user at a time (%s)", str(exc).splitlines()[0][:120])
+                self._batched_grads = False
+        return [
+            torch.autograd.grad(per_user[i], params, retain_graph=i < n - 1, allow_unused=True)
+            for i in range(n)
+        ]
 
     def _dp_foreign_mask(
         self, targets: Sequence[Target], cand_pos: Mapping[int, int], drawn: set[int]

@@ -52,14 +52,23 @@ def epsilon_for(noise_multiplier: float, steps: int, delta: float, accountant: s
         return 0.0
     from opacus.accountants import create_accountant
 
-    acc = create_accountant(accountant)
-    acc.history = [(float(noise_multiplier), 1.0, int(steps))]
     with warnings.catch_warnings():
         # With sample_rate = 1 the PRV code takes the log of 0 in a branch np.where discards,
         # and RDP says when the best order is the largest it tried: neither changes the bound.
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return float(acc.get_epsilon(delta=float(delta)))
+        acc = create_accountant(accountant)
+        acc.history = [(float(noise_multiplier), 1.0, int(steps))]
+        try:
+            return float(acc.get_epsilon(delta=float(delta)))
+        except (MemoryError, ValueError, OverflowError):
+            if accountant == "rdp":
+                raise
+        # PRV discretises the privacy-loss range, which explodes for very small noise (ε in
+        # the hundreds); RDP gives a (looser) bound there.
+        rdp = create_accountant("rdp")
+        rdp.history = acc.history
+        return float(rdp.get_epsilon(delta=float(delta)))
 
 
 def calibrate_noise(epsilon: float, delta: float, steps: int, accountant: str = "prv") -> float:

@@ -391,6 +391,12 @@ def backtest(
     click.echo(table(res, "tail"))
     click.echo(f"\ncold start ({res.counts['cold']} positives):")
     click.echo(table(res, "cold"))
+    for model, dp in outcome.privacy.items():
+        click.echo(
+            f"\n{model}: DP epsilon spent {dp['dp_epsilon']:.3f} at delta {dp['dp_delta']:.2e} "
+            f"(noise multiplier {dp['dp_noise_multiplier']:.3f}, busiest user in "
+            f"{dp['dp_max_participations']:.0f} of {dp['dp_releases']:.0f} steps)"
+        )
     click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")
     if outcome.out_dir is not None:
         click.echo(f"report: {outcome.out_dir}")
