@@ -296,6 +296,9 @@ class FineTunedModel(InterestModel):
         self._make_optimizer()
         self.dp = _make_dp(o)
         self._batched_grads = True  # DP: per-user gradients in one vmapped backward pass
+        self._dp_rows: dict[str, list[int]] = {}  # DP: counted rows since the last publish, per user
+        # DP: variance of the noise in each popularity column (decays with the counts).
+        self._dp_pop_var = np.zeros(len(o.popularity_half_lives_s))
         self._version = ""
         self._parent: str | None = None
         self._batches_since_publish = 0
@@ -494,8 +497,7 @@ class FineTunedModel(InterestModel):
         net = self.net
         base = self._tower_rows(rows, grad_rows)
         vec = net.proj(base) + net.item_emb[rows]
-        pop_np = np.log1p(np.maximum(self._pop[rows.cpu().numpy()], 0.0))  # DP counts are noisy
-        pop = torch.from_numpy(pop_np.astype(np.float32)).to(self.device)
+        pop = self._pop_feature(self._pop[rows.cpu().numpy()])
         bias = net.item_bias[rows] + pop @ net.w_pop
         return vec, bias
 
@@ -514,7 +516,7 @@ class FineTunedModel(InterestModel):
         rows = _rows_tensor(range(n), self.device)
         base = torch.cat([self._tower_rows(rows[i : i + 512]) for i in range(0, n, 512)])
         vec = net.proj(base) + net.item_emb[rows]
-        pop = torch.from_numpy(np.log1p(np.maximum(self._pop[:n], 0.0)).astype(np.float32)).to(self.device)
+        pop = self._pop_feature(self._pop[:n])
         bias = net.item_bias[rows] + pop @ net.w_pop
         net.train(was)
         self._live_vec = vec.float().cpu()
@@ -998,15 +1000,26 @@ class FineTunedModel(InterestModel):
                 allowed[k, _rows_tensor(own, self.device)] = True
         return ~allowed
 
-    def _dp_counts(self, events: Sequence[Event], admitted: set[str]) -> np.ndarray:
-        """The popularity increments of the admitted events, clipped per user and noised."""
-        assert self.dp is not None
-        rows: dict[str, list[int]] = {}
+    def _dp_collect_counts(self, events: Sequence[Event], admitted: set[str]) -> None:
+        """Remember the catalog rows of the admitted events of a released step, per user."""
         for e in events:
             row = self.catalog.row(e.target_item) if e.event_id in admitted else None
             if row is not None:
-                rows.setdefault(e.user_id, []).append(row)
-        return self.dp.noisy_counts(rows, len(self.catalog))
+                self._dp_rows.setdefault(e.user_id, []).append(row)
+
+    def _dp_release_counts(self) -> None:
+        """At a publish: the popularity increments since the last one, clipped per user and
+        noised, in one release. Once per publish rather than per step: the noise on every row
+        adds up over releases, and per step it drowned the counts (ML-100K, first 3,000 events:
+        recall@10 0.0057 with per-step releases vs 0.038 with noiseless counts). A user is in
+        a count release only if they were in a gradient release since the last one, so the
+        accountant's two releases per participation still bound it."""
+        if self.dp is None or not self._dp_rows:
+            return
+        n = len(self.catalog)
+        self._pop[:n] += self.dp.noisy_counts(self._dp_rows, n)[:, None]
+        self._dp_pop_var += self.dp.noise_multiplier**2
+        self._dp_rows = {}
 
     def privacy_state(self) -> dict[str, float]:
         return self.dp.state() if self.dp is not None else {}
@@ -1066,6 +1079,13 @@ class FineTunedModel(InterestModel):
             )
         return float(min(max(pred, self.opts.rating_min), self.opts.rating_max))
 
+    def _pop_feature(self, counts: np.ndarray) -> torch.Tensor:
+        """log(1 + decayed count). Under DP the counts carry noise of known spread: only what
+        stands 2 standard deviations above it counts (post-processing; no extra privacy cost)."""
+        if self.dp is not None:
+            counts = counts - 2.0 * np.sqrt(self._dp_pop_var)
+        return torch.from_numpy(np.log1p(np.maximum(counts, 0.0)).astype(np.float32)).to(self.device)
+
     def _update_popularity(self, events: Sequence[Event], counts: np.ndarray | None = None) -> None:
         """Decay the counts to the batch's newest event time, then count the batch's events
         (or, under DP, add `counts`: the noised release of them; None there = nothing to add)."""
@@ -1075,6 +1095,7 @@ class FineTunedModel(InterestModel):
         if self._pop_t is not None and t > self._pop_t:
             hl = np.asarray(self.opts.popularity_half_lives_s, dtype=np.float64)
             self._pop *= 0.5 ** ((t - self._pop_t) / hl)
+            self._dp_pop_var *= 0.25 ** ((t - self._pop_t) / hl)
         self._pop_t = t if self._pop_t is None else max(self._pop_t, t)
         if self.dp is not None:
             if counts is not None:
@@ -1119,9 +1140,12 @@ class FineTunedModel(InterestModel):
         # Popularity counts move after the step: training saw the counts as they were before.
         if dp is None:
             self._update_popularity(events)
-        else:  # DP: noisy, clipped counts of the admitted events, released with the step's gradient
-            released = dp.releases > released_before
-            self._update_popularity(events, self._dp_counts(events, admitted) if released else None)
+        else:
+            # DP: the counts move only at a publish, by a noisy release of the admitted events
+            # of the steps since (`_dp_release_counts`); between publishes they only decay.
+            if dp.releases > released_before:
+                self._dp_collect_counts(events, admitted)
+            self._update_popularity(events, None)
         self.batches += 1
         self._batches_since_publish += 1
         if loss is not None and math.isfinite(loss):
@@ -1264,6 +1288,8 @@ class FineTunedModel(InterestModel):
         # Trained transformer layers: every item through them only every few publishes (the
         # items of each step are refreshed as they are trained); the adapter is cheap, always.
         full = initial or self._publishes % self.opts.tower_refresh_every == 0
+        if not initial:
+            self._dp_release_counts()
         self._refresh_items(full_tower=full)
         blob = self.weights()
         digest = hashlib.sha1(blob).hexdigest()[:12]
