@@ -221,7 +221,7 @@ def status() -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from stream.runtime import build_store
-    from stream.status import format_status, partition_status
+    from stream.status import format_status, partition_status, privacy_line
 
     s = settings()
     if not s.kafka_bootstrap or not s.database_url:
@@ -229,6 +229,7 @@ def status() -> None:
     store = build_store(s, s.database_url)
     try:
         rows = partition_status(s.kafka_bootstrap, store, [*s.event_topics, s.topic_items])
+        dp = privacy_line(store)
     except KafkaError as exc:
         raise UserError(f"cannot read the broker at {s.kafka_bootstrap}: {exc}") from None
     except SQLAlchemyError as exc:
@@ -236,6 +237,8 @@ def status() -> None:
     finally:
         store.engine.dispose()
     click.echo(format_status(rows))
+    if dp is not None:
+        click.echo(dp)
 
 
 @cli.command()

@@ -62,6 +62,16 @@ class WorkerMetrics:
         self.model_version = Gauge(
             "istream_model_version_info", "The model version vectors are written in", ["version"], registry=r
         )
+        self.dp_epsilon = Gauge(
+            "istream_dp_epsilon",
+            "User-level DP: epsilon spent so far by the shared parameters (docs/privacy.md)",
+            registry=r,
+        )
+        self.dp_exhausted = Gauge(
+            "istream_dp_budget_exhausted",
+            "1 when the DP budget is spent and the shared parameters are frozen",
+            registry=r,
+        )
         self._version: str | None = None
 
     def observe(self, outcome: BatchOutcome, n_records: int) -> None:
@@ -76,6 +86,9 @@ class WorkerMetrics:
             self.produce_to_commit.observe(max(outcome.committed_at - ts, 0.0))
         if outcome.loss is not None:
             self.loss.set(outcome.loss)
+        if outcome.dp_epsilon is not None:
+            self.dp_epsilon.set(outcome.dp_epsilon)
+            self.dp_exhausted.set(float(outcome.dp_exhausted))
         if outcome.model_version and outcome.model_version != self._version:
             if self._version is not None:
                 self.model_version.remove(self._version)
