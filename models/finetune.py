@@ -326,6 +326,8 @@ class FineTunedModel(InterestModel):
     def config(self) -> dict[str, Any]:
         opts = asdict(self.opts)
         opts.pop("half_life_s", None)
+        if self.dp is None:  # DP off: the config (and so the version ids) of before
+            opts = {k: v for k, v in opts.items() if not k.startswith("dp_")}
         return {"model": self.spec, "base": self.encoder.version, **self.net.tower.describe(), **opts}
 
     def item_ids(self) -> Sequence[str]:

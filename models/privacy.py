@@ -60,7 +60,8 @@ def epsilon_for(noise_multiplier: float, steps: int, delta: float, accountant: s
         acc = create_accountant(accountant)
         acc.history = [(float(noise_multiplier), 1.0, int(steps))]
         try:
-            return float(acc.get_epsilon(delta=float(delta)))
+            # PRV's numerical bound can come out a hair below 0 where ε is ~0.
+            return max(0.0, float(acc.get_epsilon(delta=float(delta))))
         except (MemoryError, ValueError, OverflowError):
             if accountant == "rdp":
                 raise
