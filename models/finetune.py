@@ -1150,7 +1150,8 @@ class FineTunedModel(InterestModel):
             self._update_popularity(events, None)
         self.batches += 1
         self._batches_since_publish += 1
-        if loss is not None and math.isfinite(loss):
+        # DP: no rollback; which weights get published must not hang on the batch's raw loss.
+        if loss is not None and math.isfinite(loss) and dp is None:
             self._check_rollback(loss)
         snapshot = None
         if self._publish_is_due():
