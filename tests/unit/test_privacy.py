@@ -277,3 +277,28 @@ def test_dp_options_are_checked() -> None:
     with pytest.raises(ValueError, match="clip"):
         model(dp_noise_multiplier=1.0, dp_clip=0.0)
     assert catalog()  # the shared fixture builds
+
+
+# ---- around the model: backtest names, gauges ------------------------------------------------
+def test_backtest_names_dp_variants() -> None:
+    from stream.backtest.models import check_models, split_dp
+
+    assert split_dp("adapter+dp8") == ("adapter", 8.0)
+    assert split_dp("top_layers:1+dp0.5") == ("top_layers:1", 0.5)
+    assert split_dp("adapter") == ("adapter", None)
+    assert check_models(["popularity", "adapter+dp1"]) == ["popularity", "adapter+dp1"]
+    with pytest.raises(ValueError, match="fine-tuned"):
+        check_models(["popularity+dp1"])
+
+
+def test_epsilon_gauges() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from stream.metrics import WorkerMetrics
+    from stream.processor import BatchOutcome
+
+    registry = CollectorRegistry()
+    m = WorkerMetrics(registry)
+    m.observe(BatchOutcome(applied=1, dp_epsilon=2.5, dp_exhausted=True, committed_at=1.0), n_records=1)
+    body = generate_latest(registry).decode()
+    assert "istream_dp_epsilon 2.5" in body and "istream_dp_budget_exhausted 1.0" in body
