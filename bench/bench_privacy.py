@@ -10,6 +10,12 @@ events/s of `learn`, milliseconds per batch (median and p99: a worker's freshnes
 waits on one batch), the ratio to DP off, and the ε spent at the end (δ = 1/users seen
 unless --delta). `--batch-size 50` is what a worker sees at 100 events/s with
 0.5-second batches; the backtest runs 100.
+
+`--mia`: a membership-inference check instead. Users are split in two by a hash of
+their id; each variant learns the members' events only, then the non-members' vectors
+are rebuilt from their events without training, and a loss-threshold attack (mean
+-log softmax of the user's own items over the catalog) tells members from non-members.
+Printed: the attack's AUC per variant (0.5 = chance) and its bootstrap spread.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ def main() -> None:
     p.add_argument("--epsilons", default="8,1", help="DP variants to run beside DP off")
     p.add_argument("--delta", type=float, default=None, help="δ (default 1/users seen)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--mia", action="store_true", help="membership-inference AUC instead of speed")
     a = p.parse_args()
     if not (a.data / "u.data").is_file():
         sys.exit(f"bench_privacy: {a.data} is not a MovieLens 100K folder")
@@ -77,6 +84,9 @@ def main() -> None:
         m.upsert_items(items)
         print(f"  {name}: built, catalog in {time.perf_counter() - t:.1f}s", flush=True)
         models[name] = m
+    if a.mia:
+        membership(models, events, a.batch_size)
+        return
     times: dict[str, list[float]] = {n: [] for n in models}
     batches = [events[i : i + a.batch_size] for i in range(0, len(events), a.batch_size)]
     next_report = time.perf_counter() + 15
@@ -105,6 +115,61 @@ def main() -> None:
             f"| {name} | {len(events) / ts.sum():,.0f} | {base / ts.sum():.2f} | "
             f"{1000 * np.median(ts):.1f} | {1000 * np.quantile(ts, 0.99):.1f} | {eps} | {delta} | {sigma} |"
         )
+
+
+def auc(members: np.ndarray, others: np.ndarray) -> float:
+    """P(a member's score > a non-member's) (Mann-Whitney; ties count half)."""
+    from scipy.stats import rankdata
+
+    r = rankdata(np.concatenate([members, others]))
+    n, m = len(members), len(others)
+    return float((r[:n].sum() - n * (n + 1) / 2) / (n * m))
+
+
+def membership(models: dict[str, Any], events: list[Any], batch_size: int) -> None:
+    import hashlib
+
+    def member(user: str) -> bool:
+        return hashlib.sha1(user.encode()).digest()[0] % 2 == 0
+
+    train = [e for e in events if member(e.user_id)]
+    held: dict[str, list[Any]] = {}
+    for e in events:
+        if not member(e.user_id):
+            held.setdefault(e.user_id, []).append(e)
+    print(f"membership: {len({e.user_id for e in train})} members ({len(train)} events), {len(held)} others")
+    own: dict[str, list[str]] = {}
+    for e in events:
+        own.setdefault(e.user_id, []).append(e.item_id)
+    rng = np.random.default_rng(0)
+    print()
+    print("| variant | attack AUC | bootstrap 95% | ε spent |")
+    print("|---|---|---|---|")
+    for name, m in models.items():
+        t = time.perf_counter()
+        for i in range(0, len(train), batch_size):
+            m.learn(train[i : i + batch_size])
+        for user, evs in held.items():
+            m.rebuild_user(user, evs)
+        index = {item: k for k, item in enumerate(m.item_ids())}
+
+        def loss(user: str, m: Any = m, index: dict[str, int] = index) -> float:
+            s = m.predict(user).astype(np.float64)
+            s -= s.max()
+            logp = s - np.log(np.exp(s).sum())
+            return -float(np.mean([logp[index[i]] for i in own[user] if i in index]))
+
+        members = np.array([-loss(u) for u in {e.user_id for e in train}])
+        others = np.array([-loss(u) for u in held])
+        boot = [auc(rng.choice(members, len(members)), rng.choice(others, len(others))) for _ in range(200)]
+        dp = m.privacy_state()
+        eps = f"{dp['dp_epsilon']:.3f}" if dp else "-"
+        print(
+            f"| {name} | {auc(members, others):.3f} | {np.quantile(boot, 0.025):.3f}–"
+            f"{np.quantile(boot, 0.975):.3f} | {eps} |",
+            flush=True,
+        )
+        print(f"  ({name}: {time.perf_counter() - t:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":
