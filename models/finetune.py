@@ -1246,7 +1246,11 @@ class FineTunedModel(InterestModel):
                 "popularity": torch.from_numpy(self._pop.copy()),
                 "popularity_t": self._pop_t,
                 # The accountant's counts (no user ids): a restart goes on from the published state.
-                **({"dp": self.dp.checkpoint()} if self.dp is not None else {}),
+                **(
+                    {"dp": self.dp.checkpoint(), "dp_pop_var": self._dp_pop_var.tolist()}
+                    if self.dp is not None
+                    else {}
+                ),
             },
             buf,
         )
@@ -1275,6 +1279,7 @@ class FineTunedModel(InterestModel):
             self._pop_t = saved.get("popularity_t")
         if self.dp is not None and "dp" in saved:
             self.dp.restore(saved["dp"])
+            self._dp_pop_var = np.asarray(saved.get("dp_pop_var", self._dp_pop_var), dtype=np.float64)
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)

@@ -217,6 +217,8 @@ def test_accountant_state_travels_with_the_weights() -> None:
     assert b.dp is not None and a.dp is not None
     assert b.dp.max_participations == a.dp.max_participations == 1
     assert b.privacy_state()["dp_epsilon"] == pytest.approx(a.privacy_state()["dp_epsilon"])
+    np.testing.assert_allclose(b._dp_pop_var, a._dp_pop_var)  # the noise floor of the counts too
+    np.testing.assert_allclose(b.item_matrix(), a.item_matrix(), rtol=1e-4, atol=1e-5)
     # Any user counts as having taken part as often as the busiest one (no ids in the blob).
     b.dp.record(["someone-new"])
     assert b.dp.max_participations == 2
