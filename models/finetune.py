@@ -135,6 +135,9 @@ class FineTuneOptions:
     # which depends on who took part); Adam makes the learning rate nearly independent of it.
     dp_expected_users: float = 16.0
     dp_accountant: str = "prv"
+    # Users per forward pass under DP: per-user gradients cost memory per user times the pass's
+    # size, so a batch of many users is learned in passes of this many (one release per batch).
+    dp_users_per_pass: int = 16
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:
@@ -934,7 +937,7 @@ class FineTunedModel(InterestModel):
     def _dp_step(
         self, terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], users: Mapping[str, int]
     ) -> float:
-        """Per-user losses -> per-user gradients -> clipped, noised sum -> one optimizer step."""
+        """Per-user losses -> per-user gradients, kept for `_dp_learn` (which releases them)."""
         dp = self.dp
         assert dp is not None
         if not terms:
@@ -947,7 +950,32 @@ class FineTunedModel(InterestModel):
             sums = zero.index_add(0, owner, rows.float())
             counts = zero.index_add(0, owner, torch.ones_like(rows.float()))
             per_user = per_user + weight * sums / counts.clamp(min=1.0)
-        if not dp.may_release(users):
+        grads = self._per_user_grads(per_user, self._dp_params())
+        for uid, i in users.items():
+            self._dp_grads[uid] = grads[i]
+        return float(per_user.detach().mean())
+
+    def _dp_learn(self, episodes: Sequence[Episode]) -> float:
+        """One DP release: per-user gradients over passes of `dp_users_per_pass` users (memory
+        stays bounded), then clipped, summed, noised, and one optimizer step."""
+        dp = self.dp
+        assert dp is not None
+        by_user: dict[str, list[Episode]] = {}
+        for ep in episodes:
+            by_user.setdefault(ep.user_id, []).append(ep)
+        users = list(by_user)
+        size = max(1, self.opts.dp_users_per_pass)
+        self._dp_grads: dict[str, Sequence[torch.Tensor | None]] = {}
+        losses = []
+        for i in range(0, len(users), size):
+            part = [ep for u in users[i : i + size] for ep in by_user[u]]
+            loss = self._step(part)
+            if math.isfinite(loss):
+                losses.append(loss)
+        grads, self._dp_grads = self._dp_grads, {}
+        if not grads:
+            return float("nan")
+        if not dp.may_release(grads):
             log.warning(
                 "DP budget spent (epsilon %.3f of %s): shared parameters are frozen from now on",
                 dp.epsilon,
@@ -955,13 +983,13 @@ class FineTunedModel(InterestModel):
             )
             return float("nan")
         params = self._dp_params()
-        noisy = dp.privatize(self._per_user_grads(per_user, params), params)
+        noisy = dp.privatize(list(grads.values()), params)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, noisy, strict=True):
             p.grad = g.to(p.dtype)
         self.optimizer.step()
-        dp.record(users)
-        return float(per_user.detach().mean())
+        dp.record(grads)
+        return float(np.mean(losses)) if losses else float("nan")
 
     def _per_user_grads(
         self, per_user: torch.Tensor, params: Sequence[torch.Tensor]
@@ -1135,7 +1163,8 @@ class FineTunedModel(InterestModel):
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(o.seed * 1_000_003 + self.batches)
-                losses = [self._step(batch) for _ in range(max(1, o.steps_per_batch))]
+                step = self._step if dp is None else self._dp_learn
+                losses = [step(batch) for _ in range(max(1, o.steps_per_batch))]
             loss = losses[0]
             if dp is None:
                 self.replay.extend(self._replay_items(episodes))
