@@ -135,9 +135,10 @@ class FineTuneOptions:
     # which depends on who took part); Adam makes the learning rate nearly independent of it.
     dp_expected_users: float = 16.0
     dp_accountant: str = "prv"
-    # Users per forward pass under DP: per-user gradients cost memory per user times the pass's
-    # size, so a batch of many users is learned in passes of this many (one release per batch).
-    dp_users_per_pass: int = 16
+    # Under DP a batch is learned in forward passes of at most this many (users × targets):
+    # per-user gradients (one vmapped backward pass) hold a copy of the pass's logits per user.
+    # One release per batch whatever the passes.
+    dp_pass_budget: int = 4096
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:
@@ -956,19 +957,26 @@ class FineTunedModel(InterestModel):
         return float(per_user.detach().mean())
 
     def _dp_learn(self, episodes: Sequence[Episode]) -> float:
-        """One DP release: per-user gradients over passes of `dp_users_per_pass` users (memory
-        stays bounded), then clipped, summed, noised, and one optimizer step."""
+        """One DP release: per-user gradients over passes of at most `dp_pass_budget`
+        users × targets (memory stays bounded), then clipped, summed, noised, one optimizer step."""
         dp = self.dp
         assert dp is not None
         by_user: dict[str, list[Episode]] = {}
         for ep in episodes:
             by_user.setdefault(ep.user_id, []).append(ep)
-        users = list(by_user)
-        size = max(1, self.opts.dp_users_per_pass)
         self._dp_grads: dict[str, Sequence[torch.Tensor | None]] = {}
         losses = []
-        for i in range(0, len(users), size):
-            part = [ep for u in users[i : i + size] for ep in by_user[u]]
+        passes: list[list[Episode]] = [[]]
+        n_users = n_targets = 0
+        for eps in by_user.values():
+            t = sum(len(ep.targets) for ep in eps)
+            if passes[-1] and (n_users + 1) * (n_targets + t) > self.opts.dp_pass_budget:
+                passes.append([])
+                n_users = n_targets = 0
+            passes[-1].extend(eps)
+            n_users += 1
+            n_targets += t
+        for part in passes:
             loss = self._step(part)
             if math.isfinite(loss):
                 losses.append(loss)

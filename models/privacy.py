@@ -207,7 +207,8 @@ class UserLevelDP:
         for grads in per_user_grads:
             if len(grads) != len(like):
                 raise ValueError("one gradient (or None) per parameter")
-            sq = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+            present = [g.float().pow(2).sum() for g in grads if g is not None]
+            sq = float(torch.stack(present).sum()) if present else 0.0
             factor = min(1.0, C / (math.sqrt(sq) + 1e-12))
             for j, g in enumerate(grads):
                 if g is not None:
