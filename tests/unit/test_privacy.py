@@ -314,3 +314,70 @@ def test_epsilon_gauges() -> None:
     m.observe(BatchOutcome(applied=1, dp_epsilon=2.5, dp_exhausted=True, committed_at=1.0), n_records=1)
     body = generate_latest(registry).decode()
     assert "istream_dp_epsilon 2.5" in body and "istream_dp_budget_exhausted 1.0" in body
+
+
+# ---- on the models/finetune package ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("opts", "version"),
+    [
+        ({}, "adapter-511c0ef3469a@hash-24"),
+        ({"full_softmax_max": 10, "random_negatives": 8}, "adapter-1d0421779bc0@hash-24"),
+    ],
+)
+def test_dp_off_is_mains_model_bit_for_bit(opts: dict[str, object], version: str) -> None:
+    """The version id is a digest of the weights blob: these are main's ids (commit 06d1d76,
+    before DP was ported) for the same run, full and sampled softmax (random draws, log-Q).
+    A deliberate change to training changes them; update them then, never for DP."""
+    from models.finetune.versions import unpack_weights
+
+    m = FineTunedModel(
+        HashEncoder(24),
+        "adapter",
+        **{"dim": 16, "history": 8, "seed": 0, "publish_every_steps": 2, "events_per_step": 5, **opts},
+    )
+    m.upsert_items(catalog())
+    events = walk_events(40, 8, 12)
+    for i in range(0, len(events), 9):
+        m.learn(events[i : i + 9])
+    assert m.model_version == version
+    saved = unpack_weights(m.weights(), torch.device("cpu"))
+    assert "dp" not in saved and "dp_pop_var" not in saved
+    assert not any(k.startswith("dp_") for k in saved["config"])
+
+
+def test_dp_release_is_one_per_batch_and_skips_the_lr_boost() -> None:
+    """Under DP a batch is one release whatever the events-counted budget, and a global drift
+    does not boost the learning rate (the boost would hang on the raw loss)."""
+    m = model(dp_noise_multiplier=1.0, dp_delta=1e-3, events_per_step=1)
+    base = [g["lr"] for g in m.trainer.optimizer.param_groups]
+    m.trainer.drift._boost_left = 5  # as if the stream had just drifted
+    events = walk_events(40, 6, 4)
+    m.learn(events[:12])
+    assert m.trainer.steps == 1 and m.trainer.dp is not None and m.trainer.dp.releases == 1
+    assert [g["lr"] for g in m.trainer.optimizer.param_groups] == base
+    assert len(m.trainer.replay) == 0  # nothing kept for replay
+
+
+def test_dp_participation_cap_holds_at_release() -> None:
+    m = model(dp_noise_multiplier=1.0, dp_delta=1e-3, dp_max_participations=2)
+    events = walk_events(40, 3, 12)
+    for i in range(0, len(events), 3):
+        m.learn(events[i : i + 3])
+    dp_ = m.trainer.dp
+    assert dp_ is not None and dp_.max_participations == 2
+
+
+def test_dp_popularity_moves_only_by_the_noisy_release_at_a_publish() -> None:
+    m = model(dp_noise_multiplier=1e-6, dp_delta=1e-3, publish_every_steps=2)
+    events = [Event(f"e{i}", f"u{i}", 1000.0 + i, "click", item_id="3") for i in range(4)]
+    r = m.learn(events[:2])
+    assert r.snapshot is None and float(np.abs(m._pop).max()) == 0.0  # counted, not released
+    r = m.learn(events[2:])
+    assert r.snapshot is not None  # the second release publishes, with the counts
+    row = m.catalog.row("3")
+    assert row is not None
+    # Four users, one event each on item 3: each clipped count is 1, noise ~0.
+    np.testing.assert_allclose(m._pop[row], 4.0, atol=1e-3)
+    assert float(np.abs(np.delete(m._pop, row, axis=0)).max()) < 1e-3
+    assert (m._dp_pop_var > 0).all()
+    assert r.snapshot.metrics["dp_epsilon"] > 0
