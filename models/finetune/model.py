@@ -181,6 +181,7 @@ class FineTunedModel(InterestModel):
         self._user_bias.pop(user_id, None)
         self.profiles.pop(user_id, None)
         self.trainer.drift.forget(user_id)
+        self._dp_rows.pop(user_id, None)  # DP: their counts not yet released are not released
 
     # ---- catalog ---------------------------------------------------------------------------------
     def upsert_items(self, items: Sequence[Item]) -> None:

@@ -346,8 +346,15 @@ class Trainer:
                     # Sampled softmax with a log-Q correction: each uniform draw stands for
                     # (N - targets) / draws items of the catalog, so the loss estimates the full
                     # softmax at any catalog size instead of one that shrinks as it grows.
-                    drawn = torch.tensor([r not in fixed for r in cand_rows], dtype=torch.bool, device=dev)
-                    corr = math.log(max(1, n - len(fixed)) / max(1, o.random_negatives))
+                    if dp is None:
+                        is_drawn = [r not in fixed for r in cand_rows]
+                        corr = math.log(max(1, n - len(fixed)) / max(1, o.random_negatives))
+                    else:
+                        # DP: which rows are corrected, and by how much, must not depend on the
+                        # other users' targets (`fixed`): the draws and the catalog size only.
+                        is_drawn = [r in drawn_rows for r in cand_rows]
+                        corr = math.log(max(1, n) / max(1, o.random_negatives))
+                    drawn = torch.tensor(is_drawn, dtype=torch.bool, device=dev)
                     logits = logits + drawn.to(logits.dtype) * corr
                 mask = seen_mask(episodes, [flat[i] for i in pos_idx], len(cand_rows), cand_pos, index, dev)
                 if dp is not None and cand_pos is not None:

@@ -381,3 +381,26 @@ def test_dp_popularity_moves_only_by_the_noisy_release_at_a_publish() -> None:
     assert float(np.abs(np.delete(m._pop, row, axis=0)).max()) < 1e-3
     assert (m._dp_pop_var > 0).all()
     assert r.snapshot.metrics["dp_epsilon"] > 0
+
+
+def test_dp_user_gradient_does_not_depend_on_another_user_in_the_step() -> None:
+    """Sampled softmax (foreign negatives masked, log-Q by catalog size): user a's gradient is
+    the same whether or not b's targets share the step, so clipping bounds each person."""
+    from models.finetune.episodes import Episode, Target
+
+    def grads_of_a(with_b: bool) -> list[torch.Tensor]:
+        m = model(
+            dp_noise_multiplier=1.0, dp_delta=1e-3, full_softmax_max=10, random_negatives=8, dropout=0.0
+        )
+        eps = [Episode("a", [], None, [Target(pos=0, row=3, positive=True, hard=(5,))])]
+        if with_b:
+            eps.append(Episode("b", [], None, [Target(pos=0, row=7, positive=True, hard=(9, 11))]))
+        m.trainer._dp_grads = {}
+        torch.manual_seed(0)
+        assert math.isfinite(m.trainer.step(eps))
+        return [g for g in m.trainer._dp_grads["a"] if g is not None]
+
+    alone, shared = grads_of_a(False), grads_of_a(True)
+    assert len(alone) == len(shared) > 0
+    for x, y in zip(alone, shared, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
