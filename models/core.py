@@ -136,6 +136,11 @@ class InterestModel(ABC):
         refreshes its catalog first). Models with one fixed version never do."""
         return False
 
+    def privacy_state(self) -> dict[str, float]:
+        """Differential-privacy figures (`dp_epsilon` spent so far, ...); empty when DP is off
+        or the model learns nothing shared (models/privacy.py)."""
+        return {}
+
     def set_profiles(self, profiles: Sequence[UserProfile]) -> None:  # noqa: B027
         """Side information for cold start; models that use none ignore it."""
 

@@ -35,9 +35,17 @@ def sampled_softmax(
     return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
-def bpr(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Bayesian personalised ranking: -log σ(pos - neg), over (P, N) negatives (valid marks real ones)."""
+def bpr(
+    pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None = None, per_row: bool = False
+) -> torch.Tensor:
+    """Bayesian personalised ranking: -log σ(pos - neg), over (P, N) negatives (valid marks real
+    ones); `per_row`: each row's mean over its negatives, not the mean over all pairs."""
     loss = -F.logsigmoid(pos[:, None] - neg)
+    if per_row:
+        if valid is None:
+            return loss.mean(dim=1)
+        v = valid.to(loss.dtype)
+        return (loss * v).sum(dim=1) / v.sum(dim=1).clamp(min=1.0)
     if valid is None:
         return loss.mean()
     valid = valid.to(loss.dtype)

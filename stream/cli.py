@@ -239,7 +239,7 @@ def status() -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from stream.runtime import build_store
-    from stream.status import format_health, format_status, partition_status, worker_health
+    from stream.status import format_health, format_status, partition_status, privacy_line, worker_health
 
     s = settings()
     if not s.kafka_bootstrap or not s.database_url:
@@ -247,6 +247,7 @@ def status() -> None:
     store = build_store(s, s.database_url)
     try:
         rows = partition_status(s.kafka_bootstrap, store, [*s.event_topics, s.topic_items])
+        dp = privacy_line(store)
     except KafkaError as exc:
         raise UserError(f"cannot read the broker at {s.kafka_bootstrap}: {exc}") from None
     except SQLAlchemyError as exc:
@@ -254,6 +255,8 @@ def status() -> None:
     finally:
         store.engine.dispose()
     click.echo(format_status(rows))
+    if dp is not None:
+        click.echo(dp)
     urls = [u.strip() for u in s.status_workers.split(",") if u.strip()]
     if not urls and s.metrics_port:
         urls = [f"http://127.0.0.1:{s.metrics_port}/metrics"]
@@ -429,6 +432,12 @@ def backtest(
     click.echo(side_by_side(res))
     click.echo(f"\ncold start ({res.counts['cold']} positives):")
     click.echo(table(res, "cold"))
+    for model, dp in outcome.privacy.items():
+        click.echo(
+            f"\n{model}: DP epsilon spent {dp['dp_epsilon']:.3f} at delta {dp['dp_delta']:.2e} "
+            f"(noise multiplier {dp['dp_noise_multiplier']:.3f}, busiest user in "
+            f"{dp['dp_max_participations']:.0f} of {dp['dp_releases']:.0f} steps)"
+        )
     click.echo(f"\n{res.n_events} events in {outcome.seconds:.1f} s")
     if outcome.out_dir is not None:
         click.echo(f"report: {outcome.out_dir}")

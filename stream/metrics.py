@@ -84,6 +84,16 @@ class WorkerMetrics:
             "Texts (catalog items, queries) encoded by the base model",
             registry=r,
         )
+        self.dp_epsilon = Gauge(
+            "istream_dp_epsilon",
+            "User-level DP: epsilon spent so far by the shared parameters (docs/privacy.md)",
+            registry=r,
+        )
+        self.dp_exhausted = Gauge(
+            "istream_dp_budget_exhausted",
+            "1 when the DP budget is spent and the shared parameters are frozen",
+            registry=r,
+        )
         self._version: str | None = None
         # Poison or systemic (stream/resilience.py): a systemic failure is no record's fault;
         # it leaves offsets uncommitted and, repeated ISTREAM_SYSTEMIC_MAX_ATTEMPTS times,
@@ -134,6 +144,9 @@ class WorkerMetrics:
             self.produce_to_commit.observe(max(outcome.committed_at - ts, 0.0))
         if outcome.loss is not None:
             self.loss.set(outcome.loss)
+        if outcome.dp_epsilon is not None:
+            self.dp_epsilon.set(outcome.dp_epsilon)
+            self.dp_exhausted.set(float(outcome.dp_exhausted))
         if outcome.model_version and outcome.model_version != self._version:
             if self._version is not None:
                 self.model_version.remove(self._version)

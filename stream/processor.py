@@ -72,6 +72,8 @@ class BatchOutcome:
     committed_at: float = 0.0  # wall clock, epoch seconds
     event_ts: list[float] = field(default_factory=list)  # event times of the applied events
     record_ts: list[float] = field(default_factory=list)  # broker timestamps of the applied events
+    dp_epsilon: float | None = None  # DP: ε spent so far by the model (docs/privacy.md)
+    dp_exhausted: bool = False  # DP: the budget is spent and shared parameters are frozen
 
     def merge(self, other: BatchOutcome) -> BatchOutcome:
         self.applied += other.applied
@@ -89,6 +91,8 @@ class BatchOutcome:
         self.event_ts.extend(other.event_ts)
         self.record_ts.extend(other.record_ts)
         self.erased += other.erased
+        self.dp_epsilon = other.dp_epsilon if other.dp_epsilon is not None else self.dp_epsilon
+        self.dp_exhausted = self.dp_exhausted or other.dp_exhausted
         return self
 
 
@@ -524,6 +528,10 @@ class BatchProcessor:
             events = [e for _, e in fresh]
             with model_step("learn"):
                 result = self.model.learn(events) if events else None
+            dp = self.model.privacy_state()
+            if dp:
+                outcome.dp_epsilon = dp["dp_epsilon"]
+                outcome.dp_exhausted = bool(dp["dp_budget_exhausted"])
             if result is not None and result.snapshot is not None:
                 self.store.publish_model(result.snapshot, self.base_model)
                 self._published.add(result.snapshot.version)

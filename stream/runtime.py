@@ -99,6 +99,13 @@ def model_options(settings: Settings) -> dict[str, object]:
             deterministic=settings.model_deterministic,
             device=settings.device,
             bf16=settings.model_bf16,
+            dp_epsilon=settings.dp_epsilon,
+            dp_delta=settings.dp_delta,
+            dp_noise_multiplier=settings.dp_noise_multiplier,
+            dp_clip=settings.dp_clip,
+            dp_max_events_per_window=settings.dp_max_events_per_user_window,
+            dp_window_s=settings.dp_window_s,
+            dp_max_participations=settings.dp_max_participations,
         )
     return options
 

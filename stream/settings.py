@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     model_deterministic: bool = False  # deterministic kernels (with ISTREAM_SEED): same data, same numbers
     model_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
 
+    # User-level differential privacy for the shared parameters of fine-tuned models
+    # (docs/privacy.md). Off unless dp_epsilon or dp_noise_multiplier is set. When the budget
+    # is spent the model freezes its shared parameters (no new versions; user vectors still
+    # follow their events against the last published one).
+    dp_epsilon: float | None = Field(default=None, gt=0)  # target total ε per user
+    dp_delta: float | None = Field(default=None, gt=0, lt=1)  # unset: 1/(users seen)
+    dp_noise_multiplier: float | None = Field(default=None, gt=0)  # σ; unset: calibrated from ε
+    dp_clip: float = Field(default=1.0, gt=0)  # per-user L2 norm of one step's gradient
+    dp_max_events_per_user_window: int = Field(default=32, ge=1)  # events of a user that train per window
+    dp_window_s: float = Field(default=86400.0, gt=0)
+    dp_max_participations: int = Field(default=50, ge=1)  # steps any one user's events may train
+
     # Event contract.
     rating_min: float = 0.5
     rating_max: float = 5.0

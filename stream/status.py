@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from storage.repository import VectorStore
-from storage.schema import ConsumedOffset
+from storage.schema import ConsumedOffset, ModelVersion
 from stream.broker import high_watermarks
 
 
@@ -87,6 +87,27 @@ def partition_status(bootstrap: str, store: VectorStore, topics: Sequence[str]) 
         return out
     finally:
         consumer.close()
+
+
+def privacy_line(store: VectorStore) -> str | None:
+    """The DP budget as of the newest published version that records one (docs/privacy.md)."""
+    with store.engine.connect() as conn:
+        row = conn.execute(
+            select(ModelVersion.model_version, ModelVersion.metrics, ModelVersion.config)
+            .where(ModelVersion.metrics.has_key("dp_epsilon"))
+            .order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
+            .limit(1)
+        ).first()
+    if row is None:
+        return None
+    version, metrics, config = row
+    target = (config or {}).get("dp_epsilon")
+    budget = f" of a budget of {float(target):g}" if target is not None else ""
+    state = "; budget spent, shared parameters frozen" if metrics.get("dp_budget_exhausted") else ""
+    return (
+        f"differential privacy: epsilon {float(metrics['dp_epsilon']):.3f}{budget} spent "
+        f"(delta {float(metrics['dp_delta']):.2e}) as of {version}{state}"
+    )
 
 
 def format_status(rows: Sequence[PartitionStatus]) -> str:

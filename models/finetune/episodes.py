@@ -29,6 +29,7 @@ class Target:
     hard: tuple[int, ...] = ()
     weight: float = 1.0  # in the loss (replayed targets weigh less than fresh ones)
     replayed: bool = False  # learned before: its loss is not prequential
+    event_id: str = ""  # the event it came from (DP: only admitted events train)
 
 
 @dataclass(slots=True)

@@ -91,6 +91,10 @@ class FineTunedModel(InterestModel):
         self._user_bias: dict[str, tuple[float, int]] = {}
         self.versions = Versions(dim)
         self.trainer = Trainer(self, o)
+        # DP: catalog rows of the released steps' admitted events since the last publish, per
+        # user, and the variance of the noise in each popularity column (decays with the counts).
+        self._dp_rows: dict[str, list[int]] = {}
+        self._dp_pop_var = np.zeros(len(o.popularity_half_lives_events))
         self.batches = 0
         # False on a scale-out follower: it keeps its users' state and vectors current against
         # the weights it loaded from the trainer, and neither trains nor publishes.
@@ -109,6 +113,8 @@ class FineTunedModel(InterestModel):
     def config(self) -> dict[str, Any]:
         opts = asdict(self.opts)
         opts.pop("half_life_s", None)
+        if self.trainer.dp is None:  # DP off: the config (and so the version ids) of before
+            opts = {k: v for k, v in opts.items() if not k.startswith("dp_")}
         return {"model": self.spec, "base": self.encoder.version, **self.net.tower.describe(), **opts}
 
     def item_ids(self) -> Sequence[str]:
@@ -175,6 +181,7 @@ class FineTunedModel(InterestModel):
         self._user_bias.pop(user_id, None)
         self.profiles.pop(user_id, None)
         self.trainer.drift.forget(user_id)
+        self._dp_rows.pop(user_id, None)  # DP: their counts not yet released are not released
 
     # ---- catalog ---------------------------------------------------------------------------------
     def upsert_items(self, items: Sequence[Item]) -> None:
@@ -246,7 +253,7 @@ class FineTunedModel(InterestModel):
         net = self.net
         base = self._tower_rows(rows, grad_rows)
         vec = net.proj(base) + net.item_emb[rows]
-        pop = torch.from_numpy(np.log1p(self._pop[rows.cpu().numpy()]).astype(np.float32)).to(self.device)
+        pop = self._pop_feature(self._pop[rows.cpu().numpy()])
         bias = net.item_bias[rows] + pop @ net.w_pop
         return vec, bias
 
@@ -265,7 +272,7 @@ class FineTunedModel(InterestModel):
         rows = rows_tensor(range(n), self.device)
         base = torch.cat([self._tower_rows(rows[i : i + 512]) for i in range(0, n, 512)])
         vec = net.proj(base) + net.item_emb[rows]
-        pop = torch.from_numpy(np.log1p(self._pop[:n]).astype(np.float32)).to(self.device)
+        pop = self._pop_feature(self._pop[:n])
         bias = net.item_bias[rows] + pop @ net.w_pop
         net.train(was)
         self._live_vec = vec.float().cpu()
@@ -396,6 +403,7 @@ class FineTunedModel(InterestModel):
                         rating=e.rating if e.kind == "rating" else None,
                         query=e.query if e.kind == "search" else None,
                         hard=hard,
+                        event_id=e.event_id,
                     )
                 )
             new: list[Behaviour] = []
@@ -444,11 +452,26 @@ class FineTunedModel(InterestModel):
             )
         return float(min(max(pred, self.opts.rating_min), self.opts.rating_max))
 
+    def _pop_feature(self, counts: np.ndarray) -> torch.Tensor:
+        """log(1 + decayed count). Under DP the counts carry noise of known spread: only what
+        stands 2 standard deviations above it counts (post-processing; no extra privacy cost)."""
+        if self.trainer.dp is not None:
+            counts = np.maximum(counts - 2.0 * np.sqrt(self._dp_pop_var), 0.0)
+        return torch.from_numpy(np.log1p(counts).astype(np.float32)).to(self.device)
+
     def _update_popularity(self, events: Sequence[Event]) -> None:
         """Decayed counts per item, the clock counted in events: half-lives of 10^2 .. 10^5
         events fit a stream of any pace (a month of one log is a day of another)."""
         hl = np.asarray(self.opts.popularity_half_lives_events, dtype=np.float64)
         decay = 0.5 ** (1.0 / hl)
+        if self.trainer.dp is not None:
+            # DP: the counts move only at a publish, by a noisy release (`_dp_release_counts`).
+            # Between publishes they only decay, by a clock that advances a public
+            # `events_per_step` per batch: the number of events would move with one person's.
+            k = float(self.opts.events_per_step)
+            self._pop *= decay**k
+            self._dp_pop_var *= decay ** (2 * k)
+            return
         for e in events:
             self._pop *= decay
             row = self.catalog.row(e.target_item)
@@ -462,9 +485,20 @@ class FineTunedModel(InterestModel):
     def _learn(self, events: Sequence[Event]) -> BatchResult:
         episodes, touched, cold = self._observe(events)
         loss = None
+        dp = self.trainer.dp
+        admitted: set[str] = set()
+        if dp is not None and self.train_shared and not dp.exhausted:
+            # DP: only admitted events train shared parameters (per-user caps); the others
+            # still move their user's own state and vector.
+            admitted = dp.admit(events)
+            for ep in episodes:
+                ep.targets = [t for t in ep.targets if t.event_id in admitted]
         if self.train_shared:
             self.trainer.add(episodes)
             loss = self.trainer.train(len(events), self.device)
+            if dp is not None and self.trainer.released_users:
+                self._dp_collect_counts(events, admitted, self.trainer.released_users)
+                self.trainer.released_users = set()
         # Popularity counts move after the step: training saw the counts as they were before.
         self._update_popularity(events)
         self.batches += 1
@@ -490,18 +524,61 @@ class FineTunedModel(InterestModel):
     def publish_due(self, n_events: int = 0) -> bool:
         """Whether learning `n_events` more events publishes a version (the worker refreshes its
         catalog first, so that the version it leaves behind has every item stored so far)."""
-        return self._publish_is_due(steps_ahead=self.trainer.steps_due(max(n_events, 1)))
+        dp = self.trainer.dp
+        # Under DP a batch is one release (at most): one step ahead.
+        ahead = 1 if dp is not None else self.trainer.steps_due(max(n_events, 1))
+        return self._publish_is_due(steps_ahead=ahead)
 
     def _publish_is_due(self, steps_ahead: int = 0) -> bool:
         o = self.opts
-        return self.train_shared and (
-            self.trainer.steps_since_publish + steps_ahead >= o.publish_every_steps
-            or time.monotonic() - self.versions.last_publish >= o.publish_every_s
+        dp = self.trainer.dp
+        return (
+            self.train_shared
+            and not (dp is not None and dp.exhausted)
+            and (
+                self.trainer.steps_since_publish + steps_ahead >= o.publish_every_steps
+                or time.monotonic() - self.versions.last_publish >= o.publish_every_s
+            )
         )
+
+    # ---- DP popularity counts (models/privacy.py) ----------------------------------------------
+    def _dp_collect_counts(self, events: Sequence[Event], admitted: set[str], released: set[str]) -> None:
+        """Remember the catalog rows of the admitted events of the users in a release."""
+        for e in events:
+            if e.event_id not in admitted or e.user_id not in released:
+                continue
+            row = self.catalog.row(e.target_item)
+            if row is not None:
+                self._dp_rows.setdefault(e.user_id, []).append(row)
+
+    def _dp_release_counts(self) -> None:
+        """At a publish: the popularity increments since the last one, clipped per user and
+        noised, in one release. Once per publish rather than per step: the noise on every row
+        adds up over releases, and per step it drowned the counts (ML-100K, first 3,000 events:
+        recall@10 0.0057 with per-step releases vs 0.038 with noiseless counts, measured on the
+        privacy branch). A user is in a count release only if they were in a gradient release
+        since the last one, so the accountant's two releases per participation still bound it."""
+        dp = self.trainer.dp
+        if dp is None or not self._dp_rows:
+            return
+        n = len(self.catalog)
+        self._pop[:n] += dp.noisy_counts(self._dp_rows, n)[:, None]
+        self._dp_pop_var += dp.noise_multiplier**2
+        self._dp_rows = {}
+
+    def privacy_state(self) -> dict[str, float]:
+        dp = self.trainer.dp
+        return dp.state() if dp is not None else {}
 
     def weights(self) -> bytes:
         """The trainable state (including the item residuals), serialised (`versions.pack_weights`)."""
-        return pack_weights(self.net, self.catalog.ids, self.config(), self._pop)
+        dp = self.trainer.dp
+        # DP: the accountant's counts (no user ids) and the counts' noise floor travel with the
+        # weights, so a restart goes on from the published state.
+        extra = None
+        if dp is not None:
+            extra = {"dp": dp.checkpoint(), "dp_pop_var": torch.from_numpy(self._dp_pop_var.copy())}
+        return pack_weights(self.net, self.catalog.ids, self.config(), self._pop, extra)
 
     def load_weights(self, blob: bytes) -> None:
         """Restore weights published earlier (rows matched by item id; unknown items keep zeros)."""
@@ -523,6 +600,11 @@ class FineTunedModel(InterestModel):
                 row = self.catalog.row(item_id)
                 if row is not None and row < n:
                     self._pop[row] = pop[j]
+        dp = self.trainer.dp
+        if dp is not None and "dp" in saved:
+            dp.restore(saved["dp"])
+            if "dp_pop_var" in saved:
+                self._dp_pop_var = saved["dp_pop_var"].cpu().numpy().astype(np.float64)
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)
@@ -539,6 +621,8 @@ class FineTunedModel(InterestModel):
         # Trained transformer layers: every item through them only every few publishes (the
         # items of each step are refreshed as they are trained); the adapter is cheap, always.
         full = initial or self.versions.publishes % self.opts.tower_refresh_every == 0
+        if not initial:
+            self._dp_release_counts()
         self.refresh_items(full_tower=full)
         blob = self.weights()
         trainer = self.trainer
@@ -556,7 +640,11 @@ class FineTunedModel(InterestModel):
             config=self.config(),
             item_ids=list(self.catalog.ids),
             item_vectors=self.versions.item_aug.copy(),
-            metrics={"batches": float(self.batches), "rollbacks": float(trainer.rollbacks)},
+            metrics={
+                "batches": float(self.batches),
+                "rollbacks": float(trainer.rollbacks),
+                **self.privacy_state(),
+            },
             weights=blob,
         )
 

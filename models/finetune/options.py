@@ -78,6 +78,23 @@ class FineTuneOptions:
     half_life_s: float | None = None
     init_scale: float = 1.0  # logit scale on u·e at the start (learned)
     init_pop_weight: float = 1.0  # weight of log(1 + decayed count) at the start (learned)
+    # User-level differential privacy (models/privacy.py, docs/privacy.md): off unless
+    # dp_epsilon or dp_noise_multiplier is set.
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clip: float = 1.0
+    dp_max_events_per_window: int = 32
+    dp_window_s: float = 86400.0
+    dp_max_participations: int = 50
+    # The clipped, noised sum is divided by this public constant (not the step's user count,
+    # which depends on who took part); Adam makes the learning rate nearly independent of it.
+    dp_expected_users: float = 16.0
+    dp_accountant: str = "prv"
+    # Under DP a batch is learned in forward passes of at most this many (users × targets):
+    # per-user gradients (one vmapped backward pass) hold a copy of the pass's logits per user.
+    # One release per batch whatever the passes.
+    dp_pass_budget: int = 4096
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:

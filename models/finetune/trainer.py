@@ -25,7 +25,9 @@ from models.finetune.drift import DriftMonitor
 from models.finetune.episodes import Episode, Target, chunk, episode_tensors, seen_mask
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
+from models.finetune.versions import PER_ITEM
 from models.losses import bpr, info_nce, rating_mse, softmax_rows
+from models.privacy import DPConfig, UserLevelDP
 from models.replay import ReplayBuffer
 from models.towers import sample_live_rows
 from models.user_state import UserState
@@ -81,6 +83,11 @@ class Trainer:
         )
         # Prequential losses of the last step's fresh targets, per user.
         self._fresh_losses: list[tuple[str, float]] = []
+        # User-level DP (models/privacy.py); None = off, and then no DP code runs.
+        self.dp = make_dp(opts)
+        self._batched_grads = True  # DP: per-user gradients in one vmapped backward pass
+        self._dp_grads: dict[str, Sequence[torch.Tensor | None]] = {}
+        self.released_users: set[str] = set()  # DP: who took part in the last release
         self.make_optimizer()
 
     # ---- optimiser ----------------------------------------------------------------------------
@@ -165,6 +172,8 @@ class Trainer:
 
     def train(self, n_events: int, device: torch.device) -> float | None:
         """Take the steps `n_events` more events pay for; returns the first fresh step's loss."""
+        if self.dp is not None:
+            return self._dp_train(device)
         o = self.opts
         steps = self.steps_due(n_events)
         self.credit += n_events - steps * o.events_per_step
@@ -235,18 +244,22 @@ class Trainer:
         return out
 
     # ---- one step --------------------------------------------------------------------------------
-    def _candidates(self, pos: Sequence[tuple[int, Target]], n: int) -> tuple[list[int], set[int] | None]:
+    def _candidates(
+        self, pos: Sequence[tuple[int, Target]], n: int
+    ) -> tuple[list[int], set[int] | None, set[int]]:
         """Candidate rows of the softmax: the whole catalog when it is small, else the targets,
-        their impressions and uniform draws (the set of rows always included is returned too)."""
+        their impressions and uniform draws (the set of rows always included, and the draws,
+        are returned too)."""
         o = self.opts
         if n <= o.full_softmax_max:
-            return list(range(n)), None
+            return list(range(n)), None, set()
         fixed = {t.row for _, t in pos}
         for _, t in pos:
             fixed.update(t.hard)
         cand = set(fixed)
-        cand.update(int(r) for r in self.rng.integers(0, n, size=o.random_negatives))
-        return sorted(cand), fixed
+        drawn = {int(r) for r in self.rng.integers(0, n, size=o.random_negatives)}
+        cand.update(drawn)
+        return sorted(cand), fixed, drawn
 
     def step(self, episodes: Sequence[Episode]) -> float:
         """One optimisation step over the targets of `episodes`; returns the loss before the update."""
@@ -261,7 +274,7 @@ class Trainer:
         pos = [(u, t) for u, t in flat if t.positive]
         if not flat:
             return float("nan")
-        cand_rows, fixed = self._candidates(pos, n)
+        cand_rows, fixed, drawn_rows = self._candidates(pos, n)
         full = fixed is None
         own = {t.row for _, t in flat}  # the batch's own items: targets and contexts
         for ep in episodes:
@@ -281,6 +294,17 @@ class Trainer:
             grad_rows = sample_live_rows(targets, cand_rows, o.tower_items_per_step, self.rng)
 
         dev = host.device
+        # ---- DP: each loss term per row, with the user (index) it belongs to ----
+        dp = self.dp
+        terms: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+        user_index: dict[str, int] = {}
+        for ep in episodes:
+            user_index.setdefault(ep.user_id, len(user_index))
+
+        def who(idx: Sequence[int]) -> torch.Tensor:
+            return rows_tensor([user_index[episodes[flat[i][0]].user_id] for i in idx], dev)
+
+        # ---- end DP ----
         net.train()
         with autocast(dev, o.bf16):
             vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows)
@@ -322,15 +346,36 @@ class Trainer:
                     # Sampled softmax with a log-Q correction: each uniform draw stands for
                     # (N - targets) / draws items of the catalog, so the loss estimates the full
                     # softmax at any catalog size instead of one that shrinks as it grows.
-                    drawn = torch.tensor([r not in fixed for r in cand_rows], dtype=torch.bool, device=dev)
-                    corr = math.log(max(1, n - len(fixed)) / max(1, o.random_negatives))
+                    if dp is None:
+                        is_drawn = [r not in fixed for r in cand_rows]
+                        corr = math.log(max(1, n - len(fixed)) / max(1, o.random_negatives))
+                    else:
+                        # DP: which rows are corrected, and by how much, must not depend on the
+                        # other users' targets (`fixed`): the draws and the catalog size only.
+                        is_drawn = [r in drawn_rows for r in cand_rows]
+                        corr = math.log(max(1, n) / max(1, o.random_negatives))
+                    drawn = torch.tensor(is_drawn, dtype=torch.bool, device=dev)
                     logits = logits + drawn.to(logits.dtype) * corr
                 mask = seen_mask(episodes, [flat[i] for i in pos_idx], len(cand_rows), cand_pos, index, dev)
+                if dp is not None and cand_pos is not None:
+                    # DP: another user's positives or impressions are not this user's negatives
+                    # (their presence would change this user's term: sensitivity beyond `clip`).
+                    mask |= self._dp_foreign_mask([flat[i][1] for i in pos_idx], cand_pos, drawn_rows)
                 if o.loss == "bpr":
                     pos_logit = logits.gather(1, target[:, None]).squeeze(1)
                     valid = ~mask
                     valid[torch.arange(len(target)), target] = False
-                    losses.append(bpr(pos_logit, logits, valid))
+                    if dp is not None:
+                        terms.append((1.0, bpr(pos_logit, logits, valid, per_row=True), who(pos_idx)))
+                    else:
+                        losses.append(bpr(pos_logit, logits, valid))
+                elif dp is not None:
+                    rows = softmax_rows(logits.float(), target, mask)
+                    terms.append((1.0, rows, who(pos_idx)))
+                    self._fresh_losses = [
+                        (episodes[flat[i][0]].user_id, x)
+                        for i, x in zip(pos_idx, rows.detach().cpu().tolist(), strict=True)
+                    ]
                 else:
                     w = torch.tensor([flat[i][1].weight for i in pos_idx], device=dev)
                     rows = softmax_rows(logits.float(), target, mask)
@@ -353,7 +398,11 @@ class Trainer:
                     hp_t = rows_tensor(hp, dev)
                     pos_logit = logits.gather(1, target[:, None]).squeeze(1)[hp_t]
                     neg_logit = logits[hp_t, rows_tensor(hn, dev)]
-                    losses.append(o.hard_negative_weight * bpr(pos_logit, neg_logit[:, None]))
+                    if dp is not None:
+                        pair = bpr(pos_logit, neg_logit[:, None], per_row=True)
+                        terms.append((o.hard_negative_weight, pair, who([pos_idx[k] for k in hp])))
+                    else:
+                        losses.append(o.hard_negative_weight * bpr(pos_logit, neg_logit[:, None]))
             rated = [i for i, (_, t) in enumerate(flat) if t.rating is not None]
             if rated and o.rating_weight > 0:
                 tcols = rows_tensor([col[flat[i][1].row] for i in rated], dev)
@@ -362,12 +411,19 @@ class Trainer:
                 dots = (u_all[rated] * vec[tcols]).sum(-1)
                 pred = net.mu + ub + net.rating_bias[trows] + net.rating_scale * dots
                 truth = torch.tensor([flat[i][1].rating for i in rated], device=dev)
-                losses.append(o.rating_weight * rating_mse(pred.float(), truth))
+                if dp is not None:
+                    terms.append((o.rating_weight, (pred.float() - truth) ** 2, who(rated)))
+                else:
+                    losses.append(o.rating_weight * rating_mse(pred.float(), truth))
             searched = [i for i, (_, t) in enumerate(flat) if t.query]
-            if len(searched) >= 2 and o.search_weight > 0:
+            # DP: no in-batch contrastive term (each query's negatives are other users' items);
+            # a search that led to a click still trains as that user's positive above.
+            if dp is None and len(searched) >= 2 and o.search_weight > 0:
                 qv = net("texts", [flat[i][1].query for i in searched])  # type: ignore[arg-type]
                 tcols = rows_tensor([col[flat[i][1].row] for i in searched], dev)
                 losses.append(o.search_weight * info_nce(qv, vec[tcols]))  # type: ignore[arg-type]
+            if dp is not None:
+                return self._dp_step(terms, user_index)
             if not losses:
                 return float("nan")
             loss = torch.stack([x.float() for x in losses]).sum()
@@ -378,6 +434,159 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, o.clip_norm)
         self.optimizer.step()
         return float(loss.detach())
+
+    # ---- DP (models/privacy.py, docs/privacy.md) -------------------------------------------------
+    def _dp_train(self, device: torch.device) -> float | None:
+        """Under DP: one release over the batch's admitted targets, whatever the events-counted
+        budget says (the budget's cut points move with one user's events; a batch's do not).
+        No replay (a replayed event would take its user into more releases than the cap
+        allows), no rollback and no learning-rate boost (data-dependent choices of what is
+        released that the accountant does not cover)."""
+        dp = self.dp
+        assert dp is not None
+        batch, self.pending = self.pending, []
+        self.credit = 0.0
+        if dp.exhausted:
+            return None
+        cap = dp.config.max_participations
+        batch = [ep for ep in batch if ep.targets and dp.participated(ep.user_id) < cap]
+        if not batch:
+            return None
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.opts.seed * 1_000_003 + self.steps)
+            loss = self._dp_learn(batch)
+        if not self.released_users:
+            return None
+        self.steps += 1
+        self.steps_since_publish += 1
+        if self.opts.drift:
+            self._watch_user_drift()
+        return loss
+
+    def _watch_user_drift(self) -> None:
+        """Under DP only users' own drift: it changes what that user contributes (clipped as
+        theirs), never the learning rate of a release."""
+        for uid in {uid for uid, x in self._fresh_losses if self.drift.user_loss(uid, x)}:
+            self.host.on_user_drift(uid)
+
+    def _dp_params(self) -> list[torch.Tensor]:
+        """Shared parameters trained under DP. Per-item rows stay frozen (at zero): noise on
+        every row of a sparse table would swamp the few users who touched a row, and each row
+        would drift by Adam's step size every step (docs/privacy.md)."""
+        return [
+            p
+            for name, p in self.host.net.named_parameters()
+            if p.requires_grad and not name.startswith(PER_ITEM)
+        ]
+
+    def _dp_step(
+        self, terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], users: Mapping[str, int]
+    ) -> float:
+        """Per-user losses -> per-user gradients, kept for `_dp_learn` (which releases them)."""
+        if not terms:
+            return float("nan")
+        dev = self.host.device
+        n_users = len(users)
+        per_user = torch.zeros(n_users, device=dev)
+        for weight, rows, owner in terms:
+            # Each user's mean of each term: a user's weight does not grow with their events.
+            zero = torch.zeros(n_users, device=dev)
+            sums = zero.index_add(0, owner, rows.float())
+            counts = zero.index_add(0, owner, torch.ones_like(rows.float()))
+            per_user = per_user + weight * sums / counts.clamp(min=1.0)
+        grads = self._per_user_grads(per_user, self._dp_params())
+        for uid, i in users.items():
+            self._dp_grads[uid] = grads[i]
+        return float(per_user.detach().mean())
+
+    def _dp_learn(self, episodes: Sequence[Episode]) -> float:
+        """One DP release: per-user gradients over passes of at most `dp_pass_budget`
+        users × targets (memory stays bounded), then clipped, summed, noised, one optimizer step."""
+        dp = self.dp
+        assert dp is not None
+        self.released_users = set()
+        by_user: dict[str, list[Episode]] = {}
+        for ep in episodes:
+            by_user.setdefault(ep.user_id, []).append(ep)
+        self._dp_grads = {}
+        losses = []
+        fresh: list[tuple[str, float]] = []
+        passes: list[list[Episode]] = [[]]
+        n_users = n_targets = 0
+        for eps in by_user.values():
+            t = sum(len(ep.targets) for ep in eps)
+            if passes[-1] and (n_users + 1) * (n_targets + t) > self.opts.dp_pass_budget:
+                passes.append([])
+                n_users = n_targets = 0
+            passes[-1].extend(eps)
+            n_users += 1
+            n_targets += t
+        for part in passes:
+            loss = self.step(part)
+            fresh.extend(self._fresh_losses)
+            if math.isfinite(loss):
+                losses.append(loss)
+        self._fresh_losses = fresh
+        grads, self._dp_grads = self._dp_grads, {}
+        if not grads:
+            return float("nan")
+        if not dp.may_release(grads):
+            log.warning(
+                "DP budget spent (epsilon %.3f of %s): shared parameters are frozen from now on",
+                dp.epsilon,
+                dp.config.epsilon,
+            )
+            return float("nan")
+        params = self._dp_params()
+        noisy = dp.privatize(list(grads.values()), params)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, noisy, strict=True):
+            p.grad = g.to(p.dtype)
+        self.optimizer.step()
+        dp.record(grads)
+        self.released_users = set(grads)
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _per_user_grads(
+        self, per_user: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> list[Sequence[torch.Tensor | None]]:
+        """Each user's gradient of `params`: one batched backward pass (vmap over the rows of an
+        identity), or one pass per user where an op has no batching rule."""
+        n = len(per_user)
+        if self._batched_grads:
+            try:
+                eye = torch.eye(n, device=per_user.device, dtype=per_user.dtype)
+                stacked = torch.autograd.grad(
+                    per_user,
+                    params,
+                    grad_outputs=eye,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                    retain_graph=True,
+                )
+                return [[None if g is None else g[i] for g in stacked] for i in range(n)]
+            except RuntimeError as exc:
+                log.info("DP: per-user gradients one user at a time (%s)", str(exc).splitlines()[0][:120])
+                self._batched_grads = False
+        return [
+            torch.autograd.grad(per_user[i], params, retain_graph=i < n - 1, allow_unused=True)
+            for i in range(n)
+        ]
+
+    def _dp_foreign_mask(
+        self, targets: Sequence[Target], cand_pos: Mapping[int, int], drawn: set[int]
+    ) -> torch.Tensor:
+        """(P, C) True on candidates that are neither random draws nor the row's own impressions."""
+        dev = self.host.device
+        allowed = torch.zeros(len(targets), len(cand_pos), dtype=torch.bool, device=dev)
+        if drawn:
+            allowed[:, rows_tensor([cand_pos[r] for r in drawn], dev)] = True
+        for k, t in enumerate(targets):
+            own = [cand_pos[r] for r in t.hard if r in cand_pos]
+            if own:
+                allowed[k, rows_tensor(own, dev)] = True
+        return ~allowed
 
     # ---- prequential rollback ------------------------------------------------------------------
     def check_rollback(self, loss: float) -> None:
@@ -426,3 +635,21 @@ class Trainer:
         net.load_state_dict(state, strict=False)
         self.make_optimizer()
         self.host.refresh_items(full_tower=True)
+
+
+def make_dp(o: FineTuneOptions) -> UserLevelDP | None:
+    cfg = DPConfig(
+        epsilon=o.dp_epsilon,
+        delta=o.dp_delta,
+        noise_multiplier=o.dp_noise_multiplier,
+        clip=o.dp_clip,
+        max_events_per_window=o.dp_max_events_per_window,
+        window_s=o.dp_window_s,
+        max_participations=o.dp_max_participations,
+        accountant=o.dp_accountant,
+    )
+    if not cfg.enabled:
+        return None
+    # Two releases per step where item popularity is counted: the gradient and the counts.
+    releases = 2 if o.popularity_half_lives_events else 1
+    return UserLevelDP(cfg, releases_per_step=releases, expected_users=o.dp_expected_users, seed=o.seed)

@@ -69,10 +69,16 @@ def version_id(spec: str, blob: bytes, base_version: str) -> str:
 
 
 def pack_weights(
-    net: nn.Module, item_ids: Sequence[str], config: Mapping[str, Any], popularity: np.ndarray
+    net: nn.Module,
+    item_ids: Sequence[str],
+    config: Mapping[str, Any],
+    popularity: np.ndarray,
+    extra: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The trainable state (including the item residuals) and the items' decayed counts, as
-    tensors-only bytes (`models.weights_io`: safetensors + JSON, never a pickle)."""
+    tensors-only bytes (`models.weights_io`: safetensors + JSON, never a pickle). `extra`:
+    further entries (tensors or JSON values), e.g. under DP `dp` (the accountant's counts, no
+    user ids) and `dp_pop_var` (the noise variance of each popularity column)."""
     trainable = {k: v for k, v in net.state_dict().items() if not k.startswith("tower.base")}
     return weights_io.dumps(
         {
@@ -81,11 +87,13 @@ def pack_weights(
             "config": dict(config),
             # Not trained, but part of the scores: the items' decayed counts.
             "popularity": torch.from_numpy(popularity.copy()),
+            **(extra or {}),
         }
     )
 
 
 def unpack_weights(blob: bytes, device: torch.device) -> dict[str, Any]:
-    """Inverse of `pack_weights`: {"net", "item_ids", "config", "popularity"?}. A blob from the
-    database must not be able to run code: anything but such bytes raises `WeightsRejected`."""
+    """Inverse of `pack_weights`: {"net", "item_ids", "config", "popularity"?, "dp"?,
+    "dp_pop_var"?}. A blob from the database must not be able to run code: anything but such
+    bytes raises `WeightsRejected`."""
     return weights_io.loads(blob, device=device, required=("net", "item_ids"))

@@ -31,14 +31,33 @@ def parse_model_list(text: str) -> list[str]:
     return names
 
 
+# `adapter+dp8`: the model `adapter` with user-level DP at a total ε of 8 (docs/privacy.md).
+_DP_SUFFIX = re.compile(r"^(?P<spec>[^+]+)\+dp(?P<eps>\d+(?:\.\d+)?)$")
+
+
+def split_dp(name: str) -> tuple[str, float | None]:
+    """A backtest model name -> (registry spec, DP ε or None)."""
+    m = _DP_SUFFIX.match(name)
+    if m is None:
+        return name, None
+    eps = float(m["eps"])
+    if eps <= 0:
+        raise ValueError(f"{name!r}: the ε after +dp must be > 0")
+    return m["spec"], eps
+
+
 def check_models(names: list[str]) -> list[str]:
     """Fail early, with the choices, on a name the registry does not know."""
     from models.registry import available
+    from stream.runtime import FINE_TUNED
 
     known = available()
     for name in names:
-        if name.partition(":")[0] not in known:
+        spec, eps = split_dp(name)
+        if spec.partition(":")[0] not in known:
             raise ValueError(f"unknown model {name!r}; choose from: {', '.join(known)}")
+        if eps is not None and spec.partition(":")[0] not in FINE_TUNED:
+            raise ValueError(f"{name!r}: +dp applies to the fine-tuned models ({', '.join(FINE_TUNED)})")
     return names
 
 
@@ -106,20 +125,29 @@ class LazyEncoder:
 
 
 def build_models(
-    names: Sequence[str], settings: Settings, encoder: TextEncoder | LazyEncoder | None = None
+    names: Sequence[str],
+    settings: Settings,
+    encoder: TextEncoder | LazyEncoder | None = None,
+    users: int | None = None,
 ) -> dict[str, InterestModel]:
     """One model per name (`registry` specs such as `popularity`, `top_layers:1`), sharing one encoder.
 
     Each is built after re-seeding from `settings.seed`, so a model's numbers do not
     depend on which other models run beside it. A replay publishes by batch count only:
     a wall-clock trigger would make the figures depend on the machine's speed.
+    `name+dpE` runs the model with user-level DP at total ε = E, at δ = ISTREAM_DP_DELTA or
+    else 1/`users` (the number of users in the log) when given.
     """
     from stream.runtime import build_interest_model
 
     shared = encoder if encoder is not None else LazyEncoder(settings)
-    return {
-        name: build_interest_model(  # type: ignore[arg-type]
-            settings.model_copy(update={"model": name, "model_publish_every_s": float("inf")}), shared
-        )
-        for name in names
-    }
+    out: dict[str, InterestModel] = {}
+    for name in names:
+        spec, eps = split_dp(name)
+        update: dict[str, Any] = {"model": spec, "model_publish_every_s": float("inf")}
+        if eps is not None:
+            update["dp_epsilon"] = eps
+            if settings.dp_delta is None and users:
+                update["dp_delta"] = 1.0 / max(users, 2)
+        out[name] = build_interest_model(settings.model_copy(update=update), shared)  # type: ignore[arg-type]
+    return out

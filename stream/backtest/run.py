@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ class RunOutcome:
     files: list[Path]
     seconds: float
     pit_schemas: dict[str, str]
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)  # DP figures per model
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +74,7 @@ def run(
     if encoder is None:
         cache_dir = settings.data_dir / "encodings" if settings.backtest_encoding_cache else None
         lazy = LazyEncoder(settings, cache_dir)
-    models = build_models(model_names, settings, encoder or lazy)
+    models = build_models(model_names, settings, encoder or lazy, users=len({e.user_id for e in data.events}))
     settle_heap()
     pit_schemas: dict[str, str] = {}
     if pit is None:
@@ -94,6 +95,7 @@ def run(
     if lazy is not None:
         lazy.save()
     seconds = time.perf_counter() - started
+    privacy = {n: st for n, m in models.items() if (st := m.privacy_state())}
     files: list[Path] = []
     if out_dir is not None:
         meta = {
@@ -113,9 +115,18 @@ def run(
                 "seed": settings.seed,
             },
             "wall_seconds": seconds,
+            # ε spent by each model with user-level DP (docs/privacy.md).
+            "privacy": privacy,
             "point_in_time_schemas": pit_schemas,
             "finished_at": datetime.now(UTC).isoformat(),
             **(extra_meta or {}),
         }
         files = write_report(result, out_dir, meta)
-    return RunOutcome(result=result, out_dir=out_dir, files=files, seconds=seconds, pit_schemas=pit_schemas)
+    return RunOutcome(
+        result=result,
+        out_dir=out_dir,
+        files=files,
+        seconds=seconds,
+        pit_schemas=pit_schemas,
+        privacy=privacy,
+    )
