@@ -326,14 +326,23 @@ def test_epsilon_gauges() -> None:
 )
 def test_dp_off_is_mains_model_bit_for_bit(opts: dict[str, object], version: str) -> None:
     """The version id is a digest of the weights blob: these are main's ids (commit 06d1d76,
-    before DP was ported) for the same run, full and sampled softmax (random draws, log-Q).
+    before DP was ported; two causal blocks, its default then) for the same run, full and sampled
+    softmax (random draws, log-Q).
     A deliberate change to training changes them; update them then, never for DP."""
     from models.finetune.versions import unpack_weights
 
     m = FineTunedModel(
         HashEncoder(24),
         "adapter",
-        **{"dim": 16, "history": 8, "seed": 0, "publish_every_steps": 2, "events_per_step": 5, **opts},
+        **{
+            "dim": 16,
+            "history": 8,
+            "seed": 0,
+            "publish_every_steps": 2,
+            "events_per_step": 5,
+            "blocks": 2,
+            **opts,
+        },
     )
     m.upsert_items(catalog())
     events = walk_events(40, 8, 12)
