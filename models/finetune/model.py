@@ -634,28 +634,22 @@ class FineTunedModel(InterestModel):
             trainer.good_state = trainer.capture()
         if initial or previous is None:
             return None
-        return ModelSnapshot(
-            version=self.versions.version,
-            parent=self.versions.parent,
-            config=self.config(),
-            item_ids=list(self.catalog.ids),
-            item_vectors=self.versions.item_aug.copy(),
-            metrics={
-                "batches": float(self.batches),
-                "rollbacks": float(trainer.rollbacks),
-                **self.privacy_state(),
-            },
-            weights=blob,
-        )
+        metrics = {"batches": float(self.batches), "rollbacks": float(trainer.rollbacks)}
+        return self._snapshot(blob, {**metrics, **self.privacy_state()})
 
     def snapshot(self) -> ModelSnapshot:
+        return self._snapshot(self.weights())
+
+    def _snapshot(self, blob: bytes, metrics: Mapping[str, float] | None = None) -> ModelSnapshot:
+        """The published version as a snapshot: its item vectors and these weights."""
         return ModelSnapshot(
             version=self.versions.version,
             parent=self.versions.parent,
             config=self.config(),
             item_ids=list(self.catalog.ids),
             item_vectors=self.versions.item_aug.copy(),
-            weights=self.weights(),
+            metrics=dict(metrics or {}),
+            weights=blob,
         )
 
     def rebuild_user(self, user_id: str, events: Sequence[Event]) -> None:
