@@ -87,7 +87,12 @@ def parse_ts(value: Any) -> float:
             raise InvalidRecord(f"ts {value!r} is not an RFC 3339 date-time") from None
         if parsed.tzinfo is None:
             raise InvalidRecord(f"ts {value!r} has no UTC offset (RFC 3339 requires one)")
-        return parsed.timestamp()
+        seconds = parsed.timestamp()
+        # The same range as epoch milliseconds: "0001-01-01T00:00:00+14:00" parses, but lies
+        # before year 1 in UTC, where Postgres' and Python's timestamps end (found by fuzzing).
+        if not 0 <= seconds * 1000 <= _MAX_EPOCH_MS:
+            raise InvalidRecord(f"ts {value!r} is not a plausible time (before 1970 or too far ahead)")
+        return seconds
     raise InvalidRecord(f"ts must be an RFC 3339 string or epoch milliseconds, got {type(value).__name__}")
 
 

@@ -77,6 +77,7 @@ INVALID = [
     ("rating", {**RATING, "ts": "2023-11-14"}, "RFC 3339"),
     ("rating", {**RATING, "ts": "2023-11-14T22:13:20"}, "offset"),
     ("rating", {**RATING, "ts": -5}, "plausible"),
+    ("rating", {**RATING, "ts": "0001-01-01T00:00:00+14:00"}, "plausible"),
     ("rating", {**RATING, "ts": 1.7e12 + 0.5}, "whole epoch milliseconds"),
     ("rating", {**RATING, "ts": [1]}, "ts must be"),
     ("rating", {**RATING, "ts": True}, "ts must be"),
