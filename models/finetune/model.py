@@ -628,7 +628,7 @@ class FineTunedModel(InterestModel):
         trainer = self.trainer
         trainer.steps_since_publish = 0
         previous = self.versions.publish(
-            self.net, self._live_aug, version_id(self.spec, blob, self.encoder.version)
+            self.net, self._live_aug, version_id(self.spec, blob, self.encoder.version), initial=initial
         )
         if trainer.good_state is None or self.versions.publishes % self.opts.good_state_every == 0:
             trainer.good_state = trainer.capture()

@@ -40,9 +40,14 @@ class Versions:
         """`net(op, *args)` with the published version's shared weights."""
         return functional_call(net, self.serving, (op, *args), strict=False)
 
-    def publish(self, net: nn.Module, item_aug: np.ndarray, version: str) -> str | None:
+    def publish(
+        self, net: nn.Module, item_aug: np.ndarray, version: str, initial: bool = False
+    ) -> str | None:
         """Make the live weights and item vectors the served ones; returns the previous
-        version when `version` is new (None when nothing changed)."""
+        version when `version` is new (None when nothing changed). `initial`: weights the
+        model starts from or adopted (loaded) from another worker: they name the version,
+        but are no child of ours, so the parent stays (a parent with two children would
+        fork the line of versions in the registry)."""
         self.serving = {
             name: p.detach().clone()
             for name, p in net.named_parameters()
@@ -51,6 +56,9 @@ class Versions:
         self.item_aug = item_aug.copy()
         self.publishes += 1
         self.last_publish = time.monotonic()
+        if initial:
+            self.version = version
+            return None
         if version == self.version:
             return None
         previous = self.version
