@@ -65,15 +65,19 @@ def _applied(db_url: str) -> int:
         engine.dispose()
 
 
-def tolerance(metric: str, value: float, n: int) -> float:
-    """10% of the backtest's figure, or two binomial standard errors of a recall if that is wider.
+def tolerance(metric: str, value: float, n: int, model: str) -> float:
+    """The issue's 10% of the backtest's figure for the learned default; for the untrained
+    control (a check of the evaluate path itself), 10% or two standard errors of the mean,
+    whichever is wider.
 
-    Recall@20 of the untrained model on 5,000 events is about 30 hits of 2,744: one paced run
-    landing 4 hits lower is 14% and pure noise (paced batches follow wall time). For the learned
-    models' figures two standard errors are below 10%, so the issue's 10% is what binds.
+    Every metric here is a mean of per-positive values in [0, 1], whose variance is at most
+    m(1 - m) (the binomial bound, exact for recall). The untrained model's figures on 5,000
+    events rest on a few dozen hits of 2,744: NDCG@10 0.0027 live vs 0.0024 in the backtest
+    (13%) is noise, and under load the worker's batches close on time, not size, so its
+    vectors differ by a few events from the backtest's.
     """
     band = TOLERANCE * value
-    if metric.startswith("recall@"):
+    if model == "decayed_mean":
         band = max(band, 2 * math.sqrt(value * (1 - value) / max(n, 1)))
     return band
 
@@ -222,5 +226,5 @@ def test_live_matches_backtest(
     print(f"learned slice: live {learned} / backtest {learned_bt}")
     assert live["n"] == bt["n"]  # the same positives, ranked once each
     for k in METRICS:
-        band = tolerance(k, bt[k], bt["n"])
+        band = tolerance(k, bt[k], bt["n"], model)
         assert abs(live[k] - bt[k]) <= band, f"{model} {mode} {k}: live {live[k]} vs {bt[k]} (band {band})"
