@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.registry import build_model  # noqa: E402
-from stream.backtest import BacktestConfig, load_movielens, run_backtest  # noqa: E402
+from stream.backtest import BacktestConfig, load_lastfm, load_movielens, run_backtest  # noqa: E402
 from stream.backtest.models import LazyEncoder  # noqa: E402
 from stream.runtime import FINE_TUNED, build_interest_model, model_options, seed_everything  # noqa: E402
 from stream.settings import Settings  # noqa: E402
@@ -43,6 +43,7 @@ def parse_opts(items: list[str]) -> dict[str, dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "ml-100k"))
+    p.add_argument("--lastfm", help="a Last.fm-2k folder instead of --data")
     p.add_argument("--limit", type=int, default=15000, help="first N events (0 = all)")
     p.add_argument("--models", default="popularity,adapter")
     p.add_argument("--opt", action="append", default=[], help="LABEL:FIELD=JSON, e.g. lora:8:lr=0.001")
@@ -50,7 +51,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / ".istream" / "encodings"))
     a = p.parse_args()
     settings = Settings()
-    data = load_movielens(Path(a.data))
+    data = load_lastfm(Path(a.lastfm)) if a.lastfm else load_movielens(Path(a.data))
     if a.limit:
         data.events = data.events[: a.limit]
     encoder = LazyEncoder(settings, Path(a.cache))
@@ -68,9 +69,9 @@ def main() -> None:
     result = run_backtest(models, data, BacktestConfig(batch_size=a.batch_size, progress=False))
     encoder.save()
     print(f"first {len(data.events)} events, batch {a.batch_size}, {time.perf_counter() - started:.0f} s")
-    for slice_name in ("warm", "tail", "cold"):
+    for slice_name in ("warm", "tail", "new_item", "cold"):
         for label, v in result.totals(slice_name).items():
-            print(f"{slice_name:5s} {label:28s} NDCG@10 {v['ndcg@10']:.4f}  Recall@20 {v['recall@20']:.4f}")
+            print(f"{slice_name:8s} {label:28s} NDCG@10 {v['ndcg@10']:.4f}  Recall@20 {v['recall@20']:.4f}")
     for label, sec in result.seconds.items():
         print(f"time  {label:28s} learn {sec['learn_s']:.1f} s  predict {sec['predict_s']:.1f} s")
 

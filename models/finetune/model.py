@@ -76,6 +76,7 @@ class FineTunedModel(InterestModel):
             n_pop=len(o.popularity_half_lives_events),
             blocks=o.blocks,
             heads=o.heads,
+            id_evidence=o.id_evidence_events,
         )
         with torch.no_grad():
             self.net.log_scale.fill_(math.log(o.init_scale))
@@ -86,6 +87,9 @@ class FineTunedModel(InterestModel):
         self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
         self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
         self._live_vec = torch.zeros(0, dim)  # item vectors of the live weights (no grad)
+        # The training step each live row was computed at: rows are recomputed when used, not
+        # every batch (a batch needs ~100 of a catalog that may hold 100,000).
+        self._live_stamp = np.zeros(0, dtype=np.int64)
         self._live_aug = np.zeros((0, dim + 1), dtype=np.float32)
         self._uvec: dict[str, np.ndarray] = {}
         self._user_bias: dict[str, tuple[float, int]] = {}
@@ -252,10 +256,7 @@ class FineTunedModel(InterestModel):
         (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`)."""
         net = self.net
         base = self._tower_rows(rows, grad_rows)
-        vec = net.proj(base) + net.item_emb[rows]
-        pop = self._pop_feature(self._pop[rows.cpu().numpy()])
-        bias = net.item_bias[rows] + pop @ net.w_pop
-        return vec, bias
+        return net.items(base, rows, self._pop_feature(self._pop[rows.cpu().numpy()]))
 
     @torch.no_grad()
     def refresh_items(self, full_tower: bool = False) -> None:
@@ -271,12 +272,30 @@ class FineTunedModel(InterestModel):
         # Over every row: cheap for every tower (transformer layers come from their cache).
         rows = rows_tensor(range(n), self.device)
         base = torch.cat([self._tower_rows(rows[i : i + 512]) for i in range(0, n, 512)])
-        vec = net.proj(base) + net.item_emb[rows]
-        pop = self._pop_feature(self._pop[:n])
-        bias = net.item_bias[rows] + pop @ net.w_pop
+        vec, bias = net.items(base, rows, self._pop_feature(self._pop[:n]))
         net.train(was)
         self._live_vec = vec.float().cpu()
         self._live_aug = np.concatenate([self._live_vec.numpy(), bias.float().cpu().numpy()[:, None]], axis=1)
+        self._live_stamp = np.full(n, self.trainer.steps, dtype=np.int64)
+
+    def item_counts(self) -> np.ndarray:
+        """Each item's slowest-decayed event count (what negatives are drawn by)."""
+        return self._pop[:, -1]
+
+    @torch.no_grad()
+    def _freshen_live(self, rows: Sequence[int]) -> None:
+        """Recompute the live vectors of `rows` that a training step has moved since."""
+        stale = sorted({r for r in rows if self._live_stamp[r] != self.trainer.steps})
+        if not stale:
+            return
+        net = self.net
+        was = net.training
+        net.eval()
+        idx = rows_tensor(stale, self.device)
+        vec, _ = net.items(self._tower_rows(idx), idx, self._pop_feature(self._pop[stale]))
+        net.train(was)
+        self._live_vec[stale] = vec.float().cpu()
+        self._live_stamp[stale] = self.trainer.steps
 
     # ---- user vectors ------------------------------------------------------------------------------
     def profile_tensor(self, user_ids: Sequence[str]) -> torch.Tensor:
@@ -371,8 +390,10 @@ class FineTunedModel(InterestModel):
         episodes: dict[str, Episode] = {}
         touched: dict[str, int] = {}
         cold: dict[str, str] = {}
-        live = self._live_vec.numpy()
         index = self.catalog.index
+        rows = (index.get(e.target_item) for e in events if e.target_item is not None)
+        self._freshen_live([r for r in rows if r is not None])
+        live = self._live_vec.numpy()
         for e in events:
             state = self.users.get(e.user_id)
             if state is None:
@@ -409,7 +430,8 @@ class FineTunedModel(InterestModel):
             new: list[Behaviour] = []
             if e.kind == "search" and e.query:
                 new.append(Behaviour(SIGNAL_SEARCH, e.ts, None, e.query, e.event_id))
-            if e.target_item is not None:
+            repeat = o.distinct_history and any(b.item_id == e.target_item for b in state.recent)
+            if e.target_item is not None and not repeat:
                 # Kept even when the item is not in the catalog yet: it counts once it arrives.
                 new.append(Behaviour(self._signal(e), e.ts, e.target_item, None, e.event_id))
             if row is not None:
@@ -442,6 +464,9 @@ class FineTunedModel(InterestModel):
         if row is None or vec is None:
             return None
         scale = float(self.net.log_scale.detach().exp())
+        if self._live_stamp[row] != self.trainer.steps:
+            # Asked per event (the backtest asks every rating): one refresh per step, not per row.
+            self.refresh_items()
         dot = float(vec[:-1] @ self._live_vec[row].numpy()) / scale
         with torch.no_grad():
             pred = (
@@ -472,11 +497,17 @@ class FineTunedModel(InterestModel):
             self._pop *= decay**k
             self._dp_pop_var *= decay ** (2 * k)
             return
-        for e in events:
-            self._pop *= decay
-            row = self.catalog.row(e.target_item)
-            if row is not None:
-                self._pop[row] += 1.0
+        # One decay per batch and each event's count pre-decayed by the events after it: the
+        # same counts as decaying per event, at O(events) instead of O(events x catalog).
+        k = len(events)
+        if k == 0:
+            return
+        self._pop *= decay**k
+        rows = [self.catalog.row(e.target_item) for e in events]
+        at = np.array([j for j, r in enumerate(rows) if r is not None], dtype=np.float64)
+        if len(at):
+            hit = np.array([r for r in rows if r is not None], dtype=np.int64)
+            np.add.at(self._pop, hit, decay[None, :] ** (k - 1 - at)[:, None])
 
     def learn(self, events: Sequence[Event]) -> BatchResult:
         with cpu_threads(self.device, self.opts.cpu_threads):
@@ -505,8 +536,6 @@ class FineTunedModel(InterestModel):
         snapshot = None
         if self._publish_is_due():
             snapshot = self._publish()
-        elif self.train_shared:
-            self.refresh_items()
         self._refresh_users(list(touched))
         updates = {}
         for uid, n in touched.items():

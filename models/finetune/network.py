@@ -2,7 +2,7 @@
 
     score(user, item) = s · u·e_item + β_item
     e_item = P(tower(text) [+ F(other-modality embedding)]) + r_item
-    β_item = b_item + w_pop · log(1 + decayed count of the item)
+    β_item = b_item + w_pop · log(1 + decayed count of the item) + w_text · P(tower(text))
     u      = W_s · causal-self-attention(recent behaviours) + W_l · long-term average + W_p · profile
 
 `forward(op, ...)` dispatches to the few computations that serving runs with the
@@ -113,9 +113,11 @@ class InterestNet(nn.Module):
         n_pop: int = 2,
         blocks: int = 2,
         heads: int = 2,
+        id_evidence: float = 0.0,
     ) -> None:
         super().__init__()
         base = tower.base_dim
+        self.id_evidence = id_evidence
         self.tower = tower
         self.dim = dim
         self.proj = nn.Linear(base, dim, bias=False)
@@ -140,6 +142,9 @@ class InterestNet(nn.Module):
         nn.init.zeros_(self.w_prof.weight)
         self.log_scale = nn.Parameter(torch.tensor(math.log(5.0)))
         self.w_pop = nn.Parameter(torch.zeros(n_pop))
+        # What kind of item text is in demand now, learned from every positive: a new item, with
+        # no id bias or count yet, is placed by its text instead of at the bottom.
+        self.w_text = nn.Parameter(torch.zeros(dim))
         self.mu = nn.Parameter(torch.tensor(3.5))
         self.rating_scale = nn.Parameter(torch.tensor(0.1))
         self.item_emb = nn.Parameter(torch.zeros(0, dim))
@@ -147,6 +152,21 @@ class InterestNet(nn.Module):
         self.rating_bias = nn.Parameter(torch.zeros(0))
         self.fuse: nn.Linear | None = None
         self.drop = nn.Dropout(dropout)
+
+    def items(
+        self, base: torch.Tensor, rows: torch.Tensor, pop: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors and scoring biases of catalog `rows` from their tower outputs `base` and
+        popularity features `pop` (log(1 + decayed counts))."""
+        text = self.proj(base)
+        # An item's own parameters count in proportion to its evidence (c / (c + k), c = its
+        # slowest-decayed count): otherwise an item nobody has chosen yet is trained only as a
+        # negative, and by the time its first users come its id bias has sunk below the catalog.
+        count = torch.expm1(pop[:, -1:])
+        gate = count / (count + self.id_evidence) if self.id_evidence > 0 else torch.ones_like(count)
+        vec = text + gate * self.item_emb[rows]
+        bias = gate[:, 0] * self.item_bias[rows] + pop @ self.w_pop + text @ self.w_text
+        return vec, bias
 
     def user(
         self,

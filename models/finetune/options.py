@@ -13,8 +13,12 @@ class FineTuneOptions:
     # Interest dimension; 0/None = the base's. 64 learns as well on MovieLens and runs ~6x faster.
     dim: int | None = 64
     history: int = 50  # recent behaviours attended over
+    # An item already among the recent behaviours is not added again (its searches still are):
+    # repeated consumption would fill the window with one item.
+    distinct_history: bool = True
     lr: float = 3e-3
     item_lr_multiplier: float = 1.0
+    item_eps: float = 1e-8
     weight_decay: float = 1e-5
     dropout: float = 0.1
     clip_norm: float = 5.0
@@ -30,6 +34,7 @@ class FineTuneOptions:
     # in-batch positives + `random_negatives` uniform draws + the event's impressions.
     full_softmax_max: int = 5000
     random_negatives: int = 1024
+    popular_negatives: float = 0.5  # share of the draws proportional to count^0.75 (log-Q corrected)
     loss: str = "softmax"  # or "bpr"
     positive_rating: float = 4.0
     rating_min: float = 0.5
@@ -40,6 +45,9 @@ class FineTuneOptions:
     # Item popularity enters the score as log(1 + decayed count) at several speeds, the clock
     # counted in events (scale-free); the model learns how much each speed counts.
     popularity_half_lives_events: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5)
+    # An item's id residual and bias count c / (c + this) of their value, c its slowest-decayed
+    # event count (0 = always in full).
+    id_evidence_events: float = 2.0
     long_term_rate: float = 0.05
     # top_layers/lora: at most this many items run through the trained layers per step (a
     # weighted sample of the targets and the other candidates, `models.towers.sample_live_rows`).

@@ -59,6 +59,8 @@ class TrainingHost(Protocol):
 
     def refresh_items(self, full_tower: bool = False) -> None: ...
 
+    def item_counts(self) -> np.ndarray: ...
+
     def on_user_drift(self, user_id: str) -> None: ...
 
 
@@ -110,7 +112,7 @@ class Trainer:
                 {"params": decay, "weight_decay": o.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
                 # Each item's row sees few steps in one pass over a stream: it gets a larger rate.
-                {"params": items, "weight_decay": 0.0, "lr": o.lr * o.item_lr_multiplier},
+                {"params": items, "weight_decay": 0.0, "lr": o.lr * o.item_lr_multiplier, "eps": o.item_eps},
                 # Pretrained transformer weights (top_layers/lora) move slowly: their outputs are
                 # cached between refreshes, and a large rate undoes the pretraining.
                 {"params": layers, "weight_decay": o.weight_decay, "lr": self._layer_lr()},
@@ -246,20 +248,37 @@ class Trainer:
     # ---- one step --------------------------------------------------------------------------------
     def _candidates(
         self, pos: Sequence[tuple[int, Target]], n: int
-    ) -> tuple[list[int], set[int] | None, set[int]]:
+    ) -> tuple[list[int], set[int] | None, set[int], np.ndarray | None]:
         """Candidate rows of the softmax: the whole catalog when it is small, else the targets,
-        their impressions and uniform draws (the set of rows always included, and the draws,
-        are returned too)."""
+        their impressions and drawn negatives. Returns the rows, the set of rows always
+        included, the draws, and each row's log-Q correction (None = the whole catalog).
+
+        Draws mix a uniform share with one proportional to count^0.75 (word2vec's): uniform
+        draws alone rarely meet the popular items that crowd a user's top of the list, and on
+        Last.fm (12,500 artists, 1,024 draws) the model then ranked below popularity."""
         o = self.opts
         if n <= o.full_softmax_max:
-            return list(range(n)), None, set()
+            return list(range(n)), None, set(), None
         fixed = {t.row for _, t in pos}
         for _, t in pos:
             fixed.update(t.hard)
-        cand = set(fixed)
-        drawn = {int(r) for r in self.rng.integers(0, n, size=o.random_negatives)}
-        cand.update(drawn)
-        return sorted(cand), fixed, drawn
+        k = o.random_negatives
+        q = np.full(n, 1.0 / n)
+        mix = o.popular_negatives if self.dp is None else 0.0  # DP: draws that no count moves
+        if mix > 0:
+            w = np.maximum(self.host.item_counts()[:n], 0.0) ** 0.75
+            if w.sum() > 0:
+                q = (1.0 - mix) * q + mix * w / w.sum()
+        drawn = (
+            {int(r) for r in self.rng.choice(n, size=k, p=q)}
+            if mix > 0
+            else {int(r) for r in self.rng.integers(0, n, size=k)}
+        )
+        rows = sorted(fixed | drawn)
+        # Each drawn row stands for 1 / (k q) rows of the catalog; the always-included rows
+        # count once, as in the full softmax.
+        corr = np.array([0.0 if r in fixed else -math.log(k * q[r]) for r in rows])
+        return rows, fixed, drawn, corr
 
     def step(self, episodes: Sequence[Episode]) -> float:
         """One optimisation step over the targets of `episodes`; returns the loss before the update."""
@@ -274,7 +293,7 @@ class Trainer:
         pos = [(u, t) for u, t in flat if t.positive]
         if not flat:
             return float("nan")
-        cand_rows, fixed, drawn_rows = self._candidates(pos, n)
+        cand_rows, fixed, drawn_rows, log_q = self._candidates(pos, n)
         full = fixed is None
         own = {t.row for _, t in flat}  # the batch's own items: targets and contexts
         for ep in episodes:
@@ -347,15 +366,15 @@ class Trainer:
                     # (N - targets) / draws items of the catalog, so the loss estimates the full
                     # softmax at any catalog size instead of one that shrinks as it grows.
                     if dp is None:
-                        is_drawn = [r not in fixed for r in cand_rows]
-                        corr = math.log(max(1, n - len(fixed)) / max(1, o.random_negatives))
+                        assert log_q is not None
+                        logits = logits + torch.from_numpy(log_q).to(dev, logits.dtype)
                     else:
                         # DP: which rows are corrected, and by how much, must not depend on the
                         # other users' targets (`fixed`): the draws and the catalog size only.
                         is_drawn = [r in drawn_rows for r in cand_rows]
                         corr = math.log(max(1, n) / max(1, o.random_negatives))
-                    drawn = torch.tensor(is_drawn, dtype=torch.bool, device=dev)
-                    logits = logits + drawn.to(logits.dtype) * corr
+                        drawn = torch.tensor(is_drawn, dtype=torch.bool, device=dev)
+                        logits = logits + drawn.to(logits.dtype) * corr
                 mask = seen_mask(episodes, [flat[i] for i in pos_idx], len(cand_rows), cand_pos, index, dev)
                 if dp is not None and cand_pos is not None:
                     # DP: another user's positives or impressions are not this user's negatives

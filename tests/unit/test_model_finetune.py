@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -169,7 +170,11 @@ def test_clicks_with_impressions_searches_and_ratings_all_train() -> None:
     assert r.loss is not None and np.isfinite(r.loss)
     assert set(r.updates) == {"a", "b"} and r.updates["a"].n_applied == 4
     changed = [k for k, v in m.net.state_dict().items() if not torch.equal(v, before[k])]
-    assert "item_emb" in changed and "rating_bias" in changed and "w_short.weight" in changed
+    assert "rating_bias" in changed and "w_short.weight" in changed and "w_text" in changed
+    # An item's own row learns once the item has evidence (counts from the batch before).
+    assert "item_emb" not in changed
+    m.learn([replace(e, event_id=e.event_id + "'", ts=e.ts + 10) for e in events])
+    assert not torch.equal(m.net.item_emb.detach()[: len(before["item_emb"])], before["item_emb"])
     assert m.predict_rating("b", "6") is not None and m.predict_rating("b", "nope") is None
     kinds = {e["kind"] for e in m.explain("a", top=20)}
     assert {"search", "click", "rating", "long_term"} <= kinds
@@ -293,3 +298,21 @@ def test_a_scale_out_follower_neither_trains_nor_publishes() -> None:
     assert r.snapshot is None and r.loss is None and r.model_version == version
     assert all(torch.equal(p, before[n]) for n, p in m.net.named_parameters())
     assert set(r.updates) == {f"u{i}" for i in range(5)}  # its users' vectors still move on
+
+
+def test_popularity_counts_decay_per_event_in_one_batch_update() -> None:
+    """The batch update (one decay per batch, each event pre-decayed by those after it) keeps
+    the counts that decaying after every event gives."""
+    m = model()
+    m.upsert_items(catalog())
+    events = walk_events(40, 6, 10)
+    hl = np.asarray(m.opts.popularity_half_lives_events, dtype=np.float64)
+    decay = 0.5 ** (1.0 / hl)
+    expected = np.zeros_like(m._pop)
+    for i in range(0, len(events), 7):
+        batch = events[i : i + 7]
+        m._update_popularity(batch)
+        for e in batch:
+            expected *= decay
+            expected[m.catalog.row(e.target_item)] += 1.0
+        np.testing.assert_allclose(m._pop, expected, rtol=1e-12)
