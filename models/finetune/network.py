@@ -22,6 +22,8 @@ from models.user_state import N_SIGNALS
 
 # Log2-minute buckets of the gap before a behaviour: bucket 23 is ~16 years.
 GAP_BUCKETS = 24
+# Log2 buckets of how many behaviours a user vector is read from (0, 1, 2-3, ..., 64+).
+EVIDENCE_BUCKETS = 8
 
 
 class CausalBlock(nn.Module):
@@ -141,6 +143,10 @@ class InterestNet(nn.Module):
         self.w_prof = nn.Linear(base, dim, bias=False)
         nn.init.zeros_(self.w_prof.weight)
         self.log_scale = nn.Parameter(torch.tensor(math.log(5.0)))
+        # How far to trust the interest part of a user vector, by how many behaviours it was read
+        # from: a user with two events leans on the item biases (popularity), one with a hundred
+        # on their interests. Log-multipliers, learned; 0 = the same trust for everyone.
+        self.evidence = nn.Parameter(torch.zeros(EVIDENCE_BUCKETS))
         self.w_pop = nn.Parameter(torch.zeros(n_pop))
         # What kind of item text is in demand now, learned from every positive: a new item, with
         # no id bias or count yet, is placed by its text instead of at the bottom.
@@ -190,7 +196,7 @@ class InterestNet(nn.Module):
         if self.readout is not None:
             short, att_q = self.readout(h, ts, valid, qpos)
             u = self.w_short(short) + (self.w_long(long_term) + self.w_prof(profile))[:, None, :]
-            return u, att_q
+            return u * self._trust(valid, qpos), att_q
         pos = torch.arange(T, device=vec.device)
         rel = pos[:, None] - pos[None, :]  # query minus key
         allowed = (rel >= 0) & (rel < self.history)
@@ -209,7 +215,14 @@ class InterestNet(nn.Module):
         state = torch.where(first, self.start.to(state.dtype).expand_as(state), state)
         weights = att.gather(1, prev_idx[..., None].expand(-1, -1, T)) * (~first).to(att.dtype)
         u = self.w_short(state) + (self.w_long(long_term) + self.w_prof(profile))[:, None, :]
-        return u, weights
+        return u * self._trust(valid, qpos), weights
+
+    def _trust(self, valid: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """(U, Q, 1) multipliers of the user vectors at `qpos`, by the behaviours before each."""
+        before = torch.cumsum(valid.to(torch.long), dim=1)  # (U, T): valid behaviours up to each
+        n = torch.where(qpos > 0, before.gather(1, (qpos - 1).clamp(min=0)), torch.zeros_like(qpos))
+        bucket = torch.log2(1.0 + n.to(torch.float32)).floor().long().clamp(max=EVIDENCE_BUCKETS - 1)
+        return self.evidence.exp()[bucket][..., None]
 
     def forward(
         self, op: str, *args: torch.Tensor | Sequence[str]

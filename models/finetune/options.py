@@ -16,7 +16,13 @@ class FineTuneOptions:
     # An item already among the recent behaviours is not added again (its searches still are):
     # repeated consumption would fill the window with one item.
     distinct_history: bool = True
+    # Positives whose item the user already had train no ranking (their searches still train).
+    new_items_only: bool = True
     lr: float = 3e-3
+    # The rate's multiplier follows the hypergradient (cosine of the step's gradient and the last
+    # update) at this speed, within `lr_hypergradient_range` (0 = a fixed rate).
+    lr_hypergradient: float = 0.3
+    lr_hypergradient_range: tuple[float, float] = (0.25, 4.0)
     item_lr_multiplier: float = 1.0
     item_eps: float = 1e-8
     weight_decay: float = 1e-5

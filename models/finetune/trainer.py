@@ -77,6 +77,9 @@ class Trainer:
         self.credit = 0.0
         self.pending: list[Episode] = []
         self.rollbacks = 0
+        # Learning-rate multiplier chosen online (hypergradient): the previous update's direction.
+        self._lr_mult = 1.0
+        self._last_update: list[torch.Tensor] | None = None
         self._preq: list[float] = []
         self._bad_steps = 0
         self.good_state: dict[str, Any] | None = None
@@ -202,8 +205,8 @@ class Trainer:
                 continue
             # Dropout draws from a generator seeded by (seed, step number): the numbers depend
             # on the data alone, not on what else ran in the process before.
-            if o.drift:
-                self._set_lr_multiplier(self.drift.lr_multiplier)
+            if o.drift or o.lr_hypergradient > 0:
+                self._set_lr_multiplier(self._lr_mult * (self.drift.lr_multiplier if o.drift else 1.0))
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(o.seed * 1_000_003 + self.steps)
                 loss = self.step(batch)
@@ -448,11 +451,41 @@ class Trainer:
             loss = torch.stack([x.float() for x in losses]).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if o.clip_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, o.clip_norm)
+        before = None
+        if o.lr_hypergradient > 0:
+            self._adapt_lr(params)
+            before = [p.detach().clone() for p in params]
         self.optimizer.step()
+        if before is not None:
+            self._last_update = [p.detach() - b for p, b in zip(params, before, strict=True)]
         return float(loss.detach())
+
+    def _adapt_lr(self, params: Sequence[torch.Tensor]) -> None:
+        """Hypergradient learning rate (Baydin et al. 2018), multiplicative: when this step's
+        gradient (on events not yet learned: prequential) still points along the last update,
+        the rate was too small; when it points back, too large."""
+        prev = self._last_update
+        if prev is None or len(prev) != len(params):
+            return
+        dot = 0.0
+        gn = 0.0
+        un = 0.0
+        for p, before in zip(params, prev, strict=True):
+            if p.grad is None or p.shape != before.shape:  # a per-item table grew: skip it once
+                continue
+            u = before
+            g = p.grad.float()
+            dot += float((g * u).sum())
+            gn += float((g * g).sum())
+            un += float((u * u).sum())
+        if gn <= 0 or un <= 0:
+            return
+        cos = -dot / math.sqrt(gn * un)
+        lo, hi = self.opts.lr_hypergradient_range
+        self._lr_mult = min(max(self._lr_mult * math.exp(self.opts.lr_hypergradient * cos), lo), hi)
 
     # ---- DP (models/privacy.py, docs/privacy.md) -------------------------------------------------
     def _dp_train(self, device: torch.device) -> float | None:

@@ -302,17 +302,63 @@ def test_a_scale_out_follower_neither_trains_nor_publishes() -> None:
 
 def test_popularity_counts_decay_per_event_in_one_batch_update() -> None:
     """The batch update (one decay per batch, each event pre-decayed by those after it) keeps
-    the counts that decaying after every event gives."""
+    the counts that decaying after every event gives, and events at one timestamp do not age
+    each other."""
     m = model()
     m.upsert_items(catalog())
     events = walk_events(40, 6, 10)
+    events = [replace(e, ts=float(k // 3)) for k, e in enumerate(events)]  # ties of three
     hl = np.asarray(m.opts.popularity_half_lives_events, dtype=np.float64)
     decay = 0.5 ** (1.0 / hl)
     expected = np.zeros_like(m._pop)
+    pending: list[int] = []  # rows of the current timestamp, counted once it closes
+    last = None
     for i in range(0, len(events), 7):
         batch = events[i : i + 7]
         m._update_popularity(batch)
         for e in batch:
-            expected *= decay
-            expected[m.catalog.row(e.target_item)] += 1.0
-        np.testing.assert_allclose(m._pop, expected, rtol=1e-12)
+            if last is not None and e.ts > last:
+                for r in pending:
+                    expected[r] += 1.0
+                expected *= decay ** len(pending)
+                pending = []
+            pending.append(m.catalog.row(e.target_item))
+            last = e.ts
+        # The open timestamp's events count in full, undecayed.
+        now = expected.copy()
+        for r in pending:
+            now[r] += 1.0
+        np.testing.assert_allclose(m._pop, now, rtol=1e-12)
+
+
+def test_returns_to_an_item_train_no_ranking_but_their_searches_do() -> None:
+    m = model(events_per_step=1000)  # nothing trains yet: the targets wait in `pending`
+    m.upsert_items(catalog())
+    m.learn(
+        [
+            Event("c1", "a", 1.0, "click", item_id="1"),
+            Event("s1", "a", 2.0, "search", query="pasta soup", clicked_item_id="1"),
+            Event("c2", "a", 3.0, "click", item_id="2"),
+        ]
+    )
+    targets = [t for ep in m.trainer.pending for t in ep.targets]
+    assert [(t.row, t.positive, t.query) for t in targets] == [
+        (m.catalog.row("1"), True, None),
+        (m.catalog.row("1"), False, "pasta soup"),  # a return: no ranking, the search still trains
+        (m.catalog.row("2"), True, None),
+    ]
+
+
+def test_hypergradient_rate_moves_within_its_range() -> None:
+    m = model(lr_hypergradient=5.0, lr_hypergradient_range=(0.5, 2.0))
+    m.upsert_items(catalog())
+    events = walk_events(40, 8, 12)
+    seen = set()
+    for i in range(0, len(events), 9):
+        m.learn(events[i : i + 9])
+        seen.add(round(m.trainer._lr_mult, 6))
+        assert 0.5 <= m.trainer._lr_mult <= 2.0
+    assert len(seen) > 2  # it moved
+    base = m.opts.lr
+    m.learn(walk_events(40, 8, 2, seed=1))
+    assert m.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(base * m.trainer._lr_mult, rel=0.5)

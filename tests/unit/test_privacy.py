@@ -320,15 +320,16 @@ def test_epsilon_gauges() -> None:
 @pytest.mark.parametrize(
     ("opts", "version"),
     [
-        ({}, "adapter-5e92f4eead97@hash-24"),
-        ({"full_softmax_max": 10, "random_negatives": 8}, "adapter-f837a32df15f@hash-24"),
+        ({}, "adapter-bfc3b73ec8ac@hash-24"),
+        ({"full_softmax_max": 10, "random_negatives": 8}, "adapter-13ba186e6289@hash-24"),
     ],
 )
 def test_dp_off_is_mains_model_bit_for_bit(opts: dict[str, object], version: str) -> None:
     """The version id is a digest of the weights blob: these are the ids of the non-DP training
     path for the same run (two causal blocks), full and sampled softmax (draws, log-Q). First
     pinned at main's 06d1d76 before DP was ported; moved since only by deliberate changes to
-    training (last: item rows gated by evidence, the text bias, popularity-mixed draws).
+    training (last: item rows gated by evidence, the text bias, popularity-mixed draws, the
+    tie-aware popularity clock, the user trust by evidence, the hypergradient rate, returns).
     Update them for such a change, never for DP."""
     from models.finetune.versions import unpack_weights
 
