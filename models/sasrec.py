@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -261,8 +262,14 @@ class SASRecModel(InterestModel):
             opt = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.9, 0.98))
             best, best_epoch, best_state, history = -1.0, 0, None, []
             net.train()
+            # A bar on a terminal; in a log (no terminal), one plain line per epoch instead of
+            # carriage returns piling up on one line.
+            lines = self.progress and not sys.stderr.isatty()
             bar = tqdm(
-                total=self.max_epochs, desc="sasrec offline fit", unit="epoch", disable=not self.progress
+                total=self.max_epochs,
+                desc="sasrec offline fit",
+                unit="epoch",
+                disable=not self.progress or lines,
             )
             for epoch in range(1, self.max_epochs + 1):
                 perm = rng.permutation(len(windows))
@@ -302,6 +309,15 @@ class SASRecModel(InterestModel):
                 )
                 bar.set_postfix(val_ndcg10=f"{score:.4f}", best_epoch=best_epoch if score <= best else epoch)
                 bar.update(1)
+                if lines:
+                    took = time.perf_counter() - started
+                    print(
+                        f"sasrec offline fit: epoch {epoch}/{self.max_epochs} (stops after {self.patience} "
+                        f"without gain), validation NDCG@10 {score:.4f}, best epoch "
+                        f"{best_epoch if score <= best else epoch}, {took / epoch:.1f} s/epoch",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if score > best:
                     best, best_epoch = score, epoch
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
