@@ -89,6 +89,7 @@ def model_options(settings: Settings) -> dict[str, object]:
             history=settings.model_history,
             lr=settings.model_lr,
             events_per_step=settings.model_events_per_step,
+            budget_unit=settings.model_budget_unit,
             drift=settings.model_drift,
             blocks=settings.model_blocks,
             replay_size=settings.model_replay_size,

@@ -43,9 +43,12 @@ class Settings(BaseSettings):
     model_dim: int = Field(default=64, ge=0)  # interest-space dimension; 0 = the base's (slower)
     model_history: int = Field(default=50, ge=1)  # recent behaviours a user vector attends over
     model_lr: float = Field(default=3e-3, gt=0)
-    # The training budget, counted in events: one optimisation step per N events, whatever the
-    # batch sizes (a worker under backlog learns per event what the backtest learns).
-    model_events_per_step: int = Field(default=100, ge=1)
+    # The training budget: one optimisation step per N units, whatever the batch sizes (a worker
+    # under backlog learns per event what the backtest learns). The unit is the positives that
+    # train ranking (a log of mostly searches on items already had pays only for what it
+    # teaches), or every event (`model_budget_unit="events"`).
+    model_events_per_step: int = Field(default=50, ge=1)
+    model_budget_unit: Literal["positives", "events"] = "positives"
     # The user encoder: 0 = one attention read-out, k = k causal self-attention blocks.
     model_blocks: int = Field(default=0, ge=0)
     # ADWIN on the prequential loss (models/finetune/drift.py): learning-rate boost on a global

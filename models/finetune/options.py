@@ -28,8 +28,11 @@ class FineTuneOptions:
     weight_decay: float = 1e-5
     dropout: float = 0.1
     clip_norm: float = 5.0
-    # The training budget, counted in events: one optimisation step per this many events.
-    events_per_step: int = 100
+    # The training budget: one optimisation step per this many units of `budget_unit`.
+    events_per_step: int = 50
+    # What the budget counts: "events", or "positives" (targets that train ranking: a log whose
+    # events are mostly searches on items already had pays only for what it teaches).
+    budget_unit: str = "positives"
     # The user encoder: 0 = one attention read-out queried by the newest behaviour (scored
     # higher on ML-100K: 0.0559 vs 0.0549 NDCG@10), k = k causal self-attention blocks.
     blocks: int = 0

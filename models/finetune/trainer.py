@@ -153,6 +153,18 @@ class Trainer:
     # ---- the budget -------------------------------------------------------------------------------
     def add(self, episodes: Sequence[Episode]) -> None:
         self.pending.extend(ep for ep in episodes if ep.targets)
+        # Counted in positives, a long run of events without one pays for no step: keep the
+        # waiting targets bounded (the oldest go first).
+        waiting = sum(len(ep.targets) for ep in self.pending)
+        while waiting > self.opts.replay_size and len(self.pending) > 1:
+            waiting -= len(self.pending.pop(0).targets)
+
+    def budget_units(self, ep: Episode) -> int:
+        """What an episode counts against the budget: its targets, or (`budget_unit="positives"`)
+        only those that train ranking."""
+        if self.opts.budget_unit == "positives":
+            return sum(1 for t in ep.targets if t.positive)
+        return len(ep.targets)
 
     def steps_due(self, n_events: int) -> int:
         return int((self.credit + n_events) // self.opts.events_per_step)
@@ -167,7 +179,7 @@ class Trainer:
         for ep in self.pending:
             for part in chunk(ep, self.opts.history, index):
                 cur.append(part)
-                n += len(part.targets)
+                n += self.budget_units(part)
                 if n >= E:
                     groups.append(cur)
                     cur, n = [], 0

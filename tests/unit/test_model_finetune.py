@@ -155,7 +155,7 @@ def test_cold_start_says_which_prior_applied() -> None:
 
 
 def test_clicks_with_impressions_searches_and_ratings_all_train() -> None:
-    m = model(rating_weight=1.0, search_weight=1.0, hard_negative_weight=1.0)
+    m = model(rating_weight=1.0, search_weight=1.0, hard_negative_weight=1.0, budget_unit="events")
     events = [
         Event("c1", "a", 1.0, "click", item_id="1", impressions=("2", "3", "unknown")),
         Event("s1", "a", 2.0, "search", query="pasta soup", clicked_item_id="4"),
@@ -362,3 +362,16 @@ def test_hypergradient_rate_moves_within_its_range() -> None:
     base = m.opts.lr
     m.learn(walk_events(40, 8, 2, seed=1))
     assert m.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(base * m.trainer._lr_mult, rel=0.5)
+
+
+def test_budget_counted_in_positives_pays_only_for_what_trains_ranking() -> None:
+    m = model(events_per_step=2, budget_unit="positives")
+    m.upsert_items(catalog())
+    first = [Event("c1", "a", 1.0, "click", item_id="1"), Event("c2", "a", 2.0, "click", item_id="2")]
+    m.learn(first)
+    assert m.trainer.steps == 1  # two positives: one step
+    returns = [Event(f"s{k}", "a", 3.0 + k, "search", query="pasta", clicked_item_id="1") for k in range(6)]
+    m.learn(returns)
+    assert m.trainer.steps == 1  # six events, no positive (all returns): no step
+    m.learn([Event("c3", "a", 10.0, "click", item_id="3"), Event("c4", "a", 11.0, "click", item_id="4")])
+    assert m.trainer.steps == 2
