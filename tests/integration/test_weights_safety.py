@@ -43,7 +43,14 @@ def db_url(empty_db_url: str) -> str:
 
 def processor(db_url: str, metrics: WorkerMetrics | None = None) -> BatchProcessor:
     model = FineTunedModel(
-        HashEncoder(24), "adapter", dim=DIM, history=8, seed=0, publish_every_steps=1, events_per_step=1
+        HashEncoder(24),
+        "adapter",
+        dim=DIM,
+        history=8,
+        seed=0,
+        publish_every_steps=1,
+        events_per_step=1,
+        budget_unit="events",  # every batch a step (its clicks wrap round to items already had)
     )
     proc = BatchProcessor(
         model,
