@@ -113,6 +113,11 @@ class FineTuneOptions:
     # One release per batch whatever the passes.
     dp_pass_budget: int = 4096
 
+    def __post_init__(self) -> None:
+        # Any other value would silently count events: say so instead.
+        if self.budget_unit not in ("positives", "events"):
+            raise ValueError(f"budget_unit must be 'positives' or 'events', got {self.budget_unit!r}")
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:
         known = {f.name for f in fields(cls)}

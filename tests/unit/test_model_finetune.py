@@ -375,3 +375,8 @@ def test_budget_counted_in_positives_pays_only_for_what_trains_ranking() -> None
     assert m.trainer.steps == 1  # six events, no positive (all returns): no step
     m.learn([Event("c3", "a", 10.0, "click", item_id="3"), Event("c4", "a", 11.0, "click", item_id="4")])
     assert m.trainer.steps == 2
+
+
+def test_an_unknown_budget_unit_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="budget_unit must be"):
+        model(budget_unit="batches")
