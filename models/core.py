@@ -54,6 +54,7 @@ class ModelSnapshot:
     item_vectors: np.ndarray  # (len(item_ids), dim), aligned with item_ids
     metrics: Mapping[str, float] = field(default_factory=dict)
     weights: bytes | None = None  # serialised trainable state, when the model has any
+    prior: np.ndarray | None = None  # the vector of a user the model knows nothing of, if it has one
 
 
 @dataclass(slots=True)
@@ -151,7 +152,13 @@ class InterestModel(ABC):
             config=self.config(),
             item_ids=list(self.item_ids()),
             item_vectors=self.item_matrix(),
+            prior=self.prior_vector(),
         )
+
+    def prior_vector(self) -> np.ndarray | None:
+        """What the model serves a user it knows nothing of (no history, search or profile), in the
+        space of `item_matrix()`; None when it serves such a user nothing."""
+        return None
 
     def config(self) -> dict[str, Any]:
         return {"model": self.name}

@@ -355,6 +355,7 @@ class VectorStore:
                 weights=snapshot.weights,
                 # What a worker checks before loading these weights (models.weights_io.verify).
                 weights_sha256=None if snapshot.weights is None else _sha256(snapshot.weights),
+                prior_vector=snapshot.prior,
             )
             conn.execute(stmt.on_conflict_do_nothing(index_elements=[ModelVersion.model_version]))
 

@@ -68,6 +68,8 @@ class ModelVersion(Base):
     weights: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Hex SHA-256 of `weights`, written at publish and checked before a worker loads them (0003).
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    # What the version serves a user it knows nothing of; NULL when its model has no prior (0004).
+    prior_vector: Mapped[Any] = mapped_column(Embedding(), nullable=True)
 
 
 class CatalogItem(Base):

@@ -77,6 +77,14 @@ def recorded_backend(conn: Connection) -> Backend:
     return Backend.PGVECTOR if udt == "vector" else Backend.ARRAY
 
 
+def recorded_dim(conn: Connection) -> int:
+    """The vector width fixed at migration 0002 (`storage_meta`)."""
+    value = conn.execute(text("SELECT value FROM storage_meta WHERE key = 'vector_dim'")).scalar()
+    if value is None:
+        raise RuntimeError("storage_meta records no vector_dim: the schema is older than 0002")
+    return int(value)
+
+
 def sql_type(backend: Backend, dim: int | None) -> str:
     if backend is Backend.PGVECTOR:
         return f"vector({dim})" if dim else "vector"

@@ -13,8 +13,10 @@ report of the same events compare line by line. What differs, by design:
 
 - the `learned` slice means "the user had a stored vector before the event"
   (in a backtest: "an event in an earlier micro-batch");
-- a warm positive whose user has no stored vector yet is ranked as a random
-  guess, like a model that does not know the user;
+- a positive whose user has no stored vector yet is ranked by the prior of the
+  version current at that event time (the version the newest stored vector named),
+  what `user_top_items` serves such a user (`model_versions.prior_vector`, 0004); a
+  model without a prior (the untrained mean) ranks it as a random guess;
 - an item without a vector in the version's model (a catalog record that came
   after the version) can never be served: it scores below every other item.
 
@@ -144,6 +146,54 @@ def vectors_as_of(
     return versions, vecs, known
 
 
+class Priors:
+    """What an application was served for a user without a stored vector, by event time.
+
+    The version is the one the newest vector stored before the event named (the first
+    version with a prior, before any vector was stored); its prior is `model_versions.prior_vector`.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        with engine.connect() as conn:
+            firsts = conn.execute(
+                text(
+                    "SELECT model_version, extract(epoch FROM min(last_event_ts))::float8 AS since "
+                    "FROM user_interest_vectors GROUP BY model_version ORDER BY since, model_version"
+                )
+            ).all()
+            rows = conn.execute(
+                text(
+                    "SELECT model_version, prior_vector FROM model_versions "
+                    "WHERE prior_vector IS NOT NULL ORDER BY created_at, model_version"
+                )
+            ).all()
+        self.vectors = {m: np.asarray(v, dtype=np.float32) for m, v in rows}
+        self.first = rows[0][0] if rows else None
+        self.versions = [m for m, _ in firsts]
+        self.since = np.asarray([t for _, t in firsts], dtype=np.float64)
+
+    def fill(
+        self, versions: list[str | None], vecs: np.ndarray | None, known: np.ndarray, ts: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Give unknown rows the prior of the version current at their event time, in place on
+        `versions`; returns (vectors, which rows got a prior)."""
+        served = np.zeros(len(versions), dtype=bool)
+        if not self.vectors:
+            return vecs, served
+        at = np.searchsorted(self.since, ts - JUST_BEFORE_S, side="right") - 1
+        for row in np.flatnonzero(~known):
+            version = self.versions[at[row]] if at[row] >= 0 else self.first
+            prior = self.vectors.get(version) if version is not None else None
+            if prior is None:
+                continue
+            if vecs is None:
+                vecs = np.zeros((len(versions), len(prior)), dtype=np.float32)
+            vecs[row] = prior
+            versions[row] = version
+            served[row] = True
+        return vecs, served
+
+
 class ItemMatrices:
     """Item vectors per model version, in the evaluator's catalog order; missing items flagged."""
 
@@ -175,10 +225,10 @@ class ItemMatrices:
 def score(
     items: ItemMatrices, versions: Sequence[str | None], vecs: np.ndarray | None, known: np.ndarray
 ) -> np.ndarray:
-    """Scores (positives, catalog): the user's stored vector against its model version's items.
+    """Scores (positives, catalog): the row's vector against its model version's items.
 
-    Unknown users score every item alike (a random guess); items the version has no vector
-    for score -inf (never served).
+    Rows with no vector (`known` false) score every item alike (a random guess); items the
+    version has no vector for score -inf (never served).
     """
     out = np.zeros((len(versions), items.n), dtype=np.float64)
     by_version: dict[str, list[int]] = {}
@@ -244,11 +294,12 @@ def evaluate_live(
         raise EvaluateError("no applied events in the given range")
     ev = Evaluator(catalog, config)
     items = ItemMatrices(engine, catalog)
+    priors = Priors(engine)
     keep: list[np.ndarray] = []
     greater: list[np.ndarray] = []
     ties: list[np.ndarray] = []
     learned: list[np.ndarray] = []
-    counts = {"no_vector": 0, "target_without_vector": 0}
+    counts = {"no_vector": 0, "served_prior": 0, "target_without_vector": 0}
     used: set[str] = set()
 
     def score_plan(plan: BatchPlan, n0: int, n1: int) -> None:
@@ -261,7 +312,8 @@ def evaluate_live(
         rows = plan.rows[in_range]
         users = [plan.users[r] for r in rows]
         versions, vecs, known = vectors_as_of(engine, users, ts[in_range])
-        s = score(items, versions, vecs, known)
+        vecs, served = priors.fill(versions, vecs, known, ts[in_range])
+        s = score(items, versions, vecs, known | served)
         targets = plan.targets[in_range]
         excluded = plan.excluded[in_range] if plan.excluded is not None else None
         g, t = rank_counts(s, targets, excluded)
@@ -270,6 +322,7 @@ def evaluate_live(
         learned.append(known)
         cold = np.asarray(ev.log.cold[n0:n1], dtype=bool)[in_range]
         counts["no_vector"] += int((~known & ~cold).sum())
+        counts["served_prior"] += int(served.sum())
         counts["target_without_vector"] += int(np.isneginf(s[np.arange(len(targets)), targets]).sum())
         used.update(v for v in versions if v is not None)
 

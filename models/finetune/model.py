@@ -371,7 +371,6 @@ class FineTunedModel(InterestModel):
 
     def _cold_vector(self, user_id: str, first_query: str | None = None) -> tuple[np.ndarray, str]:
         """A vector for a user without history: first search text, profile, or the popularity prior."""
-        d = self.net.dim
         with torch.no_grad():
             scale = float(self.versions.call(self.net, "scale"))
             if first_query:
@@ -380,8 +379,7 @@ class FineTunedModel(InterestModel):
             if user_id in self.profiles:
                 v = self.versions.call(self.net, "profile", self.profile_tensor([user_id]))[0]
                 return np.append(v.float().cpu().numpy() * scale, 1.0).astype(np.float32), "profile"
-        # A zero interest part leaves only the item bias: time-decayed popularity.
-        return np.append(np.zeros(d, dtype=np.float32), 1.0).astype(np.float32), "popularity"
+        return self.prior_vector(), "popularity"
 
     # ---- learning --------------------------------------------------------------------------------
     def _signal(self, e: Event) -> int:
@@ -702,7 +700,12 @@ class FineTunedModel(InterestModel):
             item_vectors=self.versions.item_aug.copy(),
             metrics=dict(metrics or {}),
             weights=blob,
+            prior=self.prior_vector(),
         )
+
+    def prior_vector(self) -> np.ndarray:
+        # A zero interest part leaves only the item bias: time-decayed popularity.
+        return np.append(np.zeros(self.net.dim, dtype=np.float32), 1.0).astype(np.float32)
 
     def rebuild_user(self, user_id: str, events: Sequence[Event]) -> None:
         """Rebuild a user's state from their events (time order) without training on them."""

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from alembic import context, op
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 
+from storage.functions import user_top_items_sql
 from storage.vectors import Backend, configured_dim, recorded_backend
 
 revision = "0002"
@@ -84,25 +85,12 @@ def _erase_rows() -> str:
 def _functions(backend: Backend, dim: int) -> list[str]:
     pgv = backend is Backend.PGVECTOR
     if pgv:
-        score = "-(iv.vector <#> v_vec)"
-        order = "iv.vector <#> v_vec"
         user_sim = "1 - (o.vector <=> u.vector)"
         user_order = "o.vector <=> u.vector"
-        vec_type = f"vector({dim})"
-        # Filters (model version, skip seen) would starve a plain HNSW scan; iterative
-        # scans keep reading the index until k rows pass them (pgvector >= 0.8). A wider
-        # search list than pgvector's default 40 buys recall for little time; tune it with
-        # ALTER FUNCTION user_top_items(text, int, boolean) SET hnsw.ef_search = ...
-        top_settings = "SET hnsw.iterative_scan = 'relaxed_order' SET hnsw.ef_search = 100"
         helpers: list[str] = []
     else:
-        # Inline rather than istream_dot(): a SQL function call per item costs ~2x here.
-        score = "(SELECT sum(x::float8 * y::float8) FROM unnest(iv.vector, v_vec) AS t(x, y))"
-        order = "2 DESC"
         user_sim = "istream_cosine(o.vector, u.vector)"
         user_order = "istream_cosine(o.vector, u.vector) DESC"
-        vec_type = "real[]"
-        top_settings = ""
         helpers = [
             """
             CREATE FUNCTION istream_dot(a real[], b real[]) RETURNS double precision
@@ -121,38 +109,7 @@ def _functions(backend: Backend, dim: int) -> list[str]:
         ]
     return [
         *helpers,
-        f"""
-        CREATE FUNCTION user_top_items(p_user_id text, p_k int DEFAULT 10,
-                                       p_skip_seen boolean DEFAULT false)
-        RETURNS TABLE (item_id varchar, score double precision)
-        LANGUAGE plpgsql STABLE {top_settings} AS $$
-        #variable_conflict use_column
-        DECLARE
-            v_vec {vec_type};
-            v_model varchar;
-        BEGIN
-            -- Fetch the user first so the item scan is ordered by a constant: that is
-            -- what lets the planner walk the HNSW index instead of scoring every item.
-            SELECT u.vector, u.model_version INTO v_vec, v_model
-            FROM user_interests_current u WHERE u.user_id = p_user_id;
-            IF NOT FOUND THEN
-                RETURN;
-            END IF;
-            RETURN QUERY
-            WITH hits AS MATERIALIZED (
-                SELECT iv.item_id, {score} AS score
-                FROM item_vectors iv
-                WHERE iv.model_version = v_model
-                  AND NOT (p_skip_seen AND EXISTS (
-                      SELECT 1 FROM applied_events e
-                      WHERE e.user_id = p_user_id AND e.item_id = iv.item_id))
-                ORDER BY {order}
-                LIMIT p_k
-            )
-            SELECT h.item_id, h.score FROM hits h ORDER BY h.score DESC, h.item_id;
-        END
-        $$
-        """,
+        user_top_items_sql(backend, dim, prior=False),
         USER_VECTOR_AS_OF,
         f"""
         CREATE FUNCTION similar_users(p_user_id text, p_k int DEFAULT 10)

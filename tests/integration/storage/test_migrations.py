@@ -15,7 +15,7 @@ from tests.integration.storage.conftest import DIM, update
 
 pytestmark = pytest.mark.integration
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def _column_type(conn, table: str) -> str:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import Engine, text
 
+from models.core import ModelSnapshot
 from storage.repository import OffsetMark, VectorStore
 from tests.integration.storage.conftest import DIM, rating, unit, update
 
@@ -121,6 +122,26 @@ def test_top_items_match_numpy_and_skip_seen(store: VectorStore) -> None:
     assert seen_one == {}
     assert [i for i, _ in store.top_items("u1", 5, skip_seen=True)] == [b for b in best if b != ids[0]][1:6]
     assert store.top_items("nobody", 5) == []
+
+
+def test_a_user_without_a_vector_gets_the_newest_versions_prior(store: VectorStore) -> None:
+    rng = np.random.default_rng(5)
+    ids = [f"i{n:03d}" for n in range(30)]
+    old, new = unit(rng, 30), unit(rng, 30)
+    old_prior, new_prior = unit(rng)[0], unit(rng)[0]
+    assert store.top_items("nobody", 5) == []  # no version has a prior yet
+    for version, items, prior in (("m1", old, old_prior), ("m2", new, new_prior)):
+        store.publish_model(ModelSnapshot(version, None, {}, ids, items, prior=prior), "base")
+    # A version without a prior (e.g. the untrained mean's) does not hide the newest one that has.
+    store.publish_model(ModelSnapshot("m3", None, {}, ids, unit(rng, 30)), "base")
+    scores = new @ new_prior
+    top = store.top_items("nobody", 5)
+    assert [i for i, _ in top] == [ids[i] for i in np.argsort(-scores)[:5]]
+    np.testing.assert_allclose([s for _, s in top], np.sort(scores)[::-1][:5], rtol=1e-5)
+    # A user with a vector is still served their own.
+    user = unit(rng)[0]
+    store.commit_batch("m1", {"u1": update("u1", user)}, [])
+    assert [i for i, _ in store.top_items("u1", 3)] == [ids[i] for i in np.argsort(-(old @ user))[:3]]
 
 
 def test_similar_users_by_cosine(store: VectorStore) -> None:
