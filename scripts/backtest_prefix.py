@@ -44,6 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "ml-100k"))
     p.add_argument("--lastfm", help="a Last.fm-2k folder instead of --data")
+    p.add_argument("--profiles", action="store_true", help="MovieLens demographics for cold start")
     p.add_argument("--limit", type=int, default=15000, help="first N events (0 = all)")
     p.add_argument("--models", default="popularity,adapter")
     p.add_argument("--opt", action="append", default=[], help="LABEL:FIELD=JSON, e.g. lora:8:lr=0.001")
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / ".istream" / "encodings"))
     a = p.parse_args()
     settings = Settings()
-    data = load_lastfm(Path(a.lastfm)) if a.lastfm else load_movielens(Path(a.data))
+    data = load_lastfm(Path(a.lastfm)) if a.lastfm else load_movielens(Path(a.data), profiles=a.profiles)
     if a.limit:
         data.events = data.events[: a.limit]
     encoder = LazyEncoder(settings, Path(a.cache))

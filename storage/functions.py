@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from storage.vectors import Backend, sql_type
 
-
 # 0004: a user with no vector yet is served the newest version's prior, the vector its model
 # gives a user it knows nothing of (for the learned default: time-decayed popularity). Before,
 # such a user got no rows, while the backtest ranked them by that prior.

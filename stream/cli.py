@@ -338,6 +338,12 @@ def replay(
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--pit", "pit_prefix", help="also write vectors to Postgres schemas <PIT>_<model>")
 @click.option("--pit-replace", is_flag=True, help="drop and recreate those schemas if they exist")
+@click.option(
+    "--profiles",
+    is_flag=True,
+    help="with --movielens: give the models the users' demographics for cold start "
+    "(the live worker never receives them)",
+)
 def backtest(
     file: Path | None,
     movielens: Path | None,
@@ -358,6 +364,7 @@ def backtest(
     quiet: bool,
     pit_prefix: str | None,
     pit_replace: bool,
+    profiles: bool,
 ) -> None:
     """Replay an event log through the models (predict, then learn) and report how well they did."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -374,6 +381,8 @@ def backtest(
         )
     if not topics and any(v is not None for v in (from_offset, to_offset, from_ts, to_ts)):
         raise UserError("--from-offset/--to-offset/--from-ts/--to-ts only apply with --topics")
+    if profiles and movielens is None:
+        raise UserError("--profiles only applies with --movielens (the only source with user profiles)")
     s = settings()
     pit = None
     if pit_prefix is not None:
@@ -399,7 +408,7 @@ def backtest(
         if limit is not None:
             data.events = data.events[:limit]  # the earliest by event time
     elif movielens is not None:
-        data = load_movielens(movielens, limits(s), limit)
+        data = load_movielens(movielens, limits(s), limit, profiles=profiles)
     elif lastfm is not None:
         data = load_lastfm(lastfm, limits(s), limit)
     else:

@@ -134,17 +134,23 @@ def _first_events(lines: Iterable[LogLine], limit: int) -> Iterable[LogLine]:
             yield line
 
 
-def load_movielens(path: Path, limits: Limits = DEFAULT_LIMITS, limit: int | None = None) -> BacktestData:
+def load_movielens(
+    path: Path, limits: Limits = DEFAULT_LIMITS, limit: int | None = None, profiles: bool = False
+) -> BacktestData:
+    """MovieLens 100K as the backtest's data. `profiles` also hands the models the users'
+    demographics (u.user) for cold start: side information no event contract carries, so the
+    live worker never has it, and a backtest that uses it measures something the worker cannot
+    serve (off by default)."""
     folder = movielens_dir(path)
     files = {
         name: file_sha256(folder / name)
         for name in ("u.data", "u.item", "u.user")
         if (folder / name).is_file()
     }
-    profiles = [UserProfile(user_id=u, attrs=a) for u, a in movielens_users(folder).items()]
+    users = movielens_users(folder) if profiles else {}
     records = [*movielens_items(folder), *movielens_ratings(folder, limit)]
-    source = {"kind": "movielens", "path": str(path), "sha256": files, "limit": limit}
-    return from_records(records, limits, source, profiles)
+    source = {"kind": "movielens", "path": str(path), "sha256": files, "limit": limit, "profiles": profiles}
+    return from_records(records, limits, source, [UserProfile(user_id=u, attrs=a) for u, a in users.items()])
 
 
 def load_lastfm(path: Path, limits: Limits = DEFAULT_LIMITS, limit: int | None = None) -> BacktestData:
