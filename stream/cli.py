@@ -550,7 +550,8 @@ def evaluate(
     click.echo(table(res, "cold"))
     c = res.counts
     click.echo(
-        f"\n{res.n_events} events; {c['no_vector']} warm positives had no stored vector yet; "
+        f"\n{res.n_events} events; {c['no_vector']} warm positives had no stored vector yet "
+        f"({c['served_prior']} positives ranked by their version's prior); "
         f"{c['pruned_versions']} versions pruned by retention; {len(outcome.model_versions)} model versions"
     )
     if reference is not None:

@@ -14,9 +14,9 @@ report of the same events compare line by line. What differs, by design:
 - the `learned` slice means "the user had a stored vector before the event"
   (in a backtest: "an event in an earlier micro-batch");
 - a positive whose user has no stored vector yet is ranked by the prior of the
-  version current at that event time (the version the newest stored vector named),
-  what `user_top_items` serves such a user (`model_versions.prior_vector`, 0004); a
-  model without a prior (the untrained mean) ranks it as a random guess;
+  newest version that had learned only earlier events (`Priors`), what
+  `user_top_items` serves such a user (`model_versions.prior_vector`, 0004); a model
+  without a prior (the untrained mean) ranks it as a random guess;
 - an item without a vector in the version's model (a catalog record that came
   after the version) can never be served: it scores below every other item.
 
@@ -149,28 +149,25 @@ def vectors_as_of(
 class Priors:
     """What an application was served for a user without a stored vector, by event time.
 
-    The version is the one the newest vector stored before the event named (the first
-    version with a prior, before any vector was stored); its prior is `model_versions.prior_vector`.
+    At event time t that is the prior of the newest version that had learned only events
+    before t (`model_versions.metrics ->> 'learned_through_ts'`): a version published after
+    the event's own batch has counted the event's item, and serving its prior would leak the
+    answer. A version that records no watermark (the initial one) counts as learned from the start.
     """
 
     def __init__(self, engine: Engine) -> None:
         with engine.connect() as conn:
-            firsts = conn.execute(
-                text(
-                    "SELECT model_version, extract(epoch FROM min(last_event_ts))::float8 AS since "
-                    "FROM user_interest_vectors GROUP BY model_version ORDER BY since, model_version"
-                )
-            ).all()
             rows = conn.execute(
                 text(
-                    "SELECT model_version, prior_vector FROM model_versions "
-                    "WHERE prior_vector IS NOT NULL ORDER BY created_at, model_version"
+                    "SELECT model_version, prior_vector, "
+                    "coalesce((metrics ->> 'learned_through_ts')::float8, '-infinity') AS through "
+                    "FROM model_versions WHERE prior_vector IS NOT NULL "
+                    "ORDER BY through, created_at, model_version"
                 )
             ).all()
-        self.vectors = {m: np.asarray(v, dtype=np.float32) for m, v in rows}
-        self.first = rows[0][0] if rows else None
-        self.versions = [m for m, _ in firsts]
-        self.since = np.asarray([t for _, t in firsts], dtype=np.float64)
+        self.vectors = {m: np.asarray(v, dtype=np.float32) for m, v, _ in rows}
+        self.versions = [m for m, _, _ in rows]
+        self.through = np.asarray([t for _, _, t in rows], dtype=np.float64)
 
     def fill(
         self, versions: list[str | None], vecs: np.ndarray | None, known: np.ndarray, ts: np.ndarray
@@ -178,14 +175,13 @@ class Priors:
         """Give unknown rows the prior of the version current at their event time, in place on
         `versions`; returns (vectors, which rows got a prior)."""
         served = np.zeros(len(versions), dtype=bool)
-        if not self.vectors:
+        if not self.versions:
             return vecs, served
-        at = np.searchsorted(self.since, ts - JUST_BEFORE_S, side="right") - 1
-        for row in np.flatnonzero(~known):
-            version = self.versions[at[row]] if at[row] >= 0 else self.first
-            prior = self.vectors.get(version) if version is not None else None
-            if prior is None:
-                continue
+        # The newest version whose watermark is strictly before the event.
+        at = np.searchsorted(self.through, ts, side="left") - 1
+        for row in np.flatnonzero(~known & (at >= 0)):
+            version = self.versions[at[row]]
+            prior = self.vectors[version]
             if vecs is None:
                 vecs = np.zeros((len(versions), len(prior)), dtype=np.float32)
             vecs[row] = prior

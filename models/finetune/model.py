@@ -106,6 +106,9 @@ class FineTunedModel(InterestModel):
         self._dp_rows: dict[str, list[int]] = {}
         self._dp_pop_var = np.zeros(len(o.popularity_half_lives_events))
         self.batches = 0
+        # The newest event time learned: a version published now has seen every event up to it,
+        # so a replay or `istream evaluate` may serve it only to later events.
+        self.learned_through = -math.inf
         # False on a scale-out follower: it keeps its users' state and vectors current against
         # the weights it loaded from the trainer, and neither trains nor publishes.
         self.train_shared = True
@@ -533,6 +536,8 @@ class FineTunedModel(InterestModel):
 
     def _learn(self, events: Sequence[Event]) -> BatchResult:
         episodes, touched, cold = self._observe(events)
+        if events:
+            self.learned_through = max(self.learned_through, max(e.ts for e in events))
         loss = None
         dp = self.trainer.dp
         admitted: set[str] = set()
@@ -685,6 +690,8 @@ class FineTunedModel(InterestModel):
         if initial or previous is None:
             return None
         metrics = {"batches": float(self.batches), "rollbacks": float(trainer.rollbacks)}
+        if math.isfinite(self.learned_through):
+            metrics["learned_through_ts"] = self.learned_through
         return self._snapshot(blob, {**metrics, **self.privacy_state()})
 
     def snapshot(self) -> ModelSnapshot:

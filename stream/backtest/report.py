@@ -256,8 +256,9 @@ def markdown(result: BacktestResult, meta: dict[str, Any] | None = None, live: b
     ]
     if live:
         parts += [
-            f"Warm positives whose user had no stored vector yet (ranked as a random guess): "
-            f"{c.get('no_vector', 0)}; targets without an item vector in the version's model: "
+            f"Warm positives whose user had no stored vector yet: {c.get('no_vector', 0)}; "
+            f"positives ranked by the prior of the version then current (no prior: a random "
+            f"guess): {c.get('served_prior', 0)}; targets without an item vector in the version's model: "
             f"{c.get('target_without_vector', 0)}; "
             f"versions pruned by retention: {c.get('pruned_versions', 0)}.",
             "",

@@ -111,6 +111,14 @@ def _seed_encodings(db_url: str, cache_dir: Path) -> int:
     return n
 
 
+def _texts(ml100k: Path) -> int:
+    """Distinct item texts of the catalog (1,664: some of the 1,682 films share a title and genres)."""
+    from models.catalog import item_text
+    from stream.sources import movielens_items
+
+    return len({item_text(r["text"], r["attrs"]) for r in movielens_items(ml100k)})
+
+
 def _totals(report: Path, model: str) -> dict[str, float]:
     doc = json.loads((report / "result.json").read_text())
     return doc["totals"]["warm"][model]
@@ -136,7 +144,7 @@ def backtests(ml100k: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
             str(report),
             "--quiet",
             env={"ISTREAM_DATA_DIR": str(root / "data"), "ISTREAM_DEVICE": "cpu"},
-            timeout=600,
+            timeout=600 + N_EVENTS / 100,
         )
         assert res.returncode == 0, res.stderr
         print(f"backtest {model}: {time.monotonic() - started:.1f}s")
@@ -182,7 +190,7 @@ def test_live_matches_backtest(
     up = run_cli("db", "upgrade", env={**env, "ISTREAM_MODEL": model})
     assert up.returncode == 0, up.stderr
     assert f"{published_dim(Settings(model=model))} dimensions" in up.stdout, up.stdout
-    assert _seed_encodings(empty_db_url, backtests[model].parent / "data" / "encodings") >= 1682
+    assert _seed_encodings(empty_db_url, backtests[model].parent / "data" / "encodings") >= _texts(ml100k)
     log = tmp_path / "worker.log"
     started = time.monotonic()
     worker = start_worker(
@@ -207,16 +215,27 @@ def test_live_matches_backtest(
             "--speed",
             f"{speed:.0f}",
             env=env,
-            timeout=300,
+            # Paced, the replay itself lasts N / BATCH * BATCH_SECONDS: 25 s for 5,000 events.
+            timeout=300 + 2 * N_EVENTS / BATCH * BATCH_SECONDS,
         )
         assert replay.returncode == 0, replay.stderr
-        wait_for(lambda: _applied(empty_db_url) >= N_EVENTS, 900, f"{N_EVENTS} applied", worker, log)
+        deadline = 900 * max(1.0, N_EVENTS / 5000)  # a deadline for a hang, not a speed target
+        wait_for(lambda: _applied(empty_db_url) >= N_EVENTS, deadline, f"{N_EVENTS} applied", worker, log)
     finally:
         assert stop_worker(worker) == 0, log.read_text()[-3000:]
     live_s = time.monotonic() - started
 
     out = tmp_path / "live"
-    ev = run_cli("evaluate", "--out", str(out), "--against", str(backtests[model]), "--quiet", env=env)
+    ev = run_cli(
+        "evaluate",
+        "--out",
+        str(out),
+        "--against",
+        str(backtests[model]),
+        "--quiet",
+        env=env,
+        timeout=120 + N_EVENTS / 50,
+    )
     assert ev.returncode == 0, ev.stderr
     live = _totals(out, f"live:{model}")
     bt = _totals(backtests[model], model)
