@@ -79,7 +79,11 @@ class Trainer:
         self.rollbacks = 0
         # Learning-rate multiplier chosen online (hypergradient): the previous update's direction.
         self._lr_mult = 1.0
-        self._last_update: list[torch.Tensor] | None = None
+        # Each parameter before the last step minus after it (minus the last update): buffers
+        # reused step after step, since the per-item tables make a fresh copy cost.
+        self._step_back: list[torch.Tensor] | None = None
+        # Negative draws' distribution, computed once per `train` call (counts move per batch).
+        self._neg_q: np.ndarray | None = None
         self._preq: list[float] = []
         self._bad_steps = 0
         self.good_state: dict[str, Any] | None = None
@@ -189,6 +193,7 @@ class Trainer:
 
     def train(self, n_events: int, device: torch.device) -> float | None:
         """Take the steps `n_events` more events pay for; returns the first fresh step's loss."""
+        self._neg_q = None  # the counts moved since the last call
         if self.dp is not None:
             return self._dp_train(device)
         o = self.opts
@@ -278,12 +283,15 @@ class Trainer:
         for _, t in pos:
             fixed.update(t.hard)
         k = o.random_negatives
-        q = np.full(n, 1.0 / n)
         mix = o.popular_negatives if self.dp is None else 0.0  # DP: draws that no count moves
-        if mix > 0:
-            w = np.maximum(self.host.item_counts()[:n], 0.0) ** 0.75
-            if w.sum() > 0:
-                q = (1.0 - mix) * q + mix * w / w.sum()
+        q = self._neg_q
+        if q is None or len(q) != n:
+            q = np.full(n, 1.0 / n)
+            if mix > 0:
+                w = np.maximum(self.host.item_counts()[:n], 0.0) ** 0.75
+                if w.sum() > 0:
+                    q = (1.0 - mix) * q + mix * w / w.sum()
+            self._neg_q = q
         drawn = (
             {int(r) for r in self.rng.choice(n, size=k, p=q)}
             if mix > 0
@@ -469,33 +477,46 @@ class Trainer:
         before = None
         if o.lr_hypergradient > 0:
             self._adapt_lr(params)
-            before = [p.detach().clone() for p in params]
+            before = self._keep_params(params)
         self.optimizer.step()
         if before is not None:
-            self._last_update = [p.detach() - b for p, b in zip(params, before, strict=True)]
+            torch._foreach_sub_(before, [p.detach() for p in params])
+            self._step_back = before
         return float(loss.detach())
+
+    def _keep_params(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of `params` in the buffers of the last step where the shapes still fit."""
+        old = self._step_back if self._step_back is not None and len(self._step_back) == len(params) else None
+        out = []
+        for i, p in enumerate(params):
+            buf = old[i] if old is not None else None
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                out.append(p.detach().clone())
+            else:
+                out.append(buf.copy_(p.detach()))
+        return out
 
     def _adapt_lr(self, params: Sequence[torch.Tensor]) -> None:
         """Hypergradient learning rate (Baydin et al. 2018), multiplicative: when this step's
         gradient (on events not yet learned: prequential) still points along the last update,
         the rate was too small; when it points back, too large."""
-        prev = self._last_update
+        prev = self._step_back
         if prev is None or len(prev) != len(params):
             return
         dot = 0.0
         gn = 0.0
         un = 0.0
-        for p, before in zip(params, prev, strict=True):
-            if p.grad is None or p.shape != before.shape:  # a per-item table grew: skip it once
+        for p, back in zip(params, prev, strict=True):
+            if p.grad is None or p.shape != back.shape:  # a per-item table grew: skip it once
                 continue
-            u = before
             g = p.grad.float()
-            dot += float((g * u).sum())
+            dot += float((g * back).sum())
             gn += float((g * g).sum())
-            un += float((u * u).sum())
+            un += float((back * back).sum())
         if gn <= 0 or un <= 0:
             return
-        cos = -dot / math.sqrt(gn * un)
+        # The gradient along the last update, i.e. against `back`.
+        cos = dot / math.sqrt(gn * un)
         lo, hi = self.opts.lr_hypergradient_range
         self._lr_mult = min(max(self._lr_mult * math.exp(self.opts.lr_hypergradient * cos), lo), hi)
 
