@@ -440,7 +440,12 @@ class FineTunedModel(InterestModel):
             new: list[Behaviour] = []
             if e.kind == "search" and e.query:
                 new.append(Behaviour(SIGNAL_SEARCH, e.ts, None, e.query, e.event_id))
-            repeat = o.distinct_history and any(b.item_id == e.target_item for b in state.recent)
+            # `seen` holds every item of `recent`: most events skip the scan.
+            repeat = (
+                o.distinct_history
+                and e.target_item in state.seen
+                and any(b.item_id == e.target_item for b in state.recent)
+            )
             if e.target_item is not None and not repeat:
                 # Kept even when the item is not in the catalog yet: it counts once it arrives.
                 new.append(Behaviour(self._signal(e), e.ts, e.target_item, None, e.event_id))
