@@ -359,9 +359,19 @@ def test_hypergradient_rate_moves_within_its_range() -> None:
         seen.add(round(m.trainer._lr_mult, 6))
         assert 0.5 <= m.trainer._lr_mult <= 2.0
     assert len(seen) > 2  # it moved
-    base = m.opts.lr
+    # Each step sets the optimiser's rate from the multiplier as it stands before the step.
+    trainer = m.trainer
+    set_to: list[tuple[float, float]] = []
+    original = trainer._set_lr_multiplier
+
+    def spy(mult: float) -> None:
+        set_to.append((mult, trainer._lr_mult * trainer.drift.lr_multiplier))
+        original(mult)
+
+    trainer._set_lr_multiplier = spy  # type: ignore[method-assign]
     m.learn(walk_events(40, 8, 2, seed=1))
-    assert m.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(base * m.trainer._lr_mult, rel=0.5)
+    assert set_to and all(a == pytest.approx(b) for a, b in set_to)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(m.opts.lr * set_to[-1][0], rel=1e-6)
 
 
 def test_budget_counted_in_positives_pays_only_for_what_trains_ranking() -> None:
