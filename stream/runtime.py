@@ -107,6 +107,7 @@ def model_options(settings: Settings) -> dict[str, object]:
             dp_max_events_per_window=settings.dp_max_events_per_user_window,
             dp_window_s=settings.dp_window_s,
             dp_max_participations=settings.dp_max_participations,
+            dp_clock_events_per_batch=settings.dp_clock_events_per_batch,
         )
     return options
 

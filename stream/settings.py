@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     dp_max_events_per_user_window: int = Field(default=32, ge=1)  # events of a user that train per window
     dp_window_s: float = Field(default=86400.0, gt=0)
     dp_max_participations: int = Field(default=50, ge=1)  # steps any one user's events may train
+    dp_clock_events_per_batch: int = Field(default=100, ge=1)  # public popularity clock per batch
 
     # Event contract.
     rating_min: float = 0.5

@@ -508,8 +508,8 @@ class FineTunedModel(InterestModel):
         if self.trainer.dp is not None:
             # DP: the counts move only at a publish, by a noisy release (`_dp_release_counts`).
             # Between publishes they only decay, by a clock that advances a public
-            # `events_per_step` per batch: the number of events would move with one person's.
-            k = float(self.opts.events_per_step)
+            # `dp_clock_events_per_batch` per batch: the number of events would move with one person's.
+            k = float(self.opts.dp_clock_events_per_batch)
             self._pop *= decay**k
             self._dp_pop_var *= decay ** (2 * k)
             return

@@ -104,6 +104,10 @@ class FineTuneOptions:
     dp_max_events_per_window: int = 32
     dp_window_s: float = 86400.0
     dp_max_participations: int = 50
+    # Under DP the popularity counts only decay between publishes, by a public clock of this
+    # many events per batch (the true count would move with one person's events). 100: the
+    # backtest's micro-batch.
+    dp_clock_events_per_batch: int = 100
     # The clipped, noised sum is divided by this public constant (not the step's user count,
     # which depends on who took part); Adam makes the learning rate nearly independent of it.
     dp_expected_users: float = 16.0
