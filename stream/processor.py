@@ -254,6 +254,21 @@ class BatchProcessor:
         self.restore_weights()
         self.ensure_published()
 
+    def bootstrap_catalog(self, records: Sequence[RawRecord], chunk: int = 2000) -> int:
+        """Apply the catalog records read from the items topic before any event is learned.
+
+        Kafka orders records within a partition, not across topics: under a backlog the
+        consumer may hand over thousands of events before the catalog they name (measured: the
+        first 21,700 of 100,000 ML-100K ratings, learned with no item known and served as a
+        random guess). Offsets are not touched: the consumer reads these records again and
+        applies them as usual (an upsert), and an invalid one is dead-lettered then.
+        """
+        good, _bad = self._parse(records)
+        items = [p for _, p in good if isinstance(p, Item)]
+        for i in range(0, len(items), chunk):
+            self.apply_items(items[i : i + chunk])
+        return len(items)
+
     def persist_encodings(self, items: Sequence[Item] | None = None) -> None:
         """Keep catalog texts' base encodings across restarts (stored rows are skipped).
 

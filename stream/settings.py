@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # learning, and room for every partition to fill its own (a full intake closes what
     # is open, and part-filled batches of many partitions mean more users per event).
     max_pending_records: int = Field(default=20_000, ge=1)
+    # Before its first batch a worker reads the catalog topic to its end, for at most this long
+    # (Kafka does not order the catalog before the events across topics); 0 = not at all.
+    catalog_bootstrap_s: float = Field(default=120.0, ge=0)
     # Write a learned batch to Postgres while the next batch (of other partitions) learns.
     pipeline_commits: bool = True
     # Backoff cap while Postgres or the broker is away; retries go on until they come back.

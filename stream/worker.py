@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, Retrying, retry_if_exception, wait_exponenti
 
 from storage.db import upgrade
 from stream.batcher import PartitionBatcher
+from stream.broker import ConsumerRecord, read_to_end
 from stream.logs import logging_config
 from stream.metrics import WorkerMetrics, serve
 from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatch, encode_dead_letter
@@ -60,6 +61,11 @@ def _raw(event: Any) -> RawRecord:
     )
 
 
+def _raw_record(m: ConsumerRecord) -> RawRecord:
+    """A kafka-python record (timestamp in ms) as the processor's."""
+    return RawRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp if m.timestamp else None)
+
+
 class DeadLetterProducer:
     """Synchronous dead-letter sends from the training thread; each send waits for the broker's ack."""
 
@@ -94,6 +100,7 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings, bootstrap: str, database_url: str) -> None:
         self.settings = settings
+        self.bootstrap = bootstrap
         self.database_url = database_url
         self.topic_kinds = {**settings.event_topics, settings.topic_items: "item"}
         self.store = build_store(settings, database_url)
@@ -249,9 +256,32 @@ class WorkerRuntime:
                 )
                 self._processor.should_stop = self.should_stop
                 runner._attempt(lambda: (self._processor.restore(), BatchOutcome())[1])  # type: ignore[union-attr]
+                runner._attempt(lambda: (self.bootstrap_catalog(), BatchOutcome())[1])
                 self._runner = runner
                 self.metrics.model_loaded.set(1)
             return self._runner
+
+    def bootstrap_catalog(self) -> None:
+        """Read the catalog topic to its current end before the first batch (BatchProcessor.
+        bootstrap_catalog says why); bounded by ISTREAM_CATALOG_BOOTSTRAP_S."""
+        s = self.settings
+        if s.catalog_bootstrap_s <= 0 or self._processor is None:
+            return
+        started = time.monotonic()
+        found, complete = read_to_end(self.bootstrap, s.topic_items, s.catalog_bootstrap_s)
+        records = [_raw_record(m) for m in found]
+        n = self._processor.bootstrap_catalog(records)
+        took = time.monotonic() - started
+        if complete:
+            log.info("catalog: %d items from %s before the first event (%.1fs)", n, s.topic_items, took)
+        else:
+            log.warning(
+                "catalog: read %d items of %s in %.0fs (ISTREAM_CATALOG_BOOTSTRAP_S) and went on; "
+                "the rest arrive with the stream",
+                n,
+                s.topic_items,
+                took,
+            )
 
     def _run(self, batch: list[RawRecord]) -> BatchOutcome:
         runner = self.runner
