@@ -28,7 +28,7 @@ compose-check:
 	@echo "docker-compose.yml is valid"
 
 test: $(STAMP) lint compose-check
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	@ls bench/*.py | xargs -n1 echo "run: $(BIN)/python"
