@@ -239,6 +239,9 @@ class WorkerRuntime:
                 encoder = build_encoder(self.settings)
                 encoder.on_encoded = self.metrics.texts_encoded.inc
                 model = build_interest_model(self.settings, encoder)
+                # Loaded: what follows (restore, the catalog bootstrap) is encoding and reading,
+                # which `istream_base_texts_encoded_total` shows as it goes.
+                self.metrics.model_loaded.set(1)
                 self._processor = BatchProcessor(
                     model,
                     self.store,
@@ -258,7 +261,6 @@ class WorkerRuntime:
                 runner._attempt(lambda: (self._processor.restore(), BatchOutcome())[1])  # type: ignore[union-attr]
                 runner._attempt(lambda: (self.bootstrap_catalog(), BatchOutcome())[1])
                 self._runner = runner
-                self.metrics.model_loaded.set(1)
             return self._runner
 
     def bootstrap_catalog(self) -> None:
