@@ -153,9 +153,11 @@ class Stack:
         tails = "\n".join(w.tail() for w in workers)
         raise AssertionError(f"only {last}/{n} events applied after {timeout:.0f}s\n{tails}")
 
-    def wait_progress(self, worker: WorkerProcess, timeout: float = 60.0) -> None:
-        """Until the applied-event count grows (the worker is committing batches)."""
-        before = self.applied_total()
+    def wait_progress(self, worker: WorkerProcess, timeout: float = 60.0, since: int | None = None) -> None:
+        """Until the applied-event count grows past `since` (default: the count now), i.e. the
+        worker is committing batches. Pass the count from before the worker started when its
+        backlog may already be applied by the time this is called."""
+        before = self.applied_total() if since is None else since
         wait_for(
             lambda: self.applied_total() > before,
             timeout,
