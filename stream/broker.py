@@ -13,7 +13,6 @@ from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
@@ -170,31 +169,6 @@ def high_watermarks(consumer: KafkaConsumer, tps: Sequence[TopicPartition]) -> d
             end = max(end, int(consumer.highwater(tp) or 0))
         out[tp] = end
     return out
-
-
-def read_to_end(bootstrap: str, topic: str, timeout_s: float) -> tuple[list[ConsumerRecord], bool]:
-    """Every record of `topic`, from the beginning up to the end offsets it has now, without a
-    consumer group (nothing is committed). Returns (records, complete): False when `timeout_s`
-    ran out first."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or set())]
-        want = {tp: end for tp, end in high_watermarks(consumer, tps).items() if end > 0}
-        out: list[ConsumerRecord] = []
-        if not want:
-            return out, True
-        consumer.assign(list(want))
-        consumer.seek_to_beginning(*want)
-        deadline = time.monotonic() + timeout_s
-        while want and time.monotonic() < deadline:
-            for tp, msgs in consumer.poll(timeout_ms=500).items():
-                out.extend(m for m in msgs if m.offset < want.get(tp, 0))
-            for tp in list(want):
-                if consumer.position(tp) >= want[tp]:
-                    del want[tp]
-        return out, not want
-    finally:
-        consumer.close()
 
 
 def topic_end_offsets(bootstrap: str, topic: str) -> int:

@@ -254,8 +254,8 @@ class BatchProcessor:
         self.restore_weights()
         self.ensure_published()
 
-    def bootstrap_catalog(self, records: Sequence[RawRecord], chunk: int = 2000) -> int:
-        """Apply the catalog records read from the items topic before any event is learned.
+    def bootstrap_catalog(self, items: Sequence[Item], chunk: int = 2000) -> int:
+        """Apply the catalog read from the items topic before any event is learned.
 
         Kafka orders records within a partition, not across topics: under a backlog the
         consumer may hand over thousands of events before the catalog they name (measured: the
@@ -263,8 +263,6 @@ class BatchProcessor:
         random guess). Offsets are not touched: the consumer reads these records again and
         applies them as usual (an upsert), and an invalid one is dead-lettered then.
         """
-        good, _bad = self._parse(records)
-        items = [p for _, p in good if isinstance(p, Item)]
         for i in range(0, len(items), chunk):
             self.apply_items(items[i : i + chunk])
         return len(items)

@@ -24,7 +24,6 @@ from tenacity import AsyncRetrying, Retrying, retry_if_exception, wait_exponenti
 
 from storage.db import upgrade
 from stream.batcher import PartitionBatcher
-from stream.broker import ConsumerRecord, read_to_end
 from stream.logs import logging_config
 from stream.metrics import WorkerMetrics, serve
 from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatch, encode_dead_letter
@@ -59,11 +58,6 @@ def _raw(event: Any) -> RawRecord:
         value=msg.value,
         timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
     )
-
-
-def _raw_record(m: ConsumerRecord) -> RawRecord:
-    """A kafka-python record (timestamp in ms) as the processor's."""
-    return RawRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp if m.timestamp else None)
 
 
 class DeadLetterProducer:
@@ -270,9 +264,10 @@ class WorkerRuntime:
         if s.catalog_bootstrap_s <= 0 or self._processor is None:
             return
         started = time.monotonic()
-        found, complete = read_to_end(self.bootstrap, s.topic_items, s.catalog_bootstrap_s)
-        records = [_raw_record(m) for m in found]
-        n = self._processor.bootstrap_catalog(records)
+        from stream.backtest.topics import read_catalog
+
+        items, complete = read_catalog(self.bootstrap, s, limits(s), s.catalog_bootstrap_s)
+        n = self._processor.bootstrap_catalog(items)
         took = time.monotonic() - started
         if complete:
             log.info("catalog: %d items from %s before the first event (%.1fs)", n, s.topic_items, took)

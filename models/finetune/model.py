@@ -554,10 +554,7 @@ class FineTunedModel(InterestModel):
                 ep.targets = [t for t in ep.targets if t.event_id in admitted]
         if self.train_shared:
             self.trainer.add(episodes)
-            paid = len(events)
-            if self.opts.budget_unit == "positives":
-                paid = sum(self.trainer.budget_units(ep) for ep in episodes)
-            loss = self.trainer.train(paid, self.device)
+            loss = self.trainer.train(self.trainer.paid_for(events, episodes), self.device)
             if dp is not None and self.trainer.released_users:
                 self._dp_collect_counts(events, admitted, self.trainer.released_users)
                 self.trainer.released_users = set()

@@ -21,6 +21,7 @@ from torch import nn
 
 from models.catalog import Catalog
 from models.device import autocast
+from models.events import Event
 from models.finetune.drift import DriftMonitor
 from models.finetune.episodes import Episode, Target, chunk, episode_tensors, seen_mask
 from models.finetune.network import InterestNet
@@ -162,6 +163,13 @@ class Trainer:
         waiting = sum(len(ep.targets) for ep in self.pending)
         while waiting > self.opts.replay_size and len(self.pending) > 1:
             waiting -= len(self.pending.pop(0).targets)
+
+    def paid_for(self, events: Sequence[Event], episodes: Sequence[Episode]) -> int:
+        """What a batch pays into the budget: every event, or (`budget_unit="positives"`) the
+        targets of its episodes that train ranking."""
+        if self.opts.budget_unit == "positives":
+            return sum(self.budget_units(ep) for ep in episodes)
+        return len(events)
 
     def budget_units(self, ep: Episode) -> int:
         """What an episode counts against the budget: its targets, or (`budget_unit="positives"`)

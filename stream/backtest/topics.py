@@ -18,6 +18,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
+from models.events import Item
 from stream.backtest.data import BacktestData, Parsed, Rejected, assemble
 from stream.broker import make_consumer
 from stream.schema import InvalidRecord, Limits, parse_topic_record
@@ -108,6 +109,30 @@ def _read(
                 todo.discard(tp)
                 consumer.pause(tp)
                 bounds[f"{tp.topic}/{tp.partition}"] = [start[tp], max(start[tp], stop[tp])]
+
+
+def read_catalog(
+    bootstrap: str, settings: Settings, limits: Limits, timeout_s: float
+) -> tuple[list[Item], bool]:
+    """The catalog topic, whole, up to the end it has now: its valid items, and whether it was
+    read to the end within `timeout_s` (False: the items read so far). Invalid records are left
+    to the consumer that dead-letters them."""
+    kinds = {settings.topic_items: "item"}
+    items: list[Item] = []
+    consumer = make_consumer(bootstrap, consumer_timeout_ms=1000)
+    try:
+        tps = [
+            TopicPartition(settings.topic_items, p)
+            for p in sorted(consumer.partitions_for_topic(settings.topic_items) or ())
+        ]
+        for parsed in _read(consumer, tps, TopicRange(), kinds, limits, timeout_s, {}):
+            if isinstance(parsed, Item):
+                items.append(parsed)
+    except SourceError:
+        return items, False
+    finally:
+        consumer.close()
+    return items, True
 
 
 def load_topic_range(

@@ -15,8 +15,10 @@ import pytest
 from sqlalchemy import text
 
 from storage.db import make_engine
-from stream.broker import EmbeddedBroker, ensure_topics, make_producer, read_to_end
+from stream.backtest.topics import read_catalog
+from stream.broker import EmbeddedBroker, ensure_topics, make_producer
 from stream.producer import EventProducer
+from stream.schema import Limits
 from stream.settings import Settings
 from stream.sources import synthetic_log
 from tests.helpers import applied_events, start_worker, stop_worker, wait_for
@@ -36,8 +38,8 @@ def test_catalog_is_read_before_the_first_event(broker: EmbeddedBroker, db_url: 
     producer.send_all(events)  # the events first,
     producer.send_all(items)  # then the catalog they name
 
-    found, complete = read_to_end(bootstrap, settings.topic_items, timeout_s=30)
-    assert complete and sorted(m.key for m in found) == sorted(i["item_id"].encode() for i in items)
+    found, complete = read_catalog(bootstrap, settings, Limits(), timeout_s=30)
+    assert complete and sorted(i.item_id for i in found) == sorted(i["item_id"] for i in items)
 
     log = tmp_path / "worker.log"
     worker = start_worker(bootstrap, db_url, log, ISTREAM_BATCH_SIZE="50")
