@@ -250,12 +250,13 @@ class FineTunedModel(InterestModel):
             setattr(net, name, p_new)
 
     # ---- item vectors ----------------------------------------------------------------------------
-    def _tower_rows(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
-        tower = self.net.tower
-        out = tower(rows, live)
-        if self.net.fuse is not None and self._modal is not None:
+    def _text_rows(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
+        """P(tower(rows) [+ F(modal)]): the projected text part of the items' vectors."""
+        net = self.net
+        out = net.tower.projected(net.proj, rows, live)
+        if net.fuse is not None and self._modal is not None:
             modal = torch.from_numpy(self._modal[rows.cpu().numpy()]).to(self.device)
-            out = out + self.net.fuse(modal)
+            out = out + net.proj(net.fuse(modal))
         return out
 
     def item_vectors(
@@ -264,8 +265,8 @@ class FineTunedModel(InterestModel):
         """Vectors and scoring biases of `rows`, with gradients; a tower with an expensive part
         (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`)."""
         net = self.net
-        base = self._tower_rows(rows, grad_rows)
-        return net.items(base, rows, self._pop_feature(self._pop[rows.cpu().numpy()]))
+        text = self._text_rows(rows, grad_rows)
+        return net.items(text, rows, self._pop_feature(self._pop[rows.cpu().numpy()]))
 
     @torch.no_grad()
     def refresh_items(self, full_tower: bool = False) -> None:
@@ -280,8 +281,8 @@ class FineTunedModel(InterestModel):
             net.tower.refresh()
         # Over every row: cheap for every tower (transformer layers come from their cache).
         rows = rows_tensor(range(n), self.device)
-        base = torch.cat([self._tower_rows(rows[i : i + 512]) for i in range(0, n, 512)])
-        vec, bias = net.items(base, rows, self._pop_feature(self._pop[:n]))
+        text = torch.cat([self._text_rows(rows[i : i + 512]) for i in range(0, n, 512)])
+        vec, bias = net.items(text, rows, self._pop_feature(self._pop[:n]))
         net.train(was)
         self._live_vec = vec.float().cpu()
         self._live_aug = np.concatenate([self._live_vec.numpy(), bias.float().cpu().numpy()[:, None]], axis=1)
@@ -301,7 +302,7 @@ class FineTunedModel(InterestModel):
         was = net.training
         net.eval()
         idx = rows_tensor(stale, self.device)
-        vec, _ = net.items(self._tower_rows(idx), idx, self._pop_feature(self._pop[stale]))
+        vec, _ = net.items(self._text_rows(idx), idx, self._pop_feature(self._pop[stale]))
         net.train(was)
         self._live_vec[stale] = vec.float().cpu()
         self._live_stamp[stale] = self.trainer.steps

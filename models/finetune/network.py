@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.dropout import PackedDropout
 from models.towers import ItemTower
 from models.user_state import N_SIGNALS
 
@@ -41,9 +42,9 @@ class CausalBlock(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(
-            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
+            nn.Linear(dim, 2 * dim), nn.GELU(), PackedDropout(dropout), nn.Linear(2 * dim, dim)
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = PackedDropout(dropout)
         self.age_slope = nn.Parameter(torch.zeros(heads))
         self.rel_slope = nn.Parameter(torch.zeros(heads))
 
@@ -157,14 +158,14 @@ class InterestNet(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(0))
         self.rating_bias = nn.Parameter(torch.zeros(0))
         self.fuse: nn.Linear | None = None
-        self.drop = nn.Dropout(dropout)
+        self.drop = PackedDropout(dropout)
 
     def items(
-        self, base: torch.Tensor, rows: torch.Tensor, pop: torch.Tensor
+        self, text: torch.Tensor, rows: torch.Tensor, pop: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vectors and scoring biases of catalog `rows` from their tower outputs `base` and
-        popularity features `pop` (log(1 + decayed counts))."""
-        text = self.proj(base)
+        """Vectors and scoring biases of catalog `rows` from their projected tower outputs
+        `text` (P(tower(text)), `ItemTower.projected`) and popularity features `pop`
+        (log(1 + decayed counts))."""
         # An item's own parameters count in proportion to its evidence (c / (c + k), c = its
         # slowest-decayed count): otherwise an item nobody has chosen yet is trained only as a
         # negative, and by the time its first users come its id bias has sunk below the catalog.

@@ -128,6 +128,50 @@ def test_adapter_starts_as_identity() -> None:
     np.testing.assert_allclose(tower.encode_texts(TEXTS).detach().numpy(), enc.encode(TEXTS), atol=1e-6)
 
 
+def test_adapter_folded_into_the_projection_equals_projecting_its_output() -> None:
+    """`projected` multiplies the up-projection into P; it must stay P(tower(rows)), with the
+    same gradients, for the whole catalog in order and for a subset of rows."""
+    from models.catalog import Catalog
+
+    torch.manual_seed(0)
+    enc = HashEncoder(16)
+    catalog = Catalog(enc)
+    catalog.upsert(items())
+    tower = AdapterTower(enc, hidden=8).eval()
+    tower.sync(catalog, range(len(catalog)))
+    torch.nn.init.normal_(tower.up.weight)  # the adapter starts as the identity: move it
+    proj = torch.nn.Linear(16, 4, bias=False)
+    for rows in (torch.arange(len(catalog)), torch.tensor([5, 0, 3])):
+        folded = tower.projected(proj, rows)
+        plain = proj(tower(rows))
+        torch.testing.assert_close(folded, plain)
+        params = [proj.weight, tower.up.weight, tower.down.weight]
+        g_folded = torch.autograd.grad(folded.square().sum(), params)
+        g_plain = torch.autograd.grad(plain.square().sum(), params)
+        for a, b in zip(g_folded, g_plain, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_packed_dropout_drops_p_scales_the_rest_and_follows_the_seed() -> None:
+    from models.dropout import PackedDropout
+
+    drop = PackedDropout(0.1)
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    assert abs(float((y == 0).float().mean()) - 0.1) < 0.005
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x·mask/(1-p))/dx = mask/(1-p)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y.detach())  # reproducible from torch's seed
+    odd = torch.ones(7, 3)  # an element count that is no multiple of four
+    assert drop(odd).shape == (7, 3)
+    assert torch.equal(drop.eval()(x), x)
+    with pytest.raises(ValueError, match="dropout probability"):
+        PackedDropout(1.0)
+
+
 def test_find_layers_and_bad_k(tiny: BaseEncoder) -> None:
     assert len(find_layers(tiny.model)) == 3
     with pytest.raises(ValueError, match="k must be between 1 and 3"):
