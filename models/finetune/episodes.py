@@ -52,6 +52,14 @@ class EpisodeTensors:
         return self.vec, self.signal, self.ts, self.valid
 
 
+def newest_queries(episodes: Sequence[Episode], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(users, positions) of one query per episode, after all its behaviours: the current
+    user vectors (`InterestNet.user`'s `qu`, `qp`)."""
+    qu = torch.arange(len(episodes), device=device)
+    qp = torch.as_tensor([len(ep.behaviours) for ep in episodes], dtype=torch.long, device=device)
+    return qu, qp
+
+
 def episode_tensors(
     episodes: Sequence[Episode],
     item_vec: torch.Tensor,

@@ -34,7 +34,7 @@ from models.catalog import Catalog, TextEncoder, item_text
 from models.core import BatchResult, InterestModel, ModelSnapshot, UserUpdate
 from models.device import cpu_threads, pick_device, set_deterministic
 from models.events import Event, Item, UserProfile
-from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors
+from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors, newest_queries
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
 from models.finetune.trainer import Trainer, rows_tensor
@@ -349,17 +349,16 @@ class FineTunedModel(InterestModel):
         net.eval()
         episodes = self._current_episodes(user_ids)
         t = self._serving_tensors(episodes)
-        qpos = torch.as_tensor([[len(ep.behaviours)] for ep in episodes], device=self.device)
         u, weights = self.versions.call(
             net,
             "user",
             *t.as_args(),
-            qpos,
+            *newest_queries(episodes, self.device),
             self.long_tensor([ep.long_term for ep in episodes]),
             self.profile_tensor(user_ids),
         )
         net.train(was)
-        return u[:, 0], weights[:, 0]
+        return u, weights
 
     def _refresh_users(self, user_ids: Sequence[str]) -> None:
         user_ids = [u for u in user_ids if u in self.users]
@@ -753,14 +752,14 @@ class FineTunedModel(InterestModel):
             long_share = float(call(net, "long", self.long_tensor([state.long_term]))[0] @ uu / denom)
             profile = self.profile_tensor([user_id])
             prof_share = float(call(net, "profile", profile)[0] @ uu / denom)
-        qpos = torch.as_tensor([[len(ep.behaviours)]], device=self.device)
+        qu, qp = newest_queries([ep], self.device)
         zeros_long = torch.zeros(1, net.dim, device=self.device)
         zeros_prof = torch.zeros_like(profile)
         grads = torch.zeros_like(vec)
         for k in range(1, ig_steps + 1):
             x = (vec * (k / ig_steps)).detach().requires_grad_(True)
-            part, _ = call(net, "user", x, signal, ts, valid, qpos, zeros_long, zeros_prof)
-            (part[0, 0] @ uu / denom).backward()
+            part, _ = call(net, "user", x, signal, ts, valid, qu, qp, zeros_long, zeros_prof)
+            (part[0] @ uu / denom).backward()
             assert x.grad is not None
             grads += x.grad
         raw = (vec * grads / ig_steps).sum(-1)[0].detach().float().cpu().numpy()

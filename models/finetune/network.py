@@ -84,18 +84,22 @@ class AttentionReadout(nn.Module):
         self.rel_slope = nn.Parameter(torch.tensor(0.0))
 
     def forward(
-        self, h: torch.Tensor, ts: torch.Tensor, valid: torch.Tensor, qpos: torch.Tensor
+        self, h: torch.Tensor, ts: torch.Tensor, valid: torch.Tensor, qu: torch.Tensor, qp: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The read-outs (N, d) and their attention (N, T) for queries at positions `qp` of
+        users `qu` (N,): only the queries asked for are computed, however unevenly they fall
+        on users (a step has ~50 targets on a few users and one on each replayed user)."""
         _, T, d = h.shape
-        prev_idx = (qpos - 1).clamp(min=0)
-        prev = h.gather(1, prev_idx[..., None].expand(-1, -1, d)) * (qpos > 0)[..., None].to(h.dtype)
-        q = self.q0 + self.wq(prev)  # (U, Q, d)
-        logits = (q @ h.transpose(1, 2)) / math.sqrt(d)  # (U, Q, T)
-        k = torch.arange(T, device=h.device)[None, None, :]
-        rel = qpos[..., None] - 1 - k
-        allowed = (rel >= 0) & (rel < self.history) & valid[:, None, :]
-        ts_prev = ts.gather(1, prev_idx)
-        age_h = (ts_prev[..., None] - ts[:, None, :]).clamp(min=0) / 3600.0
+        hq = h[qu]  # (N, T, d)
+        ts_q = ts[qu]
+        prev_idx = (qp - 1).clamp(min=0)[:, None]
+        prev = hq.gather(1, prev_idx[..., None].expand(-1, -1, d))[:, 0] * (qp > 0)[:, None].to(h.dtype)
+        q = self.q0 + self.wq(prev)  # (N, d)
+        logits = (hq @ q[:, :, None])[..., 0] / math.sqrt(d)  # (N, T)
+        k = torch.arange(T, device=h.device)[None, :]
+        rel = qp[:, None] - 1 - k
+        allowed = (rel >= 0) & (rel < self.history) & valid[qu]
+        age_h = (ts_q.gather(1, prev_idx) - ts_q).clamp(min=0) / 3600.0
         logits = (
             logits
             + self.age_slope * torch.log1p(age_h)
@@ -103,7 +107,7 @@ class AttentionReadout(nn.Module):
         )
         logits = logits.masked_fill(~allowed, float("-inf"))
         weights = torch.nan_to_num(torch.softmax(logits.float(), dim=-1), nan=0.0).to(h.dtype)
-        return weights @ h, weights
+        return (weights[:, None, :] @ hq)[:, 0], weights
 
 
 class InterestNet(nn.Module):
@@ -181,23 +185,24 @@ class InterestNet(nn.Module):
         signal: torch.Tensor,  # (U, T) long
         ts: torch.Tensor,  # (U, T) float, seconds relative to the episode's start
         valid: torch.Tensor,  # (U, T) bool
-        qpos: torch.Tensor,  # (U, Q) long: positions at which user vectors are wanted
+        qu: torch.Tensor,  # (N,) long: the user (row) of each wanted vector
+        qp: torch.Tensor,  # (N,) long: its position in that user's behaviours
         long_term: torch.Tensor,  # (U, d)
         profile: torch.Tensor,  # (U, base)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """User vectors (U, Q, d) at positions `qpos` (each from the behaviours before it: the
-        causal encoder's state after behaviour qpos-1), and the attention of that state over
-        the behaviours (U, Q, T; last block, mean over heads)."""
-        U, T, d = vec.shape
+        """User vectors (N, d) of users `qu` at positions `qp` (each from the behaviours before
+        it: the causal encoder's state after behaviour qp-1), and the attention of that state
+        over the user's behaviours (N, T; last block, mean over heads)."""
+        U, T, _ = vec.shape
         gap = torch.zeros_like(ts)
         gap[:, 1:] = (ts[:, 1:] - ts[:, :-1]).clamp(min=0)
         bucket = torch.log2(1.0 + gap / 60.0).floor().clamp(max=GAP_BUCKETS - 1).long()
         vmask = valid[..., None].to(vec.dtype)
         h = self.drop(vec + self.signal_emb(signal) + self.gap_emb(bucket)) * vmask
+        rest = (self.w_long(long_term) + self.w_prof(profile))[qu]
         if self.readout is not None:
-            short, att_q = self.readout(h, ts, valid, qpos)
-            u = self.w_short(short) + (self.w_long(long_term) + self.w_prof(profile))[:, None, :]
-            return u * self._trust(valid, qpos), att_q
+            short, att_q = self.readout(h, ts, valid, qu, qp)
+            return (self.w_short(short) + rest) * self._trust(valid, qu, qp), att_q
         pos = torch.arange(T, device=vec.device)
         rel = pos[:, None] - pos[None, :]  # query minus key
         allowed = (rel >= 0) & (rel < self.history)
@@ -210,20 +215,18 @@ class InterestNet(nn.Module):
             h, att = block(h, allowed, log_age, log_rel)
             h = h * vmask
         h = self.final_norm(h)
-        prev_idx = (qpos - 1).clamp(min=0)
-        state = h.gather(1, prev_idx[..., None].expand(-1, -1, d))
-        first = (qpos <= 0)[..., None]
-        state = torch.where(first, self.start.to(state.dtype).expand_as(state), state)
-        weights = att.gather(1, prev_idx[..., None].expand(-1, -1, T)) * (~first).to(att.dtype)
-        u = self.w_short(state) + (self.w_long(long_term) + self.w_prof(profile))[:, None, :]
-        return u * self._trust(valid, qpos), weights
+        prev_idx = (qp - 1).clamp(min=0)
+        first = (qp <= 0)[:, None]
+        state = torch.where(first, self.start.to(h.dtype)[None], h[qu, prev_idx])
+        weights = att[qu, prev_idx] * (~first).to(att.dtype)
+        return (self.w_short(state) + rest) * self._trust(valid, qu, qp), weights
 
-    def _trust(self, valid: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
-        """(U, Q, 1) multipliers of the user vectors at `qpos`, by the behaviours before each."""
+    def _trust(self, valid: torch.Tensor, qu: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
+        """(N, 1) multipliers of the user vectors at (`qu`, `qp`), by the behaviours before each."""
         before = torch.cumsum(valid.to(torch.long), dim=1)  # (U, T): valid behaviours up to each
-        n = torch.where(qpos > 0, before.gather(1, (qpos - 1).clamp(min=0)), torch.zeros_like(qpos))
+        n = torch.where(qp > 0, before[qu, (qp - 1).clamp(min=0)], torch.zeros_like(qp))
         bucket = torch.log2(1.0 + n.to(torch.float32)).floor().long().clamp(max=EVIDENCE_BUCKETS - 1)
-        return self.evidence.exp()[bucket][..., None]
+        return self.evidence.exp()[bucket][:, None]
 
     def forward(
         self, op: str, *args: torch.Tensor | Sequence[str]

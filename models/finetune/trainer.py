@@ -365,20 +365,16 @@ class Trainer:
                 {ids[r]: c for r, c in col.items()},
                 lambda texts: net("texts", texts),  # type: ignore[arg-type,return-value]
             )
-            n_q = max(len(ep.targets) for ep in episodes)
-            qpos_np = np.zeros((len(episodes), n_q), dtype=np.int64)
-            slot = []
-            for u, ep in enumerate(episodes):
-                for qi, tg in enumerate(ep.targets):
-                    qpos_np[u, qi] = tg.pos
-                    slot.append(u * n_q + qi)
-            u_q, _w = net.user(
+            # One query per target, in `flat`'s order.
+            qu = rows_tensor([u for u, _ in flat], dev)
+            qp = rows_tensor([tg.pos for _, tg in flat], dev)
+            u_all, _w = net.user(
                 *t.as_args(),
-                torch.from_numpy(qpos_np).to(dev),
+                qu,
+                qp,
                 host.long_tensor([ep.long_term for ep in episodes]),
                 host.profile_tensor([ep.user_id for ep in episodes]),
             )
-            u_all = u_q.reshape(-1, u_q.shape[-1])[rows_tensor(slot, dev)]
             scale = net.log_scale.exp()
             losses: list[torch.Tensor] = []
             pos_idx = [i for i, (_, t) in enumerate(flat) if t.positive]
