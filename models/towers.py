@@ -88,19 +88,23 @@ class AdapterTower(ItemTower):
         # The catalog already holds cached base encodings; a view is enough.
         self._base = torch.from_numpy(np.ascontiguousarray(catalog.encodings))
 
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.nn.functional.gelu(self.down(x)))
+
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.drop(torch.nn.functional.gelu(self.down(x))))
+        return x + self.up(self._hidden(x))
 
-    def forward(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
-        """Tower vectors of catalog `rows`; `live` is for towers with an expensive part (see
-        `TopLayersTower`): the adapter runs every row with gradients anyway."""
-        return self.adapt(self._rows(rows))
-
-    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def inputs(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
+        """The adapter's input for catalog `rows`: their cached base encodings. `live` is for
+        towers with an expensive part in front of the adapter (`TopLayersTower`)."""
         base = self._base.to(self.up.weight.device)
         if len(rows) == len(base) and bool((rows == torch.arange(len(base), device=rows.device)).all()):
             return base  # the whole catalog in order (full softmax): no copy
         return base[rows]
+
+    def forward(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
+        """Tower vectors of catalog `rows`, with gradients through every row."""
+        return self.adapt(self.inputs(rows, live))
 
     def projected(
         self, proj: nn.Linear, rows: torch.Tensor, live: Mapping[int, float] | None = None
@@ -108,10 +112,9 @@ class AdapterTower(ItemTower):
         """P(x + W_up h + b_up) as P x + (P W_up) h + P b_up: the up-projection runs in the
         interest dimension (64) instead of the base's (384), forward and backward; the adapter
         was most of a training step's tower cost over a full-softmax catalog."""
-        x = self._rows(rows)
-        h = self.drop(torch.nn.functional.gelu(self.down(x)))
+        x = self.inputs(rows, live)
         w = proj.weight
-        return proj(x) + h @ (w @ self.up.weight).T + w @ self.up.bias
+        return proj(x) + self._hidden(x) @ (w @ self.up.weight).T + w @ self.up.bias
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         base = torch.from_numpy(self.encoder.encode(list(texts))).to(self.up.weight.device)
@@ -327,7 +330,9 @@ class TopLayersTower(AdapterTower):
     def device(self) -> torch.device:
         return self.up.weight.device
 
-    def forward(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
+    def inputs(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
+        """The trained layers' pooled outputs for `rows`: run now for the rows in `live` (with
+        their gradient weights), from the cache for the others."""
         base = self._base.to(self.device)[rows]
         if live:
             rl = rows.tolist()
@@ -342,7 +347,7 @@ class TopLayersTower(AdapterTower):
                 # Written through: these rows are one optimisation step behind from now on,
                 # the others since the last `refresh`.
                 self._base[rows[at].to(self._base.device)] = fresh.detach().float().to(self._base.device)
-        return self.adapt(base)
+        return base
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.adapt(self.run_top(self.lower(texts)))

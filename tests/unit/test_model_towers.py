@@ -152,6 +152,23 @@ def test_adapter_folded_into_the_projection_equals_projecting_its_output() -> No
             torch.testing.assert_close(a, b)
 
 
+def test_top_layers_folded_projection_runs_the_live_rows_through_the_layers(tiny: BaseEncoder) -> None:
+    """The fold must keep what `TopLayersTower` puts in front of the adapter: the `live` rows
+    run through the trained layers, which get their gradient through `projected` as through
+    `forward`."""
+    m = build_model("top_layers:1", tiny, dim=8, seed=0, dropout=0.0)
+    m.upsert_items(items(6))
+    tower, proj = m.net.tower, m.net.proj
+    with torch.no_grad():
+        for p in tower.top.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows, live = torch.arange(6), {1: 1.0, 4: 1.0}
+    folded = tower.projected(proj, rows, live)
+    folded.square().sum().backward()
+    assert any(p.grad is not None for p in tower.top.parameters())
+    torch.testing.assert_close(folded, proj(tower(rows, live)), atol=1e-5, rtol=1e-5)
+
+
 def test_packed_dropout_drops_p_scales_the_rest_and_follows_the_seed() -> None:
     from models.dropout import PackedDropout
 
