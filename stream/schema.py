@@ -28,6 +28,19 @@ class InvalidRecord(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record that failed validation: where it was (line number, topic/partition/offset,
+    or record index) and why."""
+
+    where: str
+    reason: str
+
+
+# What validating one record gives.
+Parsed = Event | Item | Rejected
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_id_len: int = 128
     max_query_len: int = 1024

@@ -40,6 +40,7 @@ from stream.runtime import (
     vector_width,
 )
 from stream.settings import Settings
+from stream.topics import read_catalog
 
 log = logging.getLogger("istream.worker")
 
@@ -264,8 +265,6 @@ class WorkerRuntime:
         if s.catalog_bootstrap_s <= 0 or self._processor is None:
             return
         started = time.monotonic()
-        from stream.backtest.topics import read_catalog
-
         items, complete = read_catalog(self.bootstrap, s, limits(s), s.catalog_bootstrap_s)
         n = self._processor.bootstrap_catalog(items)
         took = time.monotonic() - started

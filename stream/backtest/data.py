@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from models.events import Event, Item, UserProfile
-from stream.schema import DEFAULT_LIMITS, InvalidRecord, Limits, parse_log_record
+from stream.schema import DEFAULT_LIMITS, InvalidRecord, Limits, Parsed, Rejected, parse_log_record
 from stream.sources import (
     LogLine,
     SourceError,
@@ -29,12 +29,6 @@ from stream.sources import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    where: str  # line number, topic/partition/offset, or record index
-    reason: str
-
-
 @dataclass(slots=True)
 class BacktestData:
     items: list[Item]
@@ -43,9 +37,6 @@ class BacktestData:
     rejected: list[Rejected] = field(default_factory=list)
     duplicates: int = 0
     source: dict[str, Any] = field(default_factory=dict)  # what was read, with content hashes
-
-
-Parsed = Event | Item | Rejected
 
 
 def assemble(

@@ -15,12 +15,12 @@ import pytest
 from sqlalchemy import text
 
 from storage.db import make_engine
-from stream.backtest.topics import read_catalog
 from stream.broker import EmbeddedBroker, ensure_topics, make_producer
 from stream.producer import EventProducer
 from stream.schema import Limits
 from stream.settings import Settings
 from stream.sources import synthetic_log
+from stream.topics import read_catalog
 from tests.helpers import applied_events, start_worker, stop_worker, wait_for
 
 pytestmark = pytest.mark.integration
