@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from models.catalog import Catalog
-from models.device import autocast
+from models.device import autocast, seeded
 from models.events import Event
 from models.finetune.drift import DriftMonitor
 from models.finetune.episodes import Episode, Target, chunk, episode_tensors, seen_mask
@@ -213,7 +213,6 @@ class Trainer:
         # Left for the next call (only when the events carried more targets than steps).
         self.pending = [ep for g in groups[steps:] for ep in g]
         first: float | None = None
-        devices = [device] if device.type == "cuda" else []
         for k in range(steps):
             fresh = groups[k] if k < len(groups) else []
             replayed = self._replayed(o.replay_per_step)
@@ -232,8 +231,7 @@ class Trainer:
             # on the data alone, not on what else ran in the process before.
             if o.drift or o.lr_hypergradient > 0:
                 self._set_lr_multiplier(self._lr_mult * (self.drift.lr_multiplier if o.drift else 1.0))
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(o.seed * 1_000_003 + self.steps)
+            with seeded(device, o.seed * 1_000_003 + self.steps):
                 loss = self.step(batch)
             self.steps += 1
             self.steps_since_publish += 1
@@ -541,9 +539,7 @@ class Trainer:
         batch = [ep for ep in batch if ep.targets and dp.participated(ep.user_id) < cap]
         if not batch:
             return None
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.opts.seed * 1_000_003 + self.steps)
+        with seeded(device, self.opts.seed * 1_000_003 + self.steps):
             loss = self._dp_learn(batch)
         if not self.released_users:
             return None
