@@ -7,6 +7,7 @@ keep the contract (DESIGN.md): bounded ids, finite times and ratings in range.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -32,7 +33,20 @@ def outcome(raw: bytes | str, kind: str | None) -> Event | Item | str:
         return exc.reason
 
 
+def storable(value: Any) -> bool:
+    """No text Postgres cannot hold (NUL, lone surrogates), anywhere in the parsed value."""
+    if isinstance(value, str):
+        return "\x00" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return all(storable(k) and storable(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(storable(v) for v in value)
+    return True
+
+
 def check_contract(parsed: Event | Item) -> None:
+    assert storable([getattr(parsed, f.name) for f in dataclasses.fields(parsed)]), parsed
+
     def ok_id(value: Any) -> bool:
         return isinstance(value, str) and bool(value.strip()) and len(value) <= DEFAULT_LIMITS.max_id_len
 

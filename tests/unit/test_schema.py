@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -158,6 +159,31 @@ def test_a_nul_escape_in_raw_bytes_is_rejected_but_other_control_characters_pass
         parse_topic_record(value, "click")
     ok = parse_topic_record(raw({**SEARCH, "query": "tab\there\u0001"}), "search")
     assert isinstance(ok, Event) and ok.query == "tab\there\u0001"
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        (b'{"event_id": "e1", "user_id": "u\\uDBFF", "item_id": "i1", "ts": 1}', False),
+        (b'{"event_id": "e1", "user_id": "u\\uD83D\\uDE00", "item_id": "i1", "ts": 1}', True),
+        (b'{"event_id": "e1", "user_id": "u\\\\u0000", "item_id": "i1", "ts": 1}', True),
+        (b'{"event_id": "e1", "user_id": "h\\u00e9\\u2603", "item_id": "i1", "ts": 1}', True),
+    ],
+)
+def test_raw_bytes_are_screened_for_escapes_without_losing_a_case(value: bytes, accepted: bool) -> None:
+    """The topic path looks into decoded strings only when the bytes hold an escape that could
+    spell NUL or a surrogate; the result is what the full check on the decoded record says."""
+    full = outcome_of(lambda: parse_log_record({**json.loads(value), "type": "click"}))
+    assert outcome_of(lambda: parse_topic_record(value, "click")) == full
+    assert (full == "ok") is accepted
+
+
+def outcome_of(parse: Callable[[], object]) -> str:
+    try:
+        parse()
+    except InvalidRecord as exc:
+        return exc.reason
+    return "ok"
 
 
 @pytest.mark.parametrize(
