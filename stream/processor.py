@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from sqlalchemy import Connection, func, select, text
 
 from models import weights_io
 from models.catalog import item_text
-from models.core import InterestModel, TrainableWeights, UserUpdate
+from models.core import InterestModel, ModelSnapshot, TrainableWeights, UserUpdate
 from models.events import Event, Item
 from models.weights_io import WeightsRejected
 from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
@@ -229,6 +230,11 @@ class BatchProcessor:
         # crash in between re-sends them (at least once) rather than losing them.
         self.dead_letter_sink = dead_letter_sink
         self._published: set[str] = set()
+        # Versions learned here and not yet written to the registry: `commit` writes them (on
+        # the commit thread, before the rows that may name them), so the model thread goes on
+        # learning instead of waiting for Postgres. In learning order.
+        self._unwritten: dict[str, ModelSnapshot] = {}
+        self._unwritten_lock = threading.Lock()
         # Published weights that failed the format or checksum check: never tried again.
         self.on_weights_refused = on_weights_refused
         self.refused_weights: dict[str, str] = {}  # version -> reason
@@ -546,7 +552,8 @@ class BatchProcessor:
                 outcome.dp_epsilon = dp["dp_epsilon"]
                 outcome.dp_exhausted = bool(dp["dp_budget_exhausted"])
             if result is not None and result.snapshot is not None:
-                self.store.publish_model(result.snapshot, self.base_model)
+                with self._unwritten_lock:
+                    self._unwritten[result.snapshot.version] = result.snapshot
                 self._published.add(result.snapshot.version)
                 # Items other workers stored since we last looked go under the new version too.
                 self.refresh_catalog()
@@ -574,8 +581,13 @@ class BatchProcessor:
         )
 
     def commit(self, staged: StagedBatch) -> dict[str, int]:
-        """Write a staged batch in one transaction and release its locks; user -> version written."""
+        """Write a staged batch in one transaction and release its locks; user -> version written.
+
+        Model versions learned so far are registered first: a user row may name one only
+        once it and its item vectors are stored.
+        """
         try:
+            self.write_versions()
             versions = self.store.commit_batch(
                 model_version=staged.model_version,
                 updates=staged.updates,
@@ -587,6 +599,15 @@ class BatchProcessor:
             staged.lock.release()
         staged.outcome.committed_at = time.time()  # freshness ends here, not when accounted for
         return versions
+
+    def write_versions(self) -> None:
+        """Register the versions learned and not yet stored, oldest first (any thread)."""
+        with self._unwritten_lock:
+            pending = list(self._unwritten.values())
+        for snapshot in pending:
+            self.store.publish_model(snapshot, self.base_model)  # idempotent: a retry may repeat it
+            with self._unwritten_lock:
+                self._unwritten.pop(snapshot.version, None)
 
     def abandon(self, staged: StagedBatch) -> None:
         """The commit failed: memory is ahead of Postgres for the batch's users."""

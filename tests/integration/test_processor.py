@@ -304,3 +304,39 @@ def test_a_partition_lock_wait_gives_up_when_the_worker_stops(db_url: str) -> No
     finally:
         lock.release()
     assert waiter.process(clicks(0, 3, user="u1", partition=1)).applied == 3  # the lock is free again
+
+
+def registered(proc: BatchProcessor) -> set[str]:
+    with proc.store.engine.connect() as conn:
+        return {r[0] for r in conn.execute(text("SELECT model_version FROM model_versions"))}
+
+
+def test_a_learned_version_is_stored_by_the_commit_before_the_rows_that_name_it(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model thread learns on while the commit thread writes the version it published; a
+    commit that fails leaves the version for the next commit, which a row naming it waits for."""
+    proc = trainable_processor(db_url)
+    proc.set_trainer(True)
+    proc.process(items())
+    staged = proc.stage(clicks(0, 3, user="a", partition=0))
+    assert staged.model_version == "trainable_fake@1"
+    assert "trainable_fake@1" not in registered(proc)  # learned, not yet written: no row names it
+    real = proc.store.commit_batch
+
+    def down(**_: Any) -> dict[str, int]:
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(proc.store, "commit_batch", down)
+    with pytest.raises(OperationalError):
+        proc.commit(staged)
+    proc.abandon(staged)
+    monkeypatch.setattr(proc.store, "commit_batch", real)
+    # The next batch (another partition) names the same version without having published it.
+    proc.model.train_shared = False  # learns without a new version
+    again = proc.stage(clicks(0, 3, user="b", partition=1))
+    assert again.model_version == "trainable_fake@1"
+    proc.finish(again, proc.commit(again))
+    assert "trainable_fake@1" in registered(proc)
+    assert row(proc, "b") is not None and row(proc, "b").model_version == "trainable_fake@1"
+    proc.close()
