@@ -1,4 +1,4 @@
-"""A worker asked to stop always stops: 20 SIGTERMs in a row into a busy worker (real servers).
+"""A worker asked to stop always stops: SIGTERMs in a row into a busy worker (real servers).
 
 The learned default model, a backlog at every start, and SIGTERM at varied moments:
 during start-up and group join, and while batches are learning and committing (where
@@ -9,6 +9,7 @@ with gapless versions: what a stop did not flush is re-read from Postgres' offse
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -18,14 +19,16 @@ import pytest
 from tests.integration.stream_harness import Stack, WorkerProcess, workers
 from tests.integration.workload import build_workload, dead_letter_ids
 
-# Twenty worker starts, each loading the base model: the slowest test here.
+# A worker start per stop, each loading the base model: the slowest test here.
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 GRACE_S = 5
-STOPS = 20
+# 12 stops meet each of the four kinds of moment three times, in about 3 minutes on 2 loaded
+# cores; ISTREAM_TEST_SHUTDOWN_STOPS=20 (or more) is the longer search the issue-12 fix passed.
+STOPS = int(os.environ.get("ISTREAM_TEST_SHUTDOWN_STOPS", "12"))
 
 
-def test_twenty_sigterms_each_exit_zero_in_time(server_tmp: Path) -> None:
+def test_sigterms_in_a_row_each_exit_zero_in_time(server_tmp: Path) -> None:
     rng = random.Random(12)
     with Stack(server_tmp, model="adapter") as stack:
         work = build_workload(stack.settings, n_users=200, n_events=3000)
