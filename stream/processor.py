@@ -367,7 +367,15 @@ class BatchProcessor:
 
     def _release_trainer_lock(self) -> None:
         conn, self._trainer_conn = self._trainer_conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        try:
+            # The next trainer goes on from the newest stored version: ours must be there first,
+            # or the line of versions would fork at the one the commit thread has not written yet.
+            self.write_versions()
+        except Exception as exc:
+            log.warning("versions not written before giving up training: %s", str(exc).splitlines()[0][:200])
+        finally:
             AdvisoryLocks(conn).release()
 
     def refresh_catalog(self, min_interval_s: float = 0.0) -> int:

@@ -340,3 +340,21 @@ def test_a_learned_version_is_stored_by_the_commit_before_the_rows_that_name_it(
     assert "trainable_fake@1" in registered(proc)
     assert row(proc, "b") is not None and row(proc, "b").model_version == "trainable_fake@1"
     proc.close()
+
+
+def test_giving_up_training_writes_the_versions_learned_first(db_url: str) -> None:
+    """The next trainer starts from the newest stored version: a version still waiting for the
+    commit thread is written before the trainer lock is let go, so the line does not fork."""
+    old, new = trainable_processor(db_url), trainable_processor(db_url)
+    old.set_trainer(True)
+    new.set_trainer(False)  # a follower while the other trains
+    old.process(items())
+    staged = old.stage(clicks(0, 3, user="a", partition=0))  # learned; its commit not run yet
+    assert staged.model_version not in registered(old)
+    old.set_trainer(False)
+    assert staged.model_version in registered(old)
+    new.set_trainer(True)
+    assert new.trainer and new.model.model_version == staged.model_version
+    old.finish(staged, old.commit(staged))
+    for p in (old, new):
+        p.close()
