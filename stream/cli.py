@@ -135,8 +135,9 @@ def db_prune(keep_versions: int | None, keep_all_s: float | None, hourly_s: floa
     )
     report = store.prune(policy, progress=True)
     click.echo(
-        f"pruned {report.user_versions_deleted} old versions of {report.users_scanned} users "
-        f"and {report.item_vectors_deleted} item vectors of unused model versions"
+        f"pruned {report.user_versions_deleted} old versions of {report.users_scanned} users"
+        f", {report.item_vectors_deleted} item vectors of unused model versions "
+        f"and the weights of {report.weights_dropped} superseded model versions"
     )
 
 

@@ -629,9 +629,11 @@ def create_app(settings: Settings, bootstrap: str, database_url: str) -> faust.A
             finally:
                 store.engine.dispose()
             log.info(
-                "retention: %d old versions, %d unused item vectors pruned",
+                "retention: %d old versions, %d unused item vectors, the weights of %d superseded "
+                "model versions pruned",
                 report.user_versions_deleted,
                 report.item_vectors_deleted,
+                report.weights_dropped,
             )
 
     @app.task

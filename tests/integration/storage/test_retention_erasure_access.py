@@ -119,6 +119,33 @@ def test_prune_keeps_young_history_and_unused_items_go(store: VectorStore, engin
         assert conn.execute(text("SELECT DISTINCT model_version FROM item_vectors")).scalars().all() == ["m2"]
 
 
+def test_prune_drops_all_but_the_newest_weights_of_each_model(store: VectorStore, engine: Engine) -> None:
+    """Only a model's newest weights are ever loaded: older blobs go (the rows stay), per model."""
+    with engine.begin() as conn:
+        for model, n in (("adapter", 12), ("lora:8", 2)):
+            for k in range(n):
+                conn.execute(
+                    text(
+                        "INSERT INTO model_versions (model_version, base_model, config, weights, "
+                        "weights_sha256, created_at) VALUES (:v, 'b', CAST(:c AS jsonb), :w, 'x', "
+                        "now() - make_interval(mins => :age))"
+                    ),
+                    {"v": f"{model}@{k}", "c": f'{{"model": "{model}"}}', "w": b"w" * 64, "age": n - k},
+                )
+    report = store.prune(RetentionPolicy(keep_versions=10))
+    assert report.weights_dropped == 2
+    with engine.connect() as conn:
+        kept = conn.execute(
+            text("SELECT model_version FROM model_versions WHERE weights IS NOT NULL ORDER BY 1")
+        ).scalars()
+        rows = conn.execute(text("SELECT count(*) FROM model_versions")).scalar_one()
+    assert sorted(kept) == sorted([f"adapter@{k}" for k in range(2, 12)] + ["lora:8@0", "lora:8@1"])
+    assert rows == 14  # lineage, config and metrics stay
+    newest = store.latest_weights("adapter")
+    assert newest is not None and newest.version == "adapter@11"
+    assert store.prune(RetentionPolicy(keep_versions=10)).weights_dropped == 0
+
+
 def _rows_mentioning(engine: Engine, needle: str) -> dict[str, int]:
     with engine.connect() as conn:
         tables = conn.execute(
