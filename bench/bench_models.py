@@ -2,6 +2,13 @@
 
     python bench/bench_models.py                                # all strategies, CPU or CUDA
     python bench/bench_models.py --models decayed_mean,adapter --events 100000 --plot bench-models.png
+    python bench/bench_models.py --models decayed_mean,adapter --synthetic --events 30000 --batch-size 2000 \
+        --partitions 4
+
+`--synthetic` learns the stream `bench/bench_freshness.py` feeds the worker instead (clicks and
+searches of 1,000 users over 120 items, `stream.sources.synthetic_log`): what the worker's
+model thread could reach on that stream if nothing else ran beside it. `--partitions N` batches
+each of N groups of users apart, as the worker batches each partition under a backlog.
 
 Each model runs in its own process (so peak memory is its own) over the same
 event-time-ordered ML-100K ratings in micro-batches (`--batch-size`, the worker's
@@ -24,6 +31,7 @@ import resource
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +41,17 @@ DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "ml-100k"
 BASELINE = "decayed_mean"
 
 
-def _load(data: Path, limit: int | None) -> tuple[list[Any], list[Any]]:
+def _load(data: Path, limit: int | None, synthetic: bool = False) -> tuple[list[Any], list[Any]]:
     from models.events import Event, Item
-    from stream.sources import movielens_items, movielens_ratings
+    from stream.schema import validate_event, validate_item
+    from stream.sources import movielens_items, movielens_ratings, synthetic_log
+
+    if synthetic:  # the freshness benchmark's workload (its `workload`, seed 1)
+        records = synthetic_log(n_users=1000, n_events=limit or 30_000, seed=1)
+        return (
+            [validate_item(r) for r in records if r["type"] == "item"],
+            [validate_event(r, r["type"]) for r in records if r["type"] != "item"],
+        )
 
     items = [Item(r["item_id"], r["text"], r["attrs"]) for r in movielens_items(data)]
     events = [
@@ -59,6 +75,18 @@ def _encoder(device: str, cache_file: Path | None) -> Any:
     return enc
 
 
+def _batches(events: list[Any], size: int, partitions: int) -> list[list[Any]]:
+    """`size`-event batches; with several partitions, each holds one group of users (by a hash
+    of the user id), in the order of their first events, as a worker's are under a backlog."""
+    if partitions <= 1:
+        return [events[i : i + size] for i in range(0, len(events), size)]
+    groups: dict[int, list[Any]] = {}
+    for e in events:
+        groups.setdefault(zlib.crc32(e.user_id.encode()) % partitions, []).append(e)
+    out = [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+    return sorted(out, key=lambda b: b[0].ts)
+
+
 def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
     """Child process: build one model, learn the stream, report figures through `out`."""
     import torch
@@ -66,7 +94,7 @@ def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
     from models.registry import build_model
 
     torch.set_num_threads(args["threads"]) if args["threads"] else None
-    items, events = _load(Path(args["data"]), args["events"])
+    items, events = _load(Path(args["data"]), args["events"], args["synthetic"])
     enc = _encoder(args["device"], Path(args["cache"]))
     options: dict[str, Any] = {}
     if spec.partition(":")[0] in ("adapter", "top_layers", "lora"):
@@ -79,11 +107,11 @@ def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     bs = args["batch_size"]
+    batches = _batches(events, bs, args["partitions"])
     learn_s = 0.0
     n = 0
     next_report = time.perf_counter() + 15
-    for start in range(0, len(events), bs):
-        batch = events[start : start + bs]
+    for batch in batches:
         t = time.perf_counter()
         model.learn(batch)
         if cuda:
@@ -104,10 +132,10 @@ def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
         {
             "model": spec,
             "events": n,
-            "batches": -(-n // bs),
+            "batches": len(batches),
             "learn_s": learn_s,
             "events_per_s": n / learn_s if learn_s else float("inf"),
-            "ms_per_batch": 1000 * learn_s / max(1, -(-n // bs)),
+            "ms_per_batch": 1000 * learn_s / max(1, len(batches)),
             "predict_users_per_s": len(users) / predict_s if predict_s else float("inf"),
             "setup_s": setup_s,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -122,12 +150,18 @@ def main() -> None:
     p.add_argument("--models", default="decayed_mean,adapter,top_layers:1,lora:8")
     p.add_argument("--events", type=int, default=20_000, help="events per model (0 = all 100,000)")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--partitions", type=int, default=1, help="batch this many groups of users apart")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the freshness benchmark's synthetic stream instead of ML-100K",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart of events/s here")
     a = p.parse_args()
-    if not (a.data / "u.data").is_file():
+    if not a.synthetic and not (a.data / "u.data").is_file():
         sys.exit(f"bench_models: {a.data} is not a MovieLens 100K folder")
     specs = [s.strip() for s in a.models.split(",") if s.strip()]
     if BASELINE not in specs:
@@ -149,7 +183,7 @@ def main() -> None:
         flush=True,
     )
     # Encode the catalog once; every model process starts from this cache.
-    items, _ = _load(a.data, 1)
+    items, _ = _load(a.data, 1, a.synthetic)
     enc = _encoder(device, None)
     t = time.perf_counter()
     texts = [item_text(i.text, i.attrs) for i in items]
@@ -165,6 +199,8 @@ def main() -> None:
             "device": device,
             "cache": str(cache),
             "threads": a.threads,
+            "synthetic": a.synthetic,
+            "partitions": a.partitions,
         }
         ctx = mp.get_context("spawn")
         results = []
@@ -204,7 +240,8 @@ def main() -> None:
         ax.bar([r["model"] for r in results], [r["events_per_s"] for r in results], color="#4c72b0")
         ax.set_yscale("log")
         ax.set_ylabel("events/s (log)")
-        ax.set_title(f"interest-model learn throughput, ML-100K, {device}, batch {a.batch_size}")
+        stream = "synthetic" if a.synthetic else "ML-100K"
+        ax.set_title(f"interest-model learn throughput, {stream}, {device}, batch {a.batch_size}")
         for x, r in enumerate(results):
             ax.text(x, r["events_per_s"], f"{r['events_per_s']:,.0f}", ha="center", va="bottom", fontsize=8)
         fig.tight_layout()
