@@ -123,9 +123,20 @@ def _finite_vector(value: Any, field: str) -> tuple[float, ...]:
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-# In JSON bytes, the only spellings of those characters: escapes (raw control characters are
-# invalid JSON, and UTF-8 cannot encode a surrogate). Bytes without one need no deeper look.
-_ESCAPED_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+# In JSON text, the only other spellings of those characters: escapes (raw control characters
+# are invalid JSON, and UTF-8 bytes cannot hold a surrogate).
+_ESCAPED_UNSTORABLE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_ESCAPED_UNSTORABLE_BYTES = re.compile(_ESCAPED_UNSTORABLE.pattern.encode())
+
+
+def _may_hold_unstorable(raw: bytes | str | dict[str, Any]) -> bool:
+    """Whether a record's decoded strings need the full text check: raw JSON without an escape
+    (or, as text, a character) that spells NUL or a surrogate cannot produce one."""
+    if isinstance(raw, bytes):
+        return _ESCAPED_UNSTORABLE_BYTES.search(raw) is not None
+    if isinstance(raw, str):
+        return _UNSTORABLE.search(raw) is not None or _ESCAPED_UNSTORABLE.search(raw) is not None
+    return True
 
 
 def _bad_text(value: str) -> str | None:
@@ -133,11 +144,9 @@ def _bad_text(value: str) -> str | None:
         return None
     if "\x00" in value:
         return "a NUL character (U+0000), which text fields may not"
-    if any("\ud800" <= c <= "\udfff" for c in value):
-        # JSON's \ud800 escape without its pair: not Unicode, so neither UTF-8 (Postgres,
-        # the dead-letter topic) nor the tokenizer can take it.
-        return "an unpaired surrogate (U+D800 to U+DFFF), which is not valid Unicode"
-    return None
+    # JSON's \ud800 escape without its pair: not Unicode, so neither UTF-8 (Postgres, the
+    # dead-letter topic) nor the tokenizer can take it.
+    return "an unpaired surrogate (U+D800 to U+DFFF), which is not valid Unicode"
 
 
 def _text_problem(value: Any, path: str) -> tuple[str, str] | None:
@@ -255,7 +264,7 @@ def parse_topic_record(raw: bytes | str, topic_kind: str, limits: Limits = DEFAU
     declared = record.get("type")
     if declared is not None and declared != topic_kind:
         raise InvalidRecord(f"type {declared!r} disagrees with the topic, which carries {topic_kind!r}")
-    check_text = not isinstance(raw, bytes) or _ESCAPED_UNSTORABLE.search(raw) is not None
+    check_text = _may_hold_unstorable(raw)
     if topic_kind == "item":
         return validate_item(record, limits, check_text=check_text)
     return validate_event(record, topic_kind, limits, check_text=check_text)
@@ -269,6 +278,7 @@ def parse_log_record(raw: bytes | str | dict[str, Any], limits: Limits = DEFAULT
         raise InvalidRecord("missing required field 'type' (click, search, rating or item)")
     if kind not in RECORD_TYPES:
         raise InvalidRecord(f"unknown type {kind!r}; expected one of {', '.join(RECORD_TYPES)}")
+    check_text = _may_hold_unstorable(raw)
     if kind == "item":
-        return validate_item(record, limits)
-    return validate_event(record, kind, limits)
+        return validate_item(record, limits, check_text=check_text)
+    return validate_event(record, kind, limits, check_text=check_text)
