@@ -21,12 +21,12 @@ order tied items by a seeded shuffle, never by the log's order (which may follow
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from models.baselines import _IdCatalog, _touched
 from models.catalog import TextEncoder
 from models.core import BatchResult, InterestModel, UserUpdate
+from models.device import cpu_threads, seeded
 from models.events import Event, Item
 from models.registry import register
 
@@ -82,14 +83,12 @@ class SASRecNet(nn.Module):
         return states @ self.items.weight[1:].T
 
 
-@contextmanager
-def _few_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, before)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+CPU = torch.device("cpu")
+
+
+def _few_threads(n: int) -> contextlib.AbstractContextManager[None]:
+    """At most `n` torch threads (never more than the process has) for the block."""
+    return cpu_threads(CPU, max(1, min(n, torch.get_num_threads())))
 
 
 class SASRecModel(InterestModel):
@@ -254,10 +253,9 @@ class SASRecModel(InterestModel):
         q = counts**0.75
         q /= q.sum()
         log_q = torch.from_numpy(np.log(q)).float()
-        with torch.random.fork_rng(devices=[]), _few_threads(self.threads):
-            # Its own seed, and the global RNG restored after: other models' numbers do not
-            # depend on whether this one ran beside them.
-            torch.manual_seed(self.seed)
+        # Its own seed, and the global RNG restored after: other models' numbers do not depend
+        # on whether this one ran beside them.
+        with seeded(CPU, self.seed), _few_threads(self.threads):
             net = SASRecNet(n_items, self.width, self.n_blocks, self.heads, self.max_len, self.dropout)
             opt = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.9, 0.98))
             best, best_epoch, best_state, history = -1.0, 0, None, []
