@@ -41,11 +41,16 @@ faster or different scorer through `predict_many(user_ids) -> (scores, known)`.
 from __future__ import annotations
 
 import bisect
+import io
 import math
+import multiprocessing
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -66,6 +71,8 @@ class BacktestConfig:
     new_item_events: int = 5  # the new_item slice: targets whose item had fewer earlier events
     seed: int = 0
     progress: bool = True
+    # Offline fits (SASRec) in a child process while the other models replay, where 2+ cores allow.
+    fit_in_background: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -439,48 +446,108 @@ class Evaluator:
                 self.learned_items.add(e.target_item)
 
 
-def run_backtest(
+class _NoTerminal(io.TextIOBase):
+    """stderr for a child whose parent's progress bar holds the terminal: progress written
+    as lines (what models do when stderr is no terminal) scrolls above that bar."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _fit_offline(model: OfflineFit, events: Sequence[Event]) -> tuple[OfflineFit, dict[str, Any], float]:
+    """One offline fit, in whatever process runs it; the fitted model travels back whole."""
+    t = time.perf_counter()
+    report = dict(model.fit_offline(events))
+    return model, report, time.perf_counter() - t
+
+
+class _OfflineFits:
+    """The offline fits (`OfflineFit`, e.g. SASRec) of one backtest, started before the replay.
+
+    In the background they run in one child process while this one replays the online
+    models: both are single-threaded, so on two cores the fit (most of a SASRec backtest's
+    time) costs no wall time beyond its own. A child is spawned (not forked: torch's thread
+    pools do not survive a fork), receives the models pickled and sends them back fitted;
+    the fit is seeded, so it is the same fit as in this process.
+    """
+
+    def __init__(self, models: Mapping[str, OfflineFit], events: Sequence[Event], background: bool) -> None:
+        self._models = dict(models)
+        self._pool: ProcessPoolExecutor | None = None
+        self._jobs: dict[str, Future[tuple[OfflineFit, dict[str, Any], float]]] = {}
+        self._done: dict[str, tuple[OfflineFit, dict[str, Any], float]] = {}
+        if background and models:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_stderr
+            )
+            self._jobs = {name: self._pool.submit(_fit_offline, m, events) for name, m in models.items()}
+        else:
+            self._done = {name: _fit_offline(m, events) for name, m in models.items()}
+
+    def collect(self) -> dict[str, tuple[dict[str, Any], float]]:
+        """Wait for the fits; each caller's model object takes its fitted copy's state."""
+        try:
+            for name, job in self._jobs.items():
+                fitted, report, took = job.result()
+                # The caller keeps the object it built (it may read it after the backtest).
+                vars(self._models[name]).update(vars(fitted))
+                self._done[name] = (fitted, report, took)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+        return {name: (report, took) for name, (_, report, took) in self._done.items()}
+
+
+def _child_stderr() -> None:
+    sys.stderr = _NoTerminal(sys.stderr)
+
+
+def _background_fits_pay() -> bool:
+    """A child process only pays where a second core can run it."""
+    return len(os.sched_getaffinity(0)) >= 2
+
+
+@dataclass(slots=True)
+class _Pass:
+    """What one replay of the stream measured for some of the models."""
+
+    ev: Evaluator
+    greater: dict[str, list[np.ndarray]]
+    ties: dict[str, list[np.ndarray]]
+    rating_true: dict[str, list[float]]
+    rating_pred: dict[str, list[float]]
+
+
+def _replay(
     models: Mapping[str, InterestModel],
-    data: BacktestData,
-    config: BacktestConfig | None = None,
-    on_learned: LearnHook | None = None,
-) -> BacktestResult:
-    """Replay `data` through every model in one pass (predict-then-learn per micro-batch)."""
-    config = config or BacktestConfig()
-    if not models:
-        raise ValueError("no models to backtest")
-    if not data.items:
-        raise ValueError("the event log has no catalog (no item records)")
+    catalog: Sequence[str],
+    events: Sequence[Event],
+    config: BacktestConfig,
+    seconds: dict[str, dict[str, float]],
+    on_learned: LearnHook | None,
+    desc: str,
+) -> _Pass:
+    """Replay the whole stream through `models`, predict-then-learn per micro-batch."""
     names = list(models)
-    catalog = [i.item_id for i in data.items]
-
-    seconds = {name: {"setup_s": 0.0, "fit_s": 0.0, "predict_s": 0.0, "learn_s": 0.0} for name in names}
-    scorers: dict[str, _Scorer] = {}
-    for name, model in models.items():
-        t = time.perf_counter()
-        model.upsert_items(data.items)
-        if data.profiles:
-            model.set_profiles(data.profiles)
-        scorers[name] = _Scorer(model, catalog)
-        seconds[name]["setup_s"] = time.perf_counter() - t
+    scorers = {name: _Scorer(model, catalog) for name, model in models.items()}
     raters = {n: m for n, m in models.items() if isinstance(m, RatingPredictor)}
-
-    events = data.events
-    tail_start = tail_start_of(events, config.tail_fraction)
-    trained_until: dict[str, int] = {}
-    offline_fits: dict[str, dict[str, Any]] = {}
-    for name, model in models.items():
-        if isinstance(model, OfflineFit):
-            t = time.perf_counter()
-            offline_fits[name] = dict(model.fit_offline(events[:tail_start]))
-            seconds[name]["fit_s"] = time.perf_counter() - t
-            trained_until[name] = tail_start
-
     ev = Evaluator(catalog, config)
-    greater: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    ties: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    rating_true: dict[str, list[float]] = {n: [] for n in raters}
-    rating_pred: dict[str, list[float]] = {n: [] for n in raters}
+    out = _Pass(
+        ev,
+        greater={n: [] for n in names},
+        ties={n: [] for n in names},
+        rating_true={n: [] for n in raters},
+        rating_pred={n: [] for n in raters},
+    )
     group_starts, group_ends = tie_groups(events)
 
     def predict(plan: BatchPlan) -> None:
@@ -489,18 +556,18 @@ def run_backtest(
             if len(plan.rows):
                 s = scorers[name].scores(plan.users)[plan.rows]
                 g, ti = rank_counts(s, plan.targets, plan.excluded)
-                greater[name].append(g)
-                ties[name].append(ti)
+                out.greater[name].append(g)
+                out.ties[name].append(ti)
             if name in raters:
                 for e in plan.rating_asks:
                     assert e.item_id is not None and e.rating is not None
                     p = raters[name].predict_rating(e.user_id, e.item_id)
                     if p is not None:
-                        rating_true[name].append(e.rating)
-                        rating_pred[name].append(p)
+                        out.rating_true[name].append(e.rating)
+                        out.rating_pred[name].append(p)
             seconds[name]["predict_s"] += time.perf_counter() - t
 
-    with progress(len(events), "backtest", unit="ev", enabled=config.progress) as bar:
+    with progress(len(events), desc, unit="ev", enabled=config.progress) as bar:
         for start in range(0, len(events), config.batch_size):
             batch = events[start : start + config.batch_size]
             # Score the tie groups that start in this batch, whole (they may run on past it),
@@ -519,6 +586,66 @@ def run_backtest(
                     on_learned(name, batch, result)
             ev.learned(batch)
             bar.update(len(batch))
+    return out
+
+
+def run_backtest(
+    models: Mapping[str, InterestModel],
+    data: BacktestData,
+    config: BacktestConfig | None = None,
+    on_learned: LearnHook | None = None,
+) -> BacktestResult:
+    """Replay `data` through every model (predict-then-learn per micro-batch).
+
+    Models fitted offline are replayed in a second pass once their fit is done; the
+    evaluator's history depends on the events only, so both passes rank the same positives
+    against the same exclusions, and each model sees exactly what a single pass showed it.
+    """
+    config = config or BacktestConfig()
+    if not models:
+        raise ValueError("no models to backtest")
+    if not data.items:
+        raise ValueError("the event log has no catalog (no item records)")
+    names = list(models)
+    catalog = [i.item_id for i in data.items]
+
+    seconds = {name: {"setup_s": 0.0, "fit_s": 0.0, "predict_s": 0.0, "learn_s": 0.0} for name in names}
+    for name, model in models.items():
+        t = time.perf_counter()
+        model.upsert_items(data.items)
+        if data.profiles:
+            model.set_profiles(data.profiles)
+        _Scorer(model, catalog)  # a model that lacks catalog items fails here, before any fit
+        seconds[name]["setup_s"] = time.perf_counter() - t
+
+    events = data.events
+    tail_start = tail_start_of(events, config.tail_fraction)
+    offline = {n: m for n, m in models.items() if isinstance(m, OfflineFit)}
+    online = {n: m for n, m in models.items() if n not in offline}
+    background = config.fit_in_background and bool(online) and _background_fits_pay()
+    fits = _OfflineFits(offline, events[:tail_start], background)
+    passes: list[_Pass] = []
+    if online:
+        passes.append(_replay(online, catalog, events, config, seconds, on_learned, "backtest"))
+    offline_fits: dict[str, dict[str, Any]] = {}
+    for name, (report, took) in fits.collect().items():
+        offline_fits[name] = report
+        seconds[name]["fit_s"] = took
+    fitted = {n: models[n] for n in offline}
+    if fitted:
+        desc = "backtest" if not online else "backtest (" + ", ".join(fitted) + ")"
+        passes.append(_replay(fitted, catalog, events, config, seconds, on_learned, desc))
+    trained_until = dict.fromkeys(fitted, tail_start)
+
+    def merged(field_name: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in passes:
+            out.update(getattr(p, field_name))
+        return out
+
+    greater, ties = merged("greater"), merged("ties")
+    rating_true, rating_pred = merged("rating_true"), merged("rating_pred")
+    ev = passes[0].ev
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -115,6 +115,34 @@ def test_backtest_fits_it_on_the_head_and_counts_it_on_the_tail_only() -> None:
     assert ")†" in markdown(res)
 
 
+def test_a_fit_in_a_child_process_is_the_fit_in_this_one() -> None:
+    """The backtest fits SASRec in a child process while the other models replay: the same
+    seeded fit, the same ranks, and the caller's own model object ends up fitted."""
+    records = [{"type": "item", "item_id": f"i{k}", "text": f"item {k}"} for k in range(N_ITEMS)]
+    records += [
+        {
+            "type": "click",
+            "event_id": e.event_id,
+            "user_id": e.user_id,
+            "item_id": e.item_id,
+            "ts": int(e.ts * 1000),
+        }
+        for e in _walks(n_users=30, length=10)
+    ]
+    data = from_records(records)
+    runs = {}
+    for background in (True, False):
+        models = {"popularity": PopularityModel(), "sasrec": _small(max_epochs=6)}
+        cfg = BacktestConfig(batch_size=20, progress=False, fit_in_background=background)
+        runs[background] = run_backtest(models, data, cfg)
+        assert models["sasrec"].net is not None
+    a, b = runs[True], runs[False]
+    for name in ("popularity", "sasrec"):
+        np.testing.assert_array_equal(a.greater[name], b.greater[name])
+        np.testing.assert_array_equal(a.ties[name], b.ties[name])
+    assert a.offline_fits["sasrec"]["history"] == b.offline_fits["sasrec"]["history"]
+
+
 def test_sampled_softmax_for_big_catalogs_learns_too() -> None:
     m = _small(full_softmax_max_items=5, negatives=6)
     report = m.fit_offline(_walks())
