@@ -151,6 +151,7 @@ class Settings(BaseSettings):
     backtest_tail_fraction: float = Field(default=0.2, gt=0, le=1)  # totals also over this last fraction
     backtest_out_dir: Path = Path(".istream/backtests")  # a report folder per run is made under it
     backtest_encoding_cache: bool = True  # keep base encodings in data_dir/encodings between backtests
+    backtest_fit_in_background: bool = True  # offline fits (sasrec) in a child process beside the replay
 
     @property
     def event_topics(self) -> dict[str, str]:

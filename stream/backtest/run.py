@@ -50,6 +50,7 @@ def config_from(settings: Settings, **overrides: Any) -> BacktestConfig:
         "windows": settings.backtest_windows,
         "tail_fraction": settings.backtest_tail_fraction,
         "seed": settings.seed,
+        "fit_in_background": settings.backtest_fit_in_background,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return BacktestConfig(**values)
