@@ -11,7 +11,8 @@ Prints:
     python bench/bench_freshness.py                      # decayed_mean, 1 min per rate
     python bench/bench_freshness.py --model adapter --duration 60 --rates 100,1000
 
-Writes bench/out/freshness.png (freshness CDFs and the rates).
+Writes bench/out/freshness-<model>.png (freshness CDFs, freshness over time, the rates) and keeps
+the live worker's log beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -227,8 +229,9 @@ def end_to_end_rate(engine: Any, worker: Worker, n: int, n_items: int, timeout: 
 
 def freshness_at(
     bootstrap: str, s: Settings, engine: Any, worker: Worker, events: list[dict], rate: float, duration: float
-) -> np.ndarray:
-    """Produce at `rate` for `duration` s; seconds from each send to its event being visible in SQL."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Produce at `rate` for `duration` s; per event, when it was sent (seconds into the run) and
+    the seconds from its send to its event being visible in SQL."""
     producer = make_producer(bootstrap, linger_ms=0)
     sent: dict[str, float] = {}
     lock = threading.Lock()
@@ -251,7 +254,9 @@ def freshness_at(
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
     latencies: list[float] = []
+    sent_at: list[float] = []
     pending: dict[str, float] = {}
+    started = time.perf_counter()
     last_report = time.monotonic()
     deadline = time.monotonic() + duration + 60
     while time.monotonic() < deadline:
@@ -266,7 +271,9 @@ def freshness_at(
                 ).scalars()
                 now = time.perf_counter()
                 for eid in seen:
-                    latencies.append(now - pending.pop(eid))
+                    t = pending.pop(eid)
+                    latencies.append(now - t)
+                    sent_at.append(t - started)
         if done.is_set() and not pending and len(latencies) >= n_total:
             break
         if time.monotonic() - last_report > 15:
@@ -282,16 +289,27 @@ def freshness_at(
         with lock:
             pending.update(sent)
         latencies.extend(now - t for t in pending.values())
-    return np.asarray(latencies)
+        sent_at.extend(t - started for t in pending.values())
+    return np.asarray(sent_at), np.asarray(latencies)
 
 
-def plot(results: dict[float, np.ndarray], rates: dict[str, float], path: Path) -> None:
+def plot(
+    results: dict[float, np.ndarray], sent: dict[float, np.ndarray], rates: dict[str, float], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(16, 4))
+    # Over time: slow events in periodic bursts (a recurring task) or drifting up (falling behind).
+    for rate, lat in results.items():
+        c.plot(sent[rate], lat, ".", ms=2, label=f"{rate:g} ev/s")
+    c.axhline(2.0, color="grey", ls="--", lw=1)
+    c.set_xlabel("seconds into the run (send time)")
+    c.set_ylabel("seconds to visible in SQL")
+    c.set_title("freshness over time")
+    c.legend()
     for rate, lat in results.items():
         xs = np.sort(lat)
         a.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f"{rate:g} ev/s")
@@ -373,15 +391,21 @@ def main() -> None:
                 pairs.append((counting, e2e))
                 log(f"istream worker ({args.model}), end to end: {e2e:,.0f} ev/s")
                 fresh: dict[float, np.ndarray] = {}
+                sent: dict[float, np.ndarray] = {}
                 for i, rate in enumerate(rates):
                     n = int(rate * args.duration)
                     _, live = workload(n, args.users, seed=10 + i, prefix=f"live{i}")
                     log(f"producing {n} events at {rate:g} ev/s for {args.duration:.0f}s…")
-                    fresh[rate] = freshness_at(ep.bootstrap, s, engine, worker, live, rate, args.duration)
+                    sent[rate], fresh[rate] = freshness_at(
+                        ep.bootstrap, s, engine, worker, live, rate, args.duration
+                    )
                     p50, p99 = np.percentile(fresh[rate], [50, 99])
                     log(f"  {rate:g} ev/s: p50 {p50:.3f}s  p99 {p99:.3f}s  max {fresh[rate].max():.3f}s")
             finally:
                 worker.stop()
+                # The live worker's log, kept: what it did when the slow events were slow.
+                OUT.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(worker.log_path, OUT / f"freshness-{args.model}-worker.log")
             engine.dispose()
 
     print()
@@ -410,7 +434,7 @@ def main() -> None:
         label = f"{rate:g} events/s for {args.duration:.0f}s ({len(lat)} events)"
         print(f"{label:<48} {p50:>8.3f} {p99:>8.3f} {lat.max():>8.3f}")
     path = OUT / f"freshness-{args.model}.png"
-    plot(fresh, table, path)
+    plot(fresh, sent, table, path)
     print(f"\nplot: {path.relative_to(ROOT)}")
 
 
