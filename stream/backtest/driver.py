@@ -41,16 +41,11 @@ faster or different scorer through `predict_many(user_ids) -> (scores, known)`.
 from __future__ import annotations
 
 import bisect
-import io
 import math
-import multiprocessing
-import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +53,7 @@ from models.core import BatchResult, BatchScorer, InterestModel, OfflineFit, Rat
 from models.events import Event
 from models.metrics import RANKING_METRICS, rank_counts, ranking_metrics, rating_errors
 from stream.backtest.data import BacktestData
+from stream.backtest.offline import OfflineFits, background_fits_pay
 from stream.progress import progress
 
 
@@ -446,76 +442,6 @@ class Evaluator:
                 self.learned_items.add(e.target_item)
 
 
-class _NoTerminal(io.TextIOBase):
-    """stderr for a child whose parent's progress bar holds the terminal: progress written
-    as lines (what models do when stderr is no terminal) scrolls above that bar."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        return self._stream.write(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
-def _fit_offline(model: OfflineFit, events: Sequence[Event]) -> tuple[OfflineFit, dict[str, Any], float]:
-    """One offline fit, in whatever process runs it; the fitted model travels back whole."""
-    t = time.perf_counter()
-    report = dict(model.fit_offline(events))
-    return model, report, time.perf_counter() - t
-
-
-class _OfflineFits:
-    """The offline fits (`OfflineFit`, e.g. SASRec) of one backtest, started before the replay.
-
-    In the background they run in one child process while this one replays the online
-    models: both are single-threaded, so on two cores the fit (most of a SASRec backtest's
-    time) costs no wall time beyond its own. A child is spawned (not forked: torch's thread
-    pools do not survive a fork), receives the models pickled and sends them back fitted;
-    the fit is seeded, so it is the same fit as in this process.
-    """
-
-    def __init__(self, models: Mapping[str, OfflineFit], events: Sequence[Event], background: bool) -> None:
-        self._models = dict(models)
-        self._pool: ProcessPoolExecutor | None = None
-        self._jobs: dict[str, Future[tuple[OfflineFit, dict[str, Any], float]]] = {}
-        self._done: dict[str, tuple[OfflineFit, dict[str, Any], float]] = {}
-        if background and models:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_stderr
-            )
-            self._jobs = {name: self._pool.submit(_fit_offline, m, events) for name, m in models.items()}
-        else:
-            self._done = {name: _fit_offline(m, events) for name, m in models.items()}
-
-    def collect(self) -> dict[str, tuple[dict[str, Any], float]]:
-        """Wait for the fits; each caller's model object takes its fitted copy's state."""
-        try:
-            for name, job in self._jobs.items():
-                fitted, report, took = job.result()
-                # The caller keeps the object it built (it may read it after the backtest).
-                vars(self._models[name]).update(vars(fitted))
-                self._done[name] = (fitted, report, took)
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(cancel_futures=True)
-        return {name: (report, took) for name, (_, report, took) in self._done.items()}
-
-
-def _child_stderr() -> None:
-    sys.stderr = _NoTerminal(sys.stderr)
-
-
-def _background_fits_pay() -> bool:
-    """A child process only pays where a second core can run it."""
-    return len(os.sched_getaffinity(0)) >= 2
-
-
 @dataclass(slots=True)
 class _Pass:
     """What one replay of the stream measured for some of the models."""
@@ -610,27 +536,37 @@ def run_backtest(
     catalog = [i.item_id for i in data.items]
 
     seconds = {name: {"setup_s": 0.0, "fit_s": 0.0, "predict_s": 0.0, "learn_s": 0.0} for name in names}
-    for name, model in models.items():
-        t = time.perf_counter()
-        model.upsert_items(data.items)
-        if data.profiles:
-            model.set_profiles(data.profiles)
-        _Scorer(model, catalog)  # a model that lacks catalog items fails here, before any fit
-        seconds[name]["setup_s"] = time.perf_counter() - t
+
+    def set_up(names: Sequence[str]) -> None:
+        for name in names:
+            t = time.perf_counter()
+            model = models[name]
+            model.upsert_items(data.items)
+            if data.profiles:
+                model.set_profiles(data.profiles)
+            _Scorer(model, catalog)  # a model that lacks catalog items fails here, before any fit
+            seconds[name]["setup_s"] = time.perf_counter() - t
 
     events = data.events
     tail_start = tail_start_of(events, config.tail_fraction)
     offline = {n: m for n, m in models.items() if isinstance(m, OfflineFit)}
     online = {n: m for n, m in models.items() if n not in offline}
-    background = config.fit_in_background and bool(online) and _background_fits_pay()
-    fits = _OfflineFits(offline, events[:tail_start], background)
+    background = config.fit_in_background and bool(online) and background_fits_pay()
+    # The offline models first, so that their fits (the longest part) start before the online
+    # models' set-up (the adapter encodes the catalog) and run beside it.
+    set_up(list(offline))
+    fits = OfflineFits(offline, events[:tail_start], background)
     passes: list[_Pass] = []
-    if online:
-        passes.append(_replay(online, catalog, events, config, seconds, on_learned, "backtest"))
     offline_fits: dict[str, dict[str, Any]] = {}
-    for name, (report, took) in fits.collect().items():
-        offline_fits[name] = report
-        seconds[name]["fit_s"] = took
+    try:
+        set_up(list(online))
+        if online:
+            passes.append(_replay(online, catalog, events, config, seconds, on_learned, "backtest"))
+        for name, (report, took) in fits.collect().items():
+            offline_fits[name] = report
+            seconds[name]["fit_s"] = took
+    finally:
+        fits.close()
     fitted = {n: models[n] for n in offline}
     if fitted:
         desc = "backtest" if not online else "backtest (" + ", ".join(fitted) + ")"

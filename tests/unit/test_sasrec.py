@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from models.baselines import PopularityModel
@@ -141,6 +142,22 @@ def test_a_fit_in_a_child_process_is_the_fit_in_this_one() -> None:
         np.testing.assert_array_equal(a.greater[name], b.greater[name])
         np.testing.assert_array_equal(a.ties[name], b.ties[name])
     assert a.offline_fits["sasrec"]["history"] == b.offline_fits["sasrec"]["history"]
+
+
+class _FitThatFails(PopularityModel):
+    def fit_offline(self, events: list[Event]) -> dict[str, float]:
+        raise ValueError("no fit today")
+
+
+def test_a_fit_that_fails_in_the_child_fails_the_backtest_with_its_reason() -> None:
+    records = [{"type": "item", "item_id": f"i{k}", "text": f"item {k}"} for k in range(N_ITEMS)]
+    records += [
+        {"type": "click", "event_id": f"e{k}", "user_id": f"u{k % 5}", "item_id": f"i{k % N_ITEMS}", "ts": k}
+        for k in range(50)
+    ]
+    models = {"popularity": PopularityModel(), "broken": _FitThatFails()}
+    with pytest.raises(RuntimeError, match="ValueError: no fit today"):
+        run_backtest(models, from_records(records), BacktestConfig(batch_size=10, progress=False))
 
 
 def test_sampled_softmax_for_big_catalogs_learns_too() -> None:
