@@ -118,5 +118,7 @@ class OfflineFits:
 
 
 def background_fits_pay() -> bool:
-    """A child process only pays where a second core can run it."""
-    return len(os.sched_getaffinity(0)) >= 2
+    """A child process only pays where a second core can run it (the cores this process may
+    use where the OS says, e.g. in a container limited by affinity; else all of them)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (usable or 1) >= 2
