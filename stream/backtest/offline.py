@@ -103,6 +103,8 @@ class OfflineFits:
                 # The caller keeps the object it built (it may read it after the backtest).
                 vars(self._models[name]).update(vars(fitted))
                 self._done[name] = (report, took)
+            assert self._proc is not None
+            self._proc.join(10)  # it has sent all it had: let it exit on its own
             self.close()
         return self._done
 
