@@ -49,7 +49,7 @@ PARTITIONS = int(os.environ.get("ISTREAM_TEST_LIVE_PARTITIONS", "1"))
 BATCH_SECONDS = 0.5
 # Under backlog a batch must close on size, as the backtest's micro-batches do. The replay
 # produces while the worker consumes: on a loaded machine the worker caught up with it now and
-# then, and a 0.5 s age closed 4 of 218 batches early (82 and 59 records). Every boundary after
+# then, and a 0.5 s age closed 3 of 218 batches early (82, 59, 59 records). Every boundary after
 # the first such batch differed from the backtest's, and the run ended 0.88x of it.
 BACKLOG_BATCH_SECONDS = 30.0
 
