@@ -567,11 +567,10 @@ def run_backtest(
             seconds[name]["fit_s"] = took
     finally:
         fits.close()
-    fitted = {n: models[n] for n in offline}
-    if fitted:
-        desc = "backtest" if not online else "backtest (" + ", ".join(fitted) + ")"
-        passes.append(_replay(fitted, catalog, events, config, seconds, on_learned, desc))
-    trained_until = dict.fromkeys(fitted, tail_start)
+    if offline:  # fitted now, in place
+        desc = "backtest" if not online else "backtest (" + ", ".join(offline) + ")"
+        passes.append(_replay(offline, catalog, events, config, seconds, on_learned, desc))
+    trained_until = dict.fromkeys(offline, tail_start)
 
     def merged(field_name: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
