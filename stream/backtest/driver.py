@@ -452,9 +452,16 @@ class _Pass:
     rating_true: dict[str, list[float]]
     rating_pred: dict[str, list[float]]
 
+    def absorb(self, other: _Pass) -> None:
+        """Take in another pass's models (the evaluator's history is the same in both)."""
+        self.greater.update(other.greater)
+        self.ties.update(other.ties)
+        self.rating_true.update(other.rating_true)
+        self.rating_pred.update(other.rating_pred)
+
 
 def _replay(
-    models: Mapping[str, InterestModel],
+    scorers: Mapping[str, _Scorer],
     catalog: Sequence[str],
     events: Sequence[Event],
     config: BacktestConfig,
@@ -463,8 +470,8 @@ def _replay(
     desc: str,
 ) -> _Pass:
     """Replay the whole stream through `models`, predict-then-learn per micro-batch."""
+    models = {name: scorer.model for name, scorer in scorers.items()}
     names = list(models)
-    scorers = {name: _Scorer(model, catalog) for name, model in models.items()}
     raters = {n: m for n, m in models.items() if isinstance(m, RatingPredictor)}
     ev = Evaluator(catalog, config)
     out = _Pass(
@@ -537,15 +544,18 @@ def run_backtest(
 
     seconds = {name: {"setup_s": 0.0, "fit_s": 0.0, "predict_s": 0.0, "learn_s": 0.0} for name in names}
 
-    def set_up(names: Sequence[str]) -> None:
+    def set_up(names: Sequence[str]) -> dict[str, _Scorer]:
+        scorers: dict[str, _Scorer] = {}
         for name in names:
             t = time.perf_counter()
             model = models[name]
             model.upsert_items(data.items)
             if data.profiles:
                 model.set_profiles(data.profiles)
-            _Scorer(model, catalog)  # a model that lacks catalog items fails here, before any fit
+            # Built here, so that a model lacking catalog items fails before any fit starts.
+            scorers[name] = _Scorer(model, catalog)
             seconds[name]["setup_s"] = time.perf_counter() - t
+        return scorers
 
     events = data.events
     tail_start = tail_start_of(events, config.tail_fraction)
@@ -554,14 +564,14 @@ def run_backtest(
     background = config.fit_in_background and bool(online) and background_fits_pay()
     # The offline models first, so that their fits (the longest part) start before the online
     # models' set-up (the adapter encodes the catalog) and run beside it.
-    set_up(list(offline))
+    offline_scorers = set_up(list(offline))
     fits = OfflineFits(offline, events[:tail_start], background)
     passes: list[_Pass] = []
     offline_fits: dict[str, dict[str, Any]] = {}
     try:
-        set_up(list(online))
+        online_scorers = set_up(list(online))
         if online:
-            passes.append(_replay(online, catalog, events, config, seconds, on_learned, "backtest"))
+            passes.append(_replay(online_scorers, catalog, events, config, seconds, on_learned, "backtest"))
         for name, (report, took) in fits.collect().items():
             offline_fits[name] = report
             seconds[name]["fit_s"] = took
@@ -569,18 +579,13 @@ def run_backtest(
         fits.close()
     if offline:  # fitted now, in place
         desc = "backtest" if not online else "backtest (" + ", ".join(offline) + ")"
-        passes.append(_replay(offline, catalog, events, config, seconds, on_learned, desc))
+        passes.append(_replay(offline_scorers, catalog, events, config, seconds, on_learned, desc))
     trained_until = dict.fromkeys(offline, tail_start)
 
-    def merged(field_name: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for p in passes:
-            out.update(getattr(p, field_name))
-        return out
-
-    greater, ties = merged("greater"), merged("ties")
-    rating_true, rating_pred = merged("rating_true"), merged("rating_pred")
-    ev = passes[0].ev
+    measured = passes[0]
+    for p in passes[1:]:
+        measured.absorb(p)
+    ev = measured.ev
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -599,10 +604,10 @@ def run_backtest(
         item_events=np.asarray(log.item_events, dtype=np.int64),
         tail_start=tail_start,
         kind=np.asarray(log.kind, dtype=str),
-        greater={n: cat(greater[n]) for n in names},
-        ties={n: cat(ties[n]) for n in names},
-        rating_true=rating_true,
-        rating_pred=rating_pred,
+        greater={n: cat(measured.greater[n]) for n in names},
+        ties={n: cat(measured.ties[n]) for n in names},
+        rating_true=measured.rating_true,
+        rating_pred=measured.rating_pred,
         seconds=seconds,
         model_configs={n: m.config() for n, m in models.items()},
         trained_until=trained_until,
