@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from storage.db import EmbeddedPostgres, make_engine, upgrade
-from stream.processor import RawRecord
+from stream.records import RawRecord
 from stream.runtime import published_dim
 from stream.settings import Settings
 from stream.worker import WorkerRuntime

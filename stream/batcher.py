@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from stream.processor import RawRecord
+from stream.records import RawRecord
 
 BatchKey = tuple[bool, int]  # (is catalog topic, partition number)
 

@@ -37,6 +37,7 @@ def cli() -> None:
 @cli.command()
 def worker() -> None:
     """Run the Faust worker (embedded broker/Postgres when ISTREAM_KAFKA_BOOTSTRAP/DATABASE_URL are unset)."""
+    s = settings()  # a bad setting is a one-line answer before seconds of imports (torch, Faust)
     from models.registry import available
     from stream.logs import configure
     from stream.metrics import MetricsPortError
@@ -44,7 +45,6 @@ def worker() -> None:
     from stream.servers import Servers
     from stream.worker import ExitNow, VectorWidthMismatch, exit_now, run_worker
 
-    s = settings()
     try:
         load_plugins(s)
     except PluginError as exc:
@@ -75,12 +75,12 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Create or migrate the schema to the newest (or given) revision."""
-    from storage.db import current_revision, upgrade
-    from stream.runtime import vector_width
-
     s = settings()
     if not s.database_url:
         raise UserError("ISTREAM_DATABASE_URL is not set: say which Postgres to migrate")
+    from storage.db import current_revision, upgrade
+    from stream.runtime import vector_width
+
     try:
         dim = vector_width(s)
     except (OSError, ValueError) as exc:  # a base model that cannot be found or read

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from models.weights_io import WeightsRejected
-from stream.processor import BatchOutcome
+if TYPE_CHECKING:  # annotations only: importing them would load torch
+    from models.weights_io import WeightsRejected
+    from stream.records import BatchOutcome
+
 
 # Freshness spans sub-second (live) to hours (a backlog after an outage).
 _FRESH_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, float("inf"))

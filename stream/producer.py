@@ -10,7 +10,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 
-from stream.processor import RawRecord, dead_letter, encode_dead_letter
+from stream.records import RawRecord, dead_letter, encode_dead_letter
 from stream.schema import RECORD_TYPES
 from stream.settings import Settings
 from stream.sources import LogLine

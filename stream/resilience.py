@@ -33,14 +33,8 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from stream.processor import (
-    BatchOutcome,
-    BatchProcessor,
-    RawRecord,
-    ShuttingDown,
-    StagedBatch,
-    SystemicFailure,
-)
+from stream.processor import BatchProcessor, ShuttingDown, StagedBatch, SystemicFailure
+from stream.records import BatchOutcome, RawRecord
 
 log = logging.getLogger("istream.resilience")
 

@@ -26,7 +26,8 @@ from storage.db import upgrade
 from stream.batcher import PartitionBatcher
 from stream.logs import logging_config
 from stream.metrics import WorkerMetrics, serve
-from stream.processor import BatchOutcome, BatchProcessor, RawRecord, StagedBatch, encode_dead_letter
+from stream.processor import BatchProcessor, StagedBatch
+from stream.records import BatchOutcome, RawRecord, encode_dead_letter
 from stream.resilience import ResilientRunner, ShuttingDown, SystemicFailure, is_transient
 from stream.runtime import (
     base_model_name,

@@ -26,7 +26,8 @@ from storage.repository import VectorStore
 from stream.backtest import BacktestConfig, run_backtest
 from stream.backtest.data import from_records
 from stream.evaluate import Window, evaluate_live, vectors_as_of
-from stream.processor import BatchProcessor, RawRecord
+from stream.processor import BatchProcessor
+from stream.records import RawRecord
 from stream.schema import Limits
 from stream.settings import Settings
 from stream.sources import synthetic_log

@@ -26,7 +26,8 @@ from models.decayed_mean import DecayedMeanModel
 from models.events import Event, Item
 from storage.db import EmbeddedPostgres, libpq_url, make_engine, upgrade
 from storage.repository import VectorStore
-from stream.processor import BatchProcessor, RawRecord
+from stream.processor import BatchProcessor
+from stream.records import RawRecord
 from stream.resilience import ResilientRunner
 from stream.schema import InvalidRecord, Limits, parse_topic_record
 from tests.fakes import HashEncoder

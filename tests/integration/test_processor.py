@@ -14,7 +14,8 @@ from sqlalchemy.exc import OperationalError
 from models.decayed_mean import DecayedMeanModel
 from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
-from stream.processor import BatchProcessor, RawRecord, ShuttingDown, SystemicFailure
+from stream.processor import BatchProcessor, ShuttingDown, SystemicFailure
+from stream.records import RawRecord
 from stream.resilience import ResilientRunner
 from stream.schema import Limits
 from tests.fakes import HashEncoder

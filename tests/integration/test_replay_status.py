@@ -14,7 +14,8 @@ from models.decayed_mean import DecayedMeanModel
 from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
 from stream.broker import EmbeddedBroker, ensure_topics
-from stream.processor import BatchProcessor, RawRecord
+from stream.processor import BatchProcessor
+from stream.records import RawRecord
 from stream.schema import Limits
 from stream.settings import Settings
 from tests.fakes import HashEncoder

@@ -23,7 +23,8 @@ from models.finetune import FineTunedModel
 from storage.db import make_engine, upgrade
 from storage.repository import VectorStore
 from stream.metrics import WorkerMetrics
-from stream.processor import BatchProcessor, RawRecord
+from stream.processor import BatchProcessor
+from stream.records import RawRecord
 from stream.schema import Limits
 from tests.fakes import HashEncoder
 from tests.unit.test_weights_io import crafted_blobs

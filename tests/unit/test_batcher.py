@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from stream.batcher import PartitionBatcher
-from stream.processor import RawRecord
+from stream.records import RawRecord
 
 
 def rec(partition: int, offset: int, topic: str = "interest.clicks") -> RawRecord:

@@ -307,7 +307,7 @@ def test_epsilon_gauges() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from stream.metrics import WorkerMetrics
-    from stream.processor import BatchOutcome
+    from stream.records import BatchOutcome
 
     registry = CollectorRegistry()
     m = WorkerMetrics(registry)

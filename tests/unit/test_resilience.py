@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import pytest
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 
-from stream.processor import BatchOutcome, RawRecord, SystemicFailure
+from stream.processor import SystemicFailure
+from stream.records import BatchOutcome, RawRecord
 from stream.resilience import ResilientRunner, is_record_level, is_transient
 
 

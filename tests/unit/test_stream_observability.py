@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from stream.broker import free_port
 from stream.logs import JsonFormatter
 from stream.metrics import WorkerMetrics, serve
-from stream.processor import BatchOutcome
+from stream.records import BatchOutcome
 
 
 def test_metrics_are_served_with_batch_figures() -> None:

@@ -11,7 +11,8 @@ from sqlalchemy import Engine, text
 
 from models.decayed_mean import DecayedMeanModel
 from storage.repository import VectorStore
-from stream.processor import BatchProcessor, RawRecord
+from stream.processor import BatchProcessor
+from stream.records import RawRecord
 from stream.schema import Limits
 from tests.fakes import HashEncoder
 from tests.integration.storage.conftest import DIM
