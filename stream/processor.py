@@ -19,6 +19,7 @@ Why a batch is applied exactly once, whatever crashes:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -78,6 +79,14 @@ def model_step(what: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise SystemicFailure(f"model step ({what})", exc) from exc
+
+
+def _attrs_key(attrs: Mapping[str, Any]) -> str:
+    return json.dumps(attrs, sort_keys=True, default=str)
+
+
+def _item_key(item: Item) -> tuple[str, str, tuple[float, ...] | None]:
+    return item.text, _attrs_key(item.attrs), item.embedding
 
 
 def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
@@ -168,6 +177,10 @@ class BatchProcessor:
         self._versions: dict[str, int] = {}  # user -> stored version our in-memory state matches
         self._catalog_mark: tuple[int, datetime | None] = (0, None)
         self._catalog_checked = float("-inf")
+        # What the model and the store hold of each item: a record that changes nothing (the
+        # topic re-read after the catalog bootstrap, our own items seen again by
+        # refresh_catalog's slack) costs nothing, instead of rewriting every recent item.
+        self._known_items: dict[str, tuple[str, str, tuple[float, ...] | None]] = {}
         # One trainer per model: only this process trains shared parameters and
         # publishes snapshots; the others follow the registry (see set_trainer).
         self.trainer = True
@@ -322,7 +335,13 @@ class BatchProcessor:
                 query = query.where(CatalogItem.updated_at >= since - timedelta(seconds=30))
             rows = conn.execute(query).all()
         self._catalog_mark = (n, newest)
-        items = [Item(item_id=i, text=t, attrs=a or {}) for i, t, a in rows]
+        # The catalog table holds no embeddings: an item we know with the same text and
+        # attributes is ours (or unchanged), and re-applying it would drop its embedding.
+        items = [
+            Item(item_id=i, text=t, attrs=a or {})
+            for i, t, a in rows
+            if self._known_items.get(i, (None, None))[:2] != (t, _attrs_key(a or {}))
+        ]
         if items:
             with model_step("catalog"):
                 self.model.upsert_items(items)
@@ -330,6 +349,7 @@ class BatchProcessor:
                 # The version our vectors name was published before we knew these items:
                 # without their vectors under it, they could never rank for those users.
                 self.write_item_vectors([i.item_id for i in items])
+            self._remember(items)
         return len(items)
 
     def ensure_published(self) -> None:
@@ -577,14 +597,25 @@ class BatchProcessor:
             )
         return BatchOutcome(dead_letters=entries, committed_at=time.time())
 
+    def _remember(self, items: Sequence[Item]) -> None:
+        for i in items:
+            self._known_items[i.item_id] = _item_key(i)
+
     def apply_items(self, items: Sequence[Item]) -> None:
-        latest = list({i.item_id: i for i in items}.values())
+        latest = [
+            i
+            for i in {i.item_id: i for i in items}.values()
+            if self._known_items.get(i.item_id) != _item_key(i)
+        ]
+        if not latest:
+            return
         with model_step("catalog"):
             self.model.upsert_items(latest)
         self.store.upsert_items(latest)
         self.persist_encodings(latest)
         self.ensure_published()
         self.write_item_vectors([i.item_id for i in latest])
+        self._remember(latest)
 
     def write_item_vectors(self, item_ids: Sequence[str], *, overwrite: bool = True) -> None:
         """These items' vectors under the model version that user vectors name now."""

@@ -359,3 +359,36 @@ def test_giving_up_training_writes_the_versions_learned_first(db_url: str) -> No
     old.finish(staged, old.commit(staged))
     for p in (old, new):
         p.close()
+
+
+def test_an_unchanged_catalog_record_rewrites_nothing_and_a_changed_one_is_applied(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = make(db_url)
+    proc.process(items())
+    written: list[str] = []
+    real = proc.store.write_item_vectors
+
+    def spy(version: str, ids: Any, *args: Any, **kwargs: Any) -> None:
+        written.extend(ids)
+        real(version, ids, *args, **kwargs)
+
+    monkeypatch.setattr(proc.store, "write_item_vectors", spy)
+    # The items topic re-read after the catalog bootstrap; our own rows are inside
+    # refresh_catalog's 30 s slack: neither writes anything again.
+    proc.process(items(offset=4))
+    assert proc.refresh_catalog() == 0
+    assert written == []
+    before = proc.model.item_matrix()[proc.model.item_ids().index("i1")].copy()
+    changed = RawRecord(
+        "interest.items", 0, 8, b"i1", json.dumps({"item_id": "i1", "text": "jazz piano trio"}).encode()
+    )
+    proc.process([changed])
+    assert written == ["i1"]
+    assert not np.allclose(proc.model.item_matrix()[proc.model.item_ids().index("i1")], before)
+    with proc.store.engine.connect() as conn:
+        assert (
+            conn.execute(text("SELECT text FROM items WHERE item_id = 'i1'")).scalar_one()
+            == "jazz piano trio"
+        )
+    proc.close()
