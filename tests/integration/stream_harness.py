@@ -29,13 +29,16 @@ from storage.db import EmbeddedPostgres, make_engine, upgrade
 from stream.broker import EmbeddedBroker, ensure_topics, env_without_proxies, make_producer
 from stream.runtime import published_dim
 from stream.settings import Settings
-from tests.helpers import wait_for
+from tests.helpers import THOROUGH, wait_for
 from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 # The learned model that the fault tests run beside the untrained one: one place to switch
 # when the project's default model changes.
 LEARNED_MODEL = "adapter"
+# The fault and scale-out tests run the learned model, whose weights, user states and line of
+# versions must survive what the untrained one's plumbing does; both with ISTREAM_TEST_THOROUGH.
+FAULT_MODELS = ["decayed_mean", LEARNED_MODEL] if THOROUGH else [LEARNED_MODEL]
 
 
 class Stack:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stream_harness import Stack, WorkerProcess, workers
+from tests.integration.stream_harness import FAULT_MODELS, Stack, WorkerProcess, workers
 from tests.integration.workload import build_workload, dead_letter_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,7 +32,7 @@ def _batches(log: str) -> int:
     return len(re.findall(r"batch p[\d,]+: \d+ records, [1-9]", log))
 
 
-@pytest.mark.parametrize("model", ["decayed_mean", "adapter"])
+@pytest.mark.parametrize("model", FAULT_MODELS)
 def test_two_workers_share_partitions_and_one_leaves(server_tmp: Path, model: str) -> None:
     with Stack(server_tmp, model=model) as stack:
         work = build_workload(stack.settings, n_users=300, n_events=8000)
