@@ -50,9 +50,12 @@ def save_encodings(engine: Engine, base_version: str, entries: Iterable[tuple[st
     return len(rows)
 
 
-def persist_encodings(engine: Engine, encoder: CachedEncoder) -> int:
-    """Store what the encoder's cache holds (already stored rows are skipped by the key)."""
-    return save_encodings(engine, encoder.version, encoder.cache.items())
+def persist_encodings(engine: Engine, encoder: CachedEncoder, texts: Iterable[str] | None = None) -> int:
+    """Store what the encoder's cache holds and the store lacks (of `texts` only, when given)."""
+    entries = encoder.cache.unsaved(texts)
+    n = save_encodings(engine, encoder.version, entries)
+    encoder.cache.mark_saved(t for t, _ in entries)
+    return n
 
 
 def model_encoder(model: object) -> CachedEncoder | None:

@@ -36,7 +36,7 @@ from models.catalog import item_text
 from models.core import InterestModel, ModelSnapshot, TrainableWeights, UserUpdate
 from models.events import Event, Item
 from models.weights_io import WeightsRejected
-from storage.encodings import model_encoder, persist_encodings, restore_encodings, save_encodings
+from storage.encodings import model_encoder, persist_encodings, restore_encodings
 from storage.repository import OffsetMark, VectorStore
 from storage.schema import CatalogItem
 from stream.records import BatchOutcome, RawRecord, dead_letter
@@ -222,12 +222,8 @@ class BatchProcessor:
         encoder = model_encoder(self.model)
         if encoder is None:
             return
-        if items is None:
-            persist_encodings(self.store.engine, encoder)
-            return
-        texts = {item_text(i.text, i.attrs) for i in items}
-        entries = [(t, v) for t in texts if (v := encoder.cache.get(t)) is not None]
-        save_encodings(self.store.engine, encoder.version, entries)
+        texts = None if items is None else {item_text(i.text, i.attrs) for i in items}
+        persist_encodings(self.store.engine, encoder, texts)
 
     def restore_weights(self) -> None:
         """Load the newest published weights of this model, when it has trainable state.

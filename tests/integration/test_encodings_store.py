@@ -25,13 +25,16 @@ def test_encodings_round_trip_per_base_version(db_url: str) -> None:
     for text, vec in vecs.items():
         first.cache.put(text, vec)
     assert persist_encodings(engine, first) == 3
-    assert persist_encodings(engine, first) == 3  # stored rows are skipped, not duplicated
+    assert persist_encodings(engine, first) == 0  # stored rows are not offered again
+    first.cache.put("w", vecs["x"])
+    assert persist_encodings(engine, first, texts=["w", "x"]) == 1  # of these texts, what is new
 
     restarted = CacheOnly("base-a")
-    assert restore_encodings(engine, restarted) == 3
+    assert restore_encodings(engine, restarted) == 4
     np.testing.assert_allclose(restarted.cache.get("y"), vecs["y"], rtol=1e-6)
     assert restarted.cache.get("never seen") is None
     assert len(restarted.cache) == 1  # restored rows join the LRU when their text is asked for
+    assert persist_encodings(engine, restarted) == 0  # what was restored is not written back
 
     other_base = CacheOnly("base-b")
     assert restore_encodings(engine, other_base) == 0
