@@ -19,7 +19,6 @@ Why a batch is applied exactly once, whatever crashes:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -79,14 +78,6 @@ def model_step(what: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise SystemicFailure(f"model step ({what})", exc) from exc
-
-
-def _attrs_key(attrs: Mapping[str, Any]) -> str:
-    return json.dumps(attrs, sort_keys=True, default=str)
-
-
-def _item_key(item: Item) -> tuple[str, str, tuple[float, ...] | None]:
-    return item.text, _attrs_key(item.attrs), item.embedding
 
 
 def offset_marks(records: Sequence[RawRecord]) -> list[OffsetMark]:
@@ -180,7 +171,7 @@ class BatchProcessor:
         # What the model and the store hold of each item: a record that changes nothing (the
         # topic re-read after the catalog bootstrap, our own items seen again by
         # refresh_catalog's slack) costs nothing, instead of rewriting every recent item.
-        self._known_items: dict[str, tuple[str, str, tuple[float, ...] | None]] = {}
+        self._known_items: dict[str, Item] = {}
         # One trainer per model: only this process trains shared parameters and
         # publishes snapshots; the others follow the registry (see set_trainer).
         self.trainer = True
@@ -336,7 +327,7 @@ class BatchProcessor:
         items = [
             Item(item_id=i, text=t, attrs=a or {})
             for i, t, a in rows
-            if self._known_items.get(i, (None, None))[:2] != (t, _attrs_key(a or {}))
+            if (known := self._known_items.get(i)) is None or (known.text, known.attrs) != (t, a or {})
         ]
         if items:
             with model_step("catalog"):
@@ -594,15 +585,10 @@ class BatchProcessor:
         return BatchOutcome(dead_letters=entries, committed_at=time.time())
 
     def _remember(self, items: Sequence[Item]) -> None:
-        for i in items:
-            self._known_items[i.item_id] = _item_key(i)
+        self._known_items.update((i.item_id, i) for i in items)
 
     def apply_items(self, items: Sequence[Item]) -> None:
-        latest = [
-            i
-            for i in {i.item_id: i for i in items}.values()
-            if self._known_items.get(i.item_id) != _item_key(i)
-        ]
+        latest = [i for i in {i.item_id: i for i in items}.values() if self._known_items.get(i.item_id) != i]
         if not latest:
             return
         with model_step("catalog"):
