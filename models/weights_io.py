@@ -25,11 +25,13 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where tensors are written or read: verifying a checksum
+# and the exceptions are needed by modules (the worker's batch path) that load before torch.
 
 FORMAT = "istream-weights/1"
 _META_KEY = "istream"
@@ -64,6 +66,9 @@ def verify(blob: bytes, expected_sha256: str | None) -> None:
 
 def dumps(entries: Mapping[str, Any]) -> bytes:
     """Serialise tensors, state dicts and JSON values into one safetensors blob (deterministic)."""
+    import torch
+    from safetensors.torch import save as _st_save
+
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, str] = {}
     values: dict[str, Any] = {}
@@ -90,6 +95,8 @@ def dumps(entries: Mapping[str, Any]) -> bytes:
 
 def loads(blob: bytes, *, device: torch.device | str = "cpu", required: Iterable[str] = ()) -> dict[str, Any]:
     """Inverse of `dumps`. Anything that is not such a blob raises `WeightsRejected` (kind "format")."""
+    from safetensors.torch import load as _st_load
+
     meta = _header_metadata(blob)
     try:
         header = json.loads(meta)
@@ -121,6 +128,8 @@ def loads(blob: bytes, *, device: torch.device | str = "cpu", required: Iterable
 
 
 def _is_state_dict(value: object) -> bool:
+    import torch
+
     if not isinstance(value, Mapping) or not value:
         return False
     return all(isinstance(v, torch.Tensor) for v in value.values())

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -27,12 +26,21 @@ def libpq_url(url: str) -> str:
     return "postgresql://" + sqlalchemy_url(url)[len("postgresql+psycopg://") :]
 
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# alembic is imported where a migration runs: engines alone (every CLI command, the worker's
+# store) do not need its 0.7 s of imports.
+
+
 def make_engine(url: str, **kwargs: object) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(sqlalchemy_url(url), **kwargs)  # type: ignore[arg-type]
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
@@ -52,10 +60,14 @@ def upgrade(
     vector columns; unset, they come from ISTREAM_VECTOR_DIM (default 384) and
     ISTREAM_VECTOR_BACKEND (default auto: pgvector when the server has it).
     """
+    from alembic import command
+
     _run(url, command.upgrade, revision, vector_dim, vector_backend)
 
 
 def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
     _run(url, command.downgrade, revision, None, None)
 
 

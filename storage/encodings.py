@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects.postgresql import insert
 
-from models.encoder import EncodingCache, text_key
+from models.encoding_cache import EncodingCache, text_key
 from storage.schema import BaseEncoding
 
 log = logging.getLogger(__name__)

@@ -6,17 +6,22 @@ import gc
 import importlib
 import logging
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from models.core import InterestModel
-from models.encoder import DEFAULT_BASE_MODEL, BaseEncoder
-from models.registry import build_model
+from models.base_model import DEFAULT_BASE_MODEL, base_hidden_size
 from storage.db import make_engine
 from storage.repository import RetentionPolicy, VectorStore
 from stream.schema import Limits
 from stream.settings import Settings
+
+if TYPE_CHECKING:
+    from models.core import InterestModel
+    from models.encoder import BaseEncoder
+
+# torch, transformers and the model registry are imported where a model is built: `istream
+# status`, `db upgrade`, `produce` and `replay` need none of them (seconds per call).
 
 
 def settle_heap() -> None:
@@ -33,6 +38,8 @@ def settle_heap() -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -52,6 +59,8 @@ def base_model_name(settings: Settings) -> str:
 
 
 def build_encoder(settings: Settings) -> BaseEncoder:
+    from models.encoder import BaseEncoder
+
     return BaseEncoder(settings.base_model, device=settings.device)
 
 
@@ -69,6 +78,8 @@ class PluginError(ImportError):
 
 
 def build_interest_model(settings: Settings, encoder: BaseEncoder | None = None) -> InterestModel:
+    from models.registry import build_model
+
     load_plugins(settings)
     seed_everything(settings.seed)
     encoder = encoder or build_encoder(settings)
@@ -118,11 +129,7 @@ def published_dim(settings: Settings) -> int:
     The database's vector width is fixed when it is migrated, so the embedded server is
     migrated with this width and a worker refuses a database migrated for another.
     """
-    from transformers import AutoConfig
-
-    from models.encoder import resolve_base_path
-
-    base = int(AutoConfig.from_pretrained(resolve_base_path(settings.base_model)).hidden_size)
+    base = base_hidden_size(settings.base_model)
     if settings.model.partition(":")[0] in FINE_TUNED:
         # Fine-tuned models publish [user, 1] / [item, bias] so a plain inner product ranks.
         return (settings.model_dim or base) + 1

@@ -113,7 +113,7 @@ class LazyEncoder:
         path = self._file()
         if path is None or self._encoder.cache.misses == 0:
             return 0
-        from models.encoder import text_key
+        from models.encoding_cache import text_key
 
         entries = self._stored()
         entries.update({text_key(t): np.asarray(v, np.float32) for t, v in self._encoder.cache.items()})
