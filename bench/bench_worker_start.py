@@ -46,11 +46,10 @@ COLUMNS = [*PHASES, "stop"]
 
 def one_start(stack: Stack, worker: WorkerProcess, timeout: float) -> dict[str, float]:
     seen: dict[str, float] = {}
-    offset = len(worker.current_log())
     started = time.monotonic()
     worker.start()
     while len(seen) < len(PHASES) and time.monotonic() - started < timeout:
-        log = worker.current_log()[offset:]
+        log = worker.current_log()  # this start's part of the log
         for name, pattern in PHASES.items():
             if name not in seen and pattern.search(log):
                 seen[name] = time.monotonic() - started
