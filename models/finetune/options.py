@@ -75,6 +75,12 @@ class FineTuneOptions:
     replay_size: int = 20_000
     replay_per_step: int = 64  # earlier positives replayed per step (against forgetting)
     replay_weight: float = 1.0  # all replayed targets of a step together, relative to the fresh ones
+    # A stored user vector ranks every event of the user until it is next rewritten, not just
+    # the next one (PinnerFormer's dense all-action loss): each positive also trains the user
+    # states up to this many behaviours before it, at `lookahead_weight` each, against the
+    # interest part only (the item biases, the cold-start prior, learn from the next event).
+    lookahead_targets: int = 2
+    lookahead_weight: float = 0.5
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.
     rollback_threshold: float = 0.5

@@ -23,7 +23,7 @@ from models.catalog import Catalog
 from models.device import autocast, seeded
 from models.events import Event
 from models.finetune.drift import DriftMonitor
-from models.finetune.episodes import Episode, Target, chunk, episode_tensors, seen_mask
+from models.finetune.episodes import Episode, Target, chunk, episode_tensors, seen_mask, with_lookahead
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
 from models.finetune.versions import PER_ITEM
@@ -317,6 +317,8 @@ class Trainer:
         n = len(host.catalog)
         index = host.catalog.index
         episodes = [c for ep in episodes for c in chunk(ep, o.history, index)]
+        if o.lookahead_targets > 0 and self.dp is None:
+            episodes = [with_lookahead(ep, o.lookahead_targets, o.lookahead_weight) for ep in episodes]
         self._fresh_losses = []
         flat = [(u, t) for u, ep in enumerate(episodes) for t in ep.targets]
         pos = [(u, t) for u, t in flat if t.positive]
@@ -379,7 +381,14 @@ class Trainer:
             if pos_idx:
                 up = u_all[pos_idx]
                 cand_cols = rows_tensor([col[r] for r in cand_rows], dev)
-                logits = scale * (up @ vec[cand_cols].T) + bias[cand_cols]
+                cand_bias = bias[cand_cols][None]
+                ahead = [flat[i][1].lookahead > 0 for i in pos_idx]
+                if any(ahead):
+                    # Lookahead rows train the interest part only: the biases are the prior a
+                    # user without history is served, learned from each event's own state.
+                    ahead_t = torch.tensor(ahead, dtype=torch.bool, device=dev)[:, None]
+                    cand_bias = torch.where(ahead_t, cand_bias.detach(), cand_bias)
+                logits = scale * (up @ vec[cand_cols].T) + cand_bias
                 if full:
                     cand_pos = None
                     target = rows_tensor([flat[i][1].row for i in pos_idx], dev)

@@ -390,3 +390,29 @@ def test_budget_counted_in_positives_pays_only_for_what_trains_ranking() -> None
 def test_an_unknown_budget_unit_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="budget_unit must be"):
         model(budget_unit="batches")
+
+
+def test_lookahead_targets_train_earlier_states_and_mask_what_came_between() -> None:
+    """Each positive is also a target of the 1..k states before it (never the empty state),
+    at the given weight, not prequential, with no rating, query or impressions of its own;
+    the items the user had between that state and the event are no negatives for it."""
+    from models.finetune.episodes import Episode, Target, seen_mask, with_lookahead
+    from models.user_state import Behaviour
+
+    behaviours = [Behaviour(item_id=f"i{r}", query=None, signal=0, ts=float(r)) for r in range(4)]
+    index = {f"i{r}": r for r in range(6)}
+    targets = [
+        Target(pos=1, row=1, positive=True),
+        Target(pos=3, row=3, positive=True, rating=5.0, query="q", hard=(5,)),
+        Target(pos=2, row=2, positive=False),
+    ]
+    ep = with_lookahead(Episode("u", behaviours, None, targets), k=2, weight=0.5)
+    extra = ep.targets[len(targets) :]
+    assert [(t.pos, t.row, t.lookahead) for t in extra] == [(2, 3, 1), (1, 3, 2)]
+    assert all(t.replayed and t.weight == 0.5 and t.rating is None and t.query is None for t in extra)
+    assert all(t.hard == () for t in extra)
+    mask = seen_mask([ep], [(0, t) for t in extra], 6, None, index, torch.device("cpu"))
+    # From state 2 (and state 1), items 0..2 are masked: the user had them by the event at 3.
+    assert mask.tolist() == [[True, True, True, False, False, False]] * 2
+    # Off: the episode as it was.
+    assert with_lookahead(Episode("u", behaviours, None, targets), k=0, weight=0.5).targets == targets
