@@ -30,7 +30,6 @@ class Target:
     weight: float = 1.0  # in the loss (replayed targets weigh less than fresh ones)
     replayed: bool = False  # learned before: its loss is not prequential
     event_id: str = ""  # the event it came from (DP: only admitted events train)
-    lookahead: int = 0  # > 0: a later positive trained from this earlier state (`with_lookahead`)
 
 
 @dataclass(slots=True)
@@ -135,29 +134,26 @@ def chunk(ep: Episode, history: int, index: Mapping[str, int]) -> list[Episode]:
     return out
 
 
-def with_lookahead(ep: Episode, k: int, weight: float) -> Episode:
-    """`ep` with each positive target also trained from the user's states 1..`k` behaviours
-    before it (never from the empty state, which is the cold-start prior's to learn), each at
-    `weight` times the target's weight. These are no prequential losses (`replayed`) and carry
-    no rating, query or impressions: those train once, at the event itself."""
-    extra = [
-        replace(
-            t,
-            pos=t.pos - j,
-            weight=t.weight * weight,
-            replayed=True,
-            lookahead=j,
-            rating=None,
-            query=None,
-            hard=(),
-        )
-        for t in ep.targets
-        if t.positive and not t.lookahead
-        for j in range(1, min(k, t.pos - 1) + 1)
-    ]
-    if not extra:
-        return ep
-    return replace(ep, targets=ep.targets + extra)
+def lookahead_pairs(targets: Sequence[tuple[int, Target]], k: int) -> list[tuple[int, int, int]]:
+    """For each fresh positive target (episode, target) in `targets`, the later fresh positives
+    of the same episode at most `k` behaviours after it: (index in `targets`, their catalog
+    row, their index in `targets`). The state that ranked the first also ranks them (a stored
+    vector serves every event until it is next rewritten), so it is trained on them too."""
+    by_episode: dict[int, list[int]] = {}
+    for i, (u, t) in enumerate(targets):
+        if t.positive and not t.replayed:
+            by_episode.setdefault(u, []).append(i)
+    out: list[tuple[int, int, int]] = []
+    for idx in by_episode.values():
+        idx.sort(key=lambda i: targets[i][1].pos)
+        for a, i in enumerate(idx):
+            p = targets[i][1].pos
+            for j in idx[a + 1 :]:
+                if targets[j][1].pos - p > k:
+                    break
+                if targets[j][1].pos > p:
+                    out.append((i, targets[j][1].row, j))
+    return out
 
 
 def seen_mask(
@@ -179,9 +175,7 @@ def seen_mask(
             ep = episodes[u]
             beh = [index.get(b.item_id, -1) if b.item_id is not None else -1 for b in ep.behaviours]
             rows = ep_rows[u] = np.asarray(list(ep.seen_rows) + beh, dtype=np.int64)
-        # A lookahead target's own item comes `lookahead` behaviours later: what the user had
-        # in between is no negative for it either.
-        cut = rows[: len(episodes[u].seen_rows) + t.pos + t.lookahead]
+        cut = rows[: len(episodes[u].seen_rows) + t.pos]
         cut = cut[cut >= 0]
         if cand_pos is not None:
             cut = np.asarray([cand_pos[r] for r in cut.tolist() if r in cand_pos], dtype=np.int64)

@@ -75,10 +75,11 @@ class FineTuneOptions:
     replay_size: int = 20_000
     replay_per_step: int = 64  # earlier positives replayed per step (against forgetting)
     replay_weight: float = 1.0  # all replayed targets of a step together, relative to the fresh ones
-    # A stored user vector ranks every event of the user until it is next rewritten, not just
-    # the next one (PinnerFormer's dense all-action loss): each positive also trains the user
-    # states up to this many behaviours before it, at `lookahead_weight` each, against the
-    # interest part only (the item biases, the cold-start prior, learn from the next event).
+    # A stored user vector ranks every event of its user until it is next rewritten, not just
+    # the next one (PinnerFormer's dense all-action loss): the state that ranks a fresh positive
+    # is also trained on the user's next positives up to this many behaviours later, from the
+    # same logits row (almost free), at `lookahead_weight` each, with the item biases held fixed
+    # (they are the cold-start prior, learned from each event's own state).
     lookahead_targets: int = 2
     lookahead_weight: float = 0.5
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling

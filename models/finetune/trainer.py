@@ -23,7 +23,7 @@ from models.catalog import Catalog
 from models.device import autocast, seeded
 from models.events import Event
 from models.finetune.drift import DriftMonitor
-from models.finetune.episodes import Episode, Target, chunk, episode_tensors, seen_mask, with_lookahead
+from models.finetune.episodes import Episode, Target, chunk, episode_tensors, lookahead_pairs, seen_mask
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
 from models.finetune.versions import PER_ITEM
@@ -317,8 +317,6 @@ class Trainer:
         n = len(host.catalog)
         index = host.catalog.index
         episodes = [c for ep in episodes for c in chunk(ep, o.history, index)]
-        if o.lookahead_targets > 0 and self.dp is None:
-            episodes = [with_lookahead(ep, o.lookahead_targets, o.lookahead_weight) for ep in episodes]
         self._fresh_losses = []
         flat = [(u, t) for u, ep in enumerate(episodes) for t in ep.targets]
         pos = [(u, t) for u, t in flat if t.positive]
@@ -381,13 +379,7 @@ class Trainer:
             if pos_idx:
                 up = u_all[pos_idx]
                 cand_cols = rows_tensor([col[r] for r in cand_rows], dev)
-                cand_bias = bias[cand_cols][None]
-                ahead = [flat[i][1].lookahead > 0 for i in pos_idx]
-                if any(ahead):
-                    # Lookahead rows train the interest part only: the biases are the prior a
-                    # user without history is served, learned from each event's own state.
-                    ahead_t = torch.tensor(ahead, dtype=torch.bool, device=dev)[:, None]
-                    cand_bias = torch.where(ahead_t, cand_bias.detach(), cand_bias)
+                cand_bias = bias[cand_cols]
                 logits = scale * (up @ vec[cand_cols].T) + cand_bias
                 if full:
                     cand_pos = None
@@ -432,7 +424,13 @@ class Trainer:
                 else:
                     w = torch.tensor([flat[i][1].weight for i in pos_idx], device=dev)
                     rows = softmax_rows(logits.float(), target, mask)
-                    losses.append((rows * w).sum() / w.sum().clamp(min=1e-12))
+                    ahead = self._lookahead(flat, pos_idx, logits, cand_bias, mask, cand_pos)
+                    if ahead is None:
+                        losses.append((rows * w).sum() / w.sum().clamp(min=1e-12))
+                    else:
+                        aw = w[ahead[1]] * o.lookahead_weight
+                        total = (rows * w).sum() + (ahead[0] * aw).sum()
+                        losses.append(total / (w.sum() + aw.sum()).clamp(min=1e-12))
                     fresh_rows = rows.detach().cpu().tolist()
                     self._fresh_losses = [
                         (episodes[flat[i][0]].user_id, x)
@@ -494,6 +492,41 @@ class Trainer:
             torch._foreach_sub_(before, [p.detach() for p in params])
             self._step_back = before
         return float(loss.detach())
+
+    def _lookahead(
+        self,
+        flat: Sequence[tuple[int, Target]],
+        pos_idx: Sequence[int],
+        logits: torch.Tensor,
+        cand_bias: torch.Tensor,
+        mask: torch.Tensor,
+        cand_pos: Mapping[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cross-entropies of the later positives each fresh target's state also ranks
+        (`lookahead_pairs`), from that state's own logits row, and the row (in `pos_idx`'s
+        order) of each; None when there are none. These train the interest part only: the
+        biases stay the prior a user without history is served, learned from each event's
+        own state (with them, the ML-100K cold-start slice lost a quarter)."""
+        o = self.opts
+        if o.lookahead_targets <= 0:
+            return None
+        pairs = lookahead_pairs([flat[i] for i in pos_idx], o.lookahead_targets)
+        if not pairs:
+            return None
+        dev = logits.device
+        rows = sorted({k for k, _, _ in pairs})
+        at = {k: n for n, k in enumerate(rows)}
+        rows_t = rows_tensor(rows, dev)
+        interest = (logits[rows_t] - cand_bias + cand_bias.detach()).float()
+        row_mask = mask[rows_t]
+        which = rows_tensor([at[k] for k, _, _ in pairs], dev)
+        cols = rows_tensor([r if cand_pos is None else cand_pos[r] for _, r, _ in pairs], dev)
+        keep = ~row_mask[which, cols]  # an item the state had already is no target of it
+        # Each row's log-normaliser once, then every pair's cross-entropy from it.
+        lse = torch.logsumexp(interest.masked_fill(row_mask, torch.finfo(interest.dtype).min / 2), dim=1)
+        ce = lse[which] - interest[which, cols]
+        owner = rows_tensor([k for k, _, _ in pairs], dev)
+        return ce[keep], owner[keep]
 
     def _keep_params(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Copies of `params` in the buffers of the last step where the shapes still fit."""

@@ -392,27 +392,51 @@ def test_an_unknown_budget_unit_is_a_clear_error() -> None:
         model(budget_unit="batches")
 
 
-def test_lookahead_targets_train_earlier_states_and_mask_what_came_between() -> None:
-    """Each positive is also a target of the 1..k states before it (never the empty state),
-    at the given weight, not prequential, with no rating, query or impressions of its own;
-    the items the user had between that state and the event are no negatives for it."""
-    from models.finetune.episodes import Episode, Target, seen_mask, with_lookahead
-    from models.user_state import Behaviour
+def test_lookahead_pairs_are_the_later_fresh_positives_within_k_behaviours() -> None:
+    """The state that ranks a fresh positive also ranks the user's next positives until the
+    vector is rewritten: pairs (that target, a later positive's item) within k behaviours, of
+    the same episode only, never from or to a replayed or non-positive target."""
+    from models.finetune.episodes import Target, lookahead_pairs
 
-    behaviours = [Behaviour(item_id=f"i{r}", query=None, signal=0, ts=float(r)) for r in range(4)]
-    index = {f"i{r}": r for r in range(6)}
     targets = [
-        Target(pos=1, row=1, positive=True),
-        Target(pos=3, row=3, positive=True, rating=5.0, query="q", hard=(5,)),
-        Target(pos=2, row=2, positive=False),
+        (0, Target(pos=1, row=10, positive=True)),
+        (0, Target(pos=2, row=11, positive=False)),  # a return or a low rating: trains no ranking
+        (0, Target(pos=3, row=12, positive=True)),
+        (0, Target(pos=6, row=13, positive=True)),
+        (1, Target(pos=2, row=20, positive=True)),
+        (1, Target(pos=3, row=21, positive=True, replayed=True)),
+        (1, Target(pos=4, row=22, positive=True)),
     ]
-    ep = with_lookahead(Episode("u", behaviours, None, targets), k=2, weight=0.5)
-    extra = ep.targets[len(targets) :]
-    assert [(t.pos, t.row, t.lookahead) for t in extra] == [(2, 3, 1), (1, 3, 2)]
-    assert all(t.replayed and t.weight == 0.5 and t.rating is None and t.query is None for t in extra)
-    assert all(t.hard == () for t in extra)
-    mask = seen_mask([ep], [(0, t) for t in extra], 6, None, index, torch.device("cpu"))
-    # From state 2 (and state 1), items 0..2 are masked: the user had them by the event at 3.
-    assert mask.tolist() == [[True, True, True, False, False, False]] * 2
-    # Off: the episode as it was.
-    assert with_lookahead(Episode("u", behaviours, None, targets), k=0, weight=0.5).targets == targets
+    assert lookahead_pairs(targets, 2) == [(0, 12, 2), (4, 22, 6)]
+    assert lookahead_pairs(targets, 3) == [(0, 12, 2), (2, 13, 3), (4, 22, 6)]
+    assert lookahead_pairs(targets, 0) == []
+
+
+def test_lookahead_losses_reach_the_interest_part_and_never_the_biases() -> None:
+    """A later positive's cross-entropy from an earlier state moves the user and item vectors
+    (the dot products), never the item biases: those are the prior a user without history is
+    served, and stay learned from each event's own state."""
+    from types import SimpleNamespace
+
+    from models.finetune.episodes import Target
+    from models.finetune.options import FineTuneOptions
+    from models.finetune.trainer import Trainer
+
+    flat = [(0, Target(pos=1, row=0, positive=True)), (0, Target(pos=2, row=3, positive=True))]
+    dots = torch.randn(2, 5, requires_grad=True)
+    bias = torch.randn(5, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 0] = True  # the second state had item 0
+    stub = SimpleNamespace(opts=FineTuneOptions(lookahead_targets=2))
+    out = Trainer._lookahead(stub, flat, [0, 1], dots + bias, bias, mask, None)  # type: ignore[arg-type]
+    assert out is not None
+    ce, owner = out
+    assert owner.tolist() == [0]  # item 3 ranked from the first state too
+    row = (dots + bias)[0].detach()
+    expected = torch.logsumexp(row, 0) - row[3]
+    assert float(ce[0].detach()) == pytest.approx(float(expected), rel=1e-5)  # the biases count, held fixed
+    ce.sum().backward()
+    assert bias.grad is None or not bias.grad.any()
+    assert dots.grad is not None and dots.grad[0].abs().sum() > 0
+    stub.opts = FineTuneOptions(lookahead_targets=0)
+    assert Trainer._lookahead(stub, flat, [0, 1], dots + bias, bias, mask, None) is None  # type: ignore[arg-type]
