@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     # teaches), or every event (`model_budget_unit="events"`).
     model_events_per_step: int = Field(default=50, ge=1)
     model_budget_unit: Literal["positives", "events"] = "positives"
-    # Each positive also trains the user states up to N behaviours before it (0 = off): a stored
-    # vector ranks every event until it is next rewritten, not just the next one.
+    # The state that ranks a fresh positive also trains on the user's next positives up to N
+    # behaviours later (0 = off): a stored vector ranks every event until it is next rewritten.
     model_lookahead: int = Field(default=2, ge=0)
     # The user encoder: 0 = one attention read-out, k = k causal self-attention blocks.
     model_blocks: int = Field(default=0, ge=0)

@@ -78,7 +78,7 @@ class FineTuneOptions:
     # A stored user vector ranks every event of its user until it is next rewritten, not just
     # the next one (PinnerFormer's dense all-action loss): the state that ranks a fresh positive
     # is also trained on the user's next positives up to this many behaviours later, from the
-    # same logits row (almost free), at `lookahead_weight` each, with the item biases held fixed
+    # same logits row (no extra user states), at `lookahead_weight` each, with the item biases held fixed
     # (they are the cold-start prior, learned from each event's own state).
     lookahead_targets: int = 2
     lookahead_weight: float = 0.5
