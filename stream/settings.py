@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # A new model version every N training steps or T seconds, whichever comes first. Each
     # version writes the whole catalog's item vectors; between versions user vectors still follow
     # every event (computed with the published weights).
-    model_publish_every_steps: int = Field(default=10, ge=1)
+    model_publish_every_steps: int = Field(default=3, ge=1)
     model_publish_every_s: float = Field(default=10.0, gt=0)
     model_deterministic: bool = False  # deterministic kernels (with ISTREAM_SEED): same data, same numbers
     model_bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)

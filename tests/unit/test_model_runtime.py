@@ -16,7 +16,7 @@ def test_settings_become_model_options() -> None:
 
 
 def test_runtime_builds_the_configured_strategy() -> None:
-    s = Settings(model="adapter", model_dim=8, model_publish_every_steps=3, device="cpu")
+    s = Settings(model="adapter", model_dim=8, model_publish_every_steps=7, device="cpu")
     m = build_interest_model(s, HashEncoder(16))  # type: ignore[arg-type]
     assert isinstance(m, FineTunedModel) and m.spec == "adapter"
-    assert m.opts.dim == 8 and m.opts.publish_every_steps == 3 and m.dim == 9
+    assert m.opts.dim == 8 and m.opts.publish_every_steps == 7 and m.dim == 9
