@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +133,17 @@ def run_demo(settings: Settings, data: Path | None, n_events: int, n_show: int) 
 
 
 def start_worker(
-    bootstrap: str, database_url: str, log_path: Path, cwd: Path | None = None, **env: str
+    bootstrap: str,
+    database_url: str,
+    log_path: Path,
+    cwd: Path | None = None,
+    base_env: Mapping[str, str] | None = None,
+    **env: str,
 ) -> subprocess.Popen[bytes]:
-    """`istream worker` as a child process against the given servers, logging to `log_path`."""
+    """`istream worker` as a child process against the given servers, logging to `log_path`;
+    its environment is `base_env` (default: this process's) with `env` on top."""
     full_env = {
-        **os.environ,
+        **(os.environ if base_env is None else base_env),
         "ISTREAM_KAFKA_BOOTSTRAP": bootstrap,
         "ISTREAM_DATABASE_URL": database_url,
         **env,

@@ -31,8 +31,16 @@ PLUMBING_MODEL = "decayed_mean"
 
 
 def start_worker(bootstrap: str, db_url: str, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """The worker as `run_cli` runs commands: with only the ISTREAM_* settings given (one set in
+    the shell would reach the worker and not the backtest it is compared with)."""
     defaults = {"ISTREAM_BATCH_SECONDS": "0.5", "ISTREAM_MODEL": PLUMBING_MODEL}
-    return demo.start_worker(bootstrap, db_url, log_path, cwd=ROOT, **{**defaults, **env})
+    return demo.start_worker(
+        bootstrap, db_url, log_path, cwd=ROOT, base_env=_env_without_settings(), **{**defaults, **env}
+    )
+
+
+def _env_without_settings() -> dict[str, str]:
+    return {k: v for k, v in env_without_proxies().items() if not k.startswith("ISTREAM_")}
 
 
 stop_worker = demo.stop_worker
@@ -84,7 +92,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """`istream ARGS` as a child process from the repo root, with only the ISTREAM_* settings given."""
-    base = {k: v for k, v in env_without_proxies().items() if not k.startswith("ISTREAM_")}
+    base = _env_without_settings()
     return subprocess.run(
         [sys.executable, "-m", "stream.cli", *args],
         cwd=ROOT,
