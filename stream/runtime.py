@@ -120,6 +120,7 @@ def model_options(settings: Settings) -> dict[str, object]:
             dp_window_s=settings.dp_window_s,
             dp_max_participations=settings.dp_max_participations,
             dp_clock_events_per_batch=settings.dp_clock_events_per_batch,
+            dp_publish_every_steps=settings.dp_publish_every_steps,
         )
     return options
 

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     dp_window_s: float = Field(default=86400.0, gt=0)
     dp_max_participations: int = Field(default=50, ge=1)  # steps any one user's events may train
     dp_clock_events_per_batch: int = Field(default=100, ge=1)  # public popularity clock per batch
+    # Under DP a version at most every N steps: each one releases noisy popularity counts.
+    dp_publish_every_steps: int = Field(default=10, ge=1)
 
     # Event contract.
     rating_min: float = 0.5

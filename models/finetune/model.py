@@ -589,11 +589,12 @@ class FineTunedModel(InterestModel):
     def _publish_is_due(self, steps_ahead: int = 0) -> bool:
         o = self.opts
         dp = self.trainer.dp
+        every = o.publish_every_steps if dp is None else max(o.publish_every_steps, o.dp_publish_every_steps)
         return (
             self.train_shared
             and not (dp is not None and dp.exhausted)
             and (
-                self.trainer.steps_since_publish + steps_ahead >= o.publish_every_steps
+                self.trainer.steps_since_publish + steps_ahead >= every
                 or time.monotonic() - self.versions.last_publish >= o.publish_every_s
             )
         )

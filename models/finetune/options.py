@@ -118,6 +118,10 @@ class FineTuneOptions:
     # many events per batch (the true count would move with one person's events). 100: the
     # backtest's micro-batch.
     dp_clock_events_per_batch: int = 100
+    # Under DP a publish also releases the popularity counts with noise, and the noise adds up
+    # over releases: at most one publish per this many steps (ML-100K at ε = 8, a publish every
+    # 3 steps: NDCG@10 0.0045 against 0.0071 every 10).
+    dp_publish_every_steps: int = 10
     # The clipped, noised sum is divided by this public constant (not the step's user count,
     # which depends on who took part); Adam makes the learning rate nearly independent of it.
     dp_expected_users: float = 16.0

@@ -35,6 +35,7 @@ def test_epsilon_is_recorded_per_version_and_shown_by_status(db_url: str) -> Non
         heads=3,  # 15 is not divisible by the default 2 heads
         history=8,
         publish_every_steps=1,
+        dp_publish_every_steps=1,
         dp_epsilon=8.0,
         dp_delta=1e-3,
     )

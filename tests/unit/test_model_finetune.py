@@ -38,8 +38,16 @@ def walk_events(n_items: int, n_users: int, steps: int, seed: int = 0) -> list[E
 
 
 def model(**kw: object) -> FineTunedModel:
-    # A version per batch: these tests look at what learning does to the published vectors.
-    opts = {"dim": 16, "history": 8, "seed": 0, "publish_every_steps": 1, "events_per_step": 1, **kw}
+    # A version per batch (DP too): these tests look at what learning does to the published vectors.
+    opts = {
+        "dim": 16,
+        "history": 8,
+        "seed": 0,
+        "publish_every_steps": 1,
+        "dp_publish_every_steps": 1,
+        "events_per_step": 1,
+        **kw,
+    }
     m = FineTunedModel(HashEncoder(24), "adapter", **opts)
     m.upsert_items(catalog())
     return m

@@ -249,6 +249,7 @@ def _membership_auc(**dp_opts: object) -> float:
         history=8,
         seed=0,
         publish_every_steps=1,
+        dp_publish_every_steps=1,
         events_per_step=60,  # one step per batch of 10 users x 6 events
         lr=0.05,
         **dp_opts,
@@ -412,6 +413,21 @@ def test_dp_popularity_moves_only_by_the_noisy_release_at_a_publish() -> None:
     assert float(np.abs(np.delete(m._pop, row, axis=0)).max()) < 1e-3
     assert (m._dp_pop_var > 0).all()
     assert r.snapshot.metrics["dp_epsilon"] > 0
+
+
+def test_dp_versions_come_at_most_every_dp_publish_every_steps() -> None:
+    """Each DP version releases noisy counts, and the noise adds up over releases: a faster
+    DP-off cadence does not speed them up, and DP off keeps its own."""
+    events = walk_events(12, 12, 6)
+    for dp, expected in ((True, [False, False, True] * 2), (False, [True] * 6)):
+        opts = {"dp_noise_multiplier": 1.0, "dp_delta": 1e-3} if dp else {}
+        m = model(publish_every_steps=1, dp_publish_every_steps=3, publish_every_s=1e9, **opts)
+        published = []
+        for i in range(6):
+            # Every user of a batch is new, so DP admits each batch whole: a step per batch.
+            r = m.learn([e for e in events if e.user_id in {f"u{2 * i}", f"u{2 * i + 1}"}])
+            published.append(r.snapshot is not None)
+        assert published == expected, (dp, published)
 
 
 def test_dp_user_gradient_does_not_depend_on_another_user_in_the_step() -> None:
