@@ -416,12 +416,13 @@ def test_dp_popularity_moves_only_by_the_noisy_release_at_a_publish() -> None:
 
 
 def test_dp_versions_come_at_most_every_dp_publish_every_steps() -> None:
-    """Each DP version releases noisy counts, and the noise adds up over releases: a faster
-    DP-off cadence does not speed them up, and DP off keeps its own."""
+    """Each DP version releases noisy counts, and the noise adds up over releases: neither a
+    faster DP-off cadence nor the clock speeds them up, and DP off keeps its own."""
     events = walk_events(12, 12, 6)
     for dp, expected in ((True, [False, False, True] * 2), (False, [True] * 6)):
         opts = {"dp_noise_multiplier": 1.0, "dp_delta": 1e-3} if dp else {}
-        m = model(publish_every_steps=1, dp_publish_every_steps=3, publish_every_s=1e9, **opts)
+        # The clock rule is due at every batch (a slow stream, seen at 10 s a batch).
+        m = model(publish_every_steps=2, dp_publish_every_steps=3, publish_every_s=0.0, **opts)
         published = []
         for i in range(6):
             # Every user of a batch is new, so DP admits each batch whole: a step per batch.
