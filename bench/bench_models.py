@@ -2,6 +2,7 @@
 
     python bench/bench_models.py                                # all strategies, CPU or CUDA
     python bench/bench_models.py --models decayed_mean,adapter --events 100000 --plot bench-models.png
+    python bench/bench_models.py --models adapter,adapter@p10 --opt adapter@p10:publish_every_steps=10
     python bench/bench_models.py --models decayed_mean,adapter --synthetic --events 30000 --batch-size 2000 \
         --partitions 4
 
@@ -38,6 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "ml-100k"
+
+from models.finetune.options import parse_overrides  # noqa: E402
+
 BASELINE = "decayed_mean"
 
 
@@ -87,18 +91,22 @@ def _batches(events: list[Any], size: int, partitions: int) -> list[list[Any]]:
     return sorted(out, key=lambda b: b[0].ts)
 
 
-def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
-    """Child process: build one model, learn the stream, report figures through `out`."""
+def run_one(label: str, args: dict[str, Any], out: Any) -> None:
+    """Child process: build one model, learn the stream, report figures through `out`.
+
+    `label` is a model spec, optionally with `@name` (its `--opt` options told apart)."""
     import torch
 
     from models.registry import build_model
+
+    spec = label.split("@")[0]
 
     torch.set_num_threads(args["threads"]) if args["threads"] else None
     items, events = _load(Path(args["data"]), args["events"], args["synthetic"])
     enc = _encoder(args["device"], Path(args["cache"]))
     options: dict[str, Any] = {}
     if spec.partition(":")[0] in ("adapter", "top_layers", "lora"):
-        options = {"device": args["device"], "seed": 0}
+        options = {"device": args["device"], "seed": 0} | args["opts"].get(label, {})
     model = build_model(spec, enc, **options)
     t = time.perf_counter()
     model.upsert_items(items)
@@ -121,7 +129,7 @@ def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
         if time.perf_counter() > next_report:
             rate = n / learn_s
             eta = (len(events) - n) / rate
-            print(f"  {spec}: {n}/{len(events)} events, {rate:,.0f} ev/s, eta {eta:.0f}s", flush=True)
+            print(f"  {label}: {n}/{len(events)} events, {rate:,.0f} ev/s, eta {eta:.0f}s", flush=True)
             next_report = time.perf_counter() + 15
     t = time.perf_counter()
     users = list(model.known_users())[:500]
@@ -130,7 +138,7 @@ def run_one(spec: str, args: dict[str, Any], out: Any) -> None:
     predict_s = time.perf_counter() - t
     out.put(
         {
-            "model": spec,
+            "model": label,
             "events": n,
             "batches": len(batches),
             "learn_s": learn_s,
@@ -158,12 +166,25 @@ def main() -> None:
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        help="LABEL:FIELD=JSON, a FineTuneOptions field for the model LABEL (a spec, optionally "
+        "with @name: --models adapter,adapter@p10 --opt adapter@p10:publish_every_steps=10)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart of events/s here")
     a = p.parse_args()
     if not a.synthetic and not (a.data / "u.data").is_file():
         sys.exit(f"bench_models: {a.data} is not a MovieLens 100K folder")
+    try:
+        opts = parse_overrides(a.opt)
+    except ValueError as exc:
+        p.error(str(exc))
     specs = [s.strip() for s in a.models.split(",") if s.strip()]
+    if stray := sorted(set(opts) - set(specs)):
+        p.error(f"--opt names models not in --models: {', '.join(stray)}")
     if BASELINE not in specs:
         specs.insert(0, BASELINE)
 
@@ -201,6 +222,7 @@ def main() -> None:
             "threads": a.threads,
             "synthetic": a.synthetic,
             "partitions": a.partitions,
+            "opts": opts,
         }
         ctx = mp.get_context("spawn")
         results = []

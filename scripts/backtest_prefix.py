@@ -13,31 +13,19 @@ options in one pass. Base encodings are kept in `--cache` between runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.finetune.options import parse_overrides  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from stream.backtest import BacktestConfig, load_lastfm, load_movielens, run_backtest  # noqa: E402
 from stream.backtest.models import LazyEncoder  # noqa: E402
 from stream.runtime import FINE_TUNED, build_interest_model, model_options, seed_everything  # noqa: E402
 from stream.settings import Settings  # noqa: E402
-
-
-def parse_opts(items: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        label, sep, rest = item.rpartition(":")
-        key, eq, value = rest.partition("=")
-        if not sep or not eq:
-            raise SystemExit(f"--opt {item!r}: expected LABEL:FIELD=JSON")
-        out.setdefault(label, {})[key] = json.loads(value)
-    return out
 
 
 def main() -> None:
@@ -56,7 +44,10 @@ def main() -> None:
     if a.limit:
         data.events = data.events[: a.limit]
     encoder = LazyEncoder(settings, Path(a.cache))
-    opts = parse_opts(a.opt)
+    try:
+        opts = parse_overrides(a.opt)
+    except ValueError as exc:
+        p.error(str(exc))
     models = {}
     for label in a.models.split(","):
         spec = label.split("@")[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -143,3 +144,27 @@ class FineTuneOptions:
         if unknown:
             raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`LABEL:FIELD=JSON` strings (the scripts' and benchmarks' `--opt`) as {label: {field: value}}.
+
+    `LABEL` is a model spec, optionally with `@name` so that one spec runs under several option
+    sets in one run (`adapter@p10:publish_every_steps=10`); the spec may itself hold colons
+    (`lora:8:lr=0.001`). A field that is not a `FineTuneOptions` field is refused here, before
+    any model is built.
+    """
+    known = {f.name for f in fields(FineTuneOptions)}
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        label, sep, rest = item.rpartition(":")
+        key, eq, value = rest.partition("=")
+        if not sep or not eq:
+            raise ValueError(f"--opt {item!r}: expected LABEL:FIELD=JSON")
+        if key not in known:
+            raise ValueError(f"--opt {item!r}: {key!r} is not a model option")
+        try:
+            out.setdefault(label, {})[key] = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--opt {item!r}: the value is not JSON ({exc.msg})") from None
+    return out

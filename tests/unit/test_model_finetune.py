@@ -64,6 +64,20 @@ def test_unknown_option_is_a_clear_error() -> None:
         FineTunedModel(HashEncoder(8), "adapter", learning_rate=1.0)
 
 
+def test_option_overrides_are_parsed_per_label_and_checked() -> None:
+    from models.finetune.options import parse_overrides
+
+    got = parse_overrides(["lora:8:lr=0.001", "adapter@p10:publish_every_steps=10", "adapter@p10:dim=null"])
+    assert got == {"lora:8": {"lr": 0.001}, "adapter@p10": {"publish_every_steps": 10, "dim": None}}
+    for bad, why in (
+        ("adapter:learning_rate=1", "not a model option"),
+        ("adapter:lr", "expected LABEL:FIELD=JSON"),
+        ("adapter:lr=fast", "not JSON"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_overrides([bad])
+
+
 def test_scores_are_the_published_inner_product() -> None:
     m = model()
     m.learn(walk_events(40, 6, 3))
