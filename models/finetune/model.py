@@ -260,13 +260,14 @@ class FineTunedModel(InterestModel):
         return out
 
     def item_vectors(
-        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None
+        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None, drop: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors and scoring biases of `rows`, with gradients; a tower with an expensive part
-        (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`)."""
+        (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`).
+        Rows where `drop` is True get no id residual or bias (`FineTuneOptions.id_dropout`)."""
         net = self.net
         text = self._text_rows(rows, grad_rows)
-        return net.items(text, rows, self._pop_feature(self._pop[rows.cpu().numpy()]))
+        return net.items(text, rows, self._pop_feature(self._pop[rows.cpu().numpy()]), drop)
 
     @torch.no_grad()
     def refresh_items(self, full_tower: bool = False) -> None:

@@ -165,7 +165,7 @@ class InterestNet(nn.Module):
         self.drop = PackedDropout(dropout)
 
     def items(
-        self, text: torch.Tensor, rows: torch.Tensor, pop: torch.Tensor
+        self, text: torch.Tensor, rows: torch.Tensor, pop: torch.Tensor, drop: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors and scoring biases of catalog `rows` from their projected tower outputs
         `text` (P(tower(text)), `ItemTower.projected`) and popularity features `pop`
@@ -175,6 +175,8 @@ class InterestNet(nn.Module):
         # negative, and by the time its first users come its id bias has sunk below the catalog.
         count = torch.expm1(pop[:, -1:])
         gate = count / (count + self.id_evidence) if self.id_evidence > 0 else torch.ones_like(count)
+        if drop is not None:
+            gate = gate * (~drop)[:, None].to(gate.dtype)
         vec = text + gate * self.item_emb[rows]
         bias = gate[:, 0] * self.item_bias[rows] + pop @ self.w_pop + text @ self.w_text
         return vec, bias

@@ -49,7 +49,7 @@ class TrainingHost(Protocol):
     device: torch.device
 
     def item_vectors(
-        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None
+        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None, drop: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def long_tensor(self, longs: Sequence[np.ndarray | None]) -> torch.Tensor: ...
@@ -356,9 +356,12 @@ class Trainer:
             return rows_tensor([user_index[episodes[flat[i][0]].user_id] for i in idx], dev)
 
         # ---- end DP ----
+        drop = None
+        if o.id_dropout > 0 and dp is None:
+            drop = torch.from_numpy(self.rng.random(len(need_rows)) < o.id_dropout).to(dev)
         net.train()
         with autocast(dev, o.bf16):
-            vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows)
+            vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows, drop)
             ids = host.catalog.ids
             t = episode_tensors(
                 episodes,

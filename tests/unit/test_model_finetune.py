@@ -78,6 +78,18 @@ def test_option_overrides_are_parsed_per_label_and_checked() -> None:
             parse_overrides([bad])
 
 
+def test_id_dropout_hides_the_id_parts_of_the_dropped_rows_from_a_step() -> None:
+    """At 1.0 every row is dropped in training: the id residuals and biases never get a gradient
+    (text and popularity still learn); at 0 they do. Serving is never dropped."""
+    for p, moved in ((1.0, False), (0.0, True)):
+        m = model(id_dropout=p, id_evidence_events=0.0, weight_decay=0.0)
+        proj = m.net.proj.weight.detach().clone()
+        m.learn(walk_events(40, 6, 4))
+        ids_moved = bool(m.net.item_emb.detach().abs().sum() > 0 or m.net.item_bias.detach().abs().sum() > 0)
+        assert ids_moved is moved, p
+        assert not torch.equal(m.net.proj.weight.detach(), proj)
+
+
 def test_scores_are_the_published_inner_product() -> None:
     m = model()
     m.learn(walk_events(40, 6, 3))
