@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # The state that ranks a fresh positive also trains on the user's next positives up to N
     # behaviours later (0 = off): a stored vector ranks every event until it is next rewritten.
     model_lookahead: int = Field(default=2, ge=0)
+    # Each training step hides the id residual and bias of this fraction of the catalog's rows
+    # (DropoutNet): the text path learns to rank items on its own (0 = off).
+    model_id_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     # The user encoder: 0 = one attention read-out, k = k causal self-attention blocks.
     model_blocks: int = Field(default=0, ge=0)
     # ADWIN on the prequential loss (models/finetune/drift.py): learning-rate boost on a global
