@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "ml-100k"
 
-from models.finetune.options import parse_overrides  # noqa: E402
+from models.finetune.options import parse_overrides, spec_of  # noqa: E402
+from stream.runtime import FINE_TUNED  # noqa: E402
 
 BASELINE = "decayed_mean"
 
@@ -99,13 +100,13 @@ def run_one(label: str, args: dict[str, Any], out: Any) -> None:
 
     from models.registry import build_model
 
-    spec = label.split("@")[0]
+    spec = spec_of(label)
 
     torch.set_num_threads(args["threads"]) if args["threads"] else None
     items, events = _load(Path(args["data"]), args["events"], args["synthetic"])
     enc = _encoder(args["device"], Path(args["cache"]))
     options: dict[str, Any] = {}
-    if spec.partition(":")[0] in ("adapter", "top_layers", "lora"):
+    if spec.partition(":")[0] in FINE_TUNED:
         options = {"device": args["device"], "seed": 0} | args["opts"].get(label, {})
     model = build_model(spec, enc, **options)
     t = time.perf_counter()
@@ -178,13 +179,11 @@ def main() -> None:
     a = p.parse_args()
     if not a.synthetic and not (a.data / "u.data").is_file():
         sys.exit(f"bench_models: {a.data} is not a MovieLens 100K folder")
+    specs = [s.strip() for s in a.models.split(",") if s.strip()]
     try:
-        opts = parse_overrides(a.opt)
+        opts = parse_overrides(a.opt, [x for x in specs if spec_of(x).partition(":")[0] in FINE_TUNED])
     except ValueError as exc:
         p.error(str(exc))
-    specs = [s.strip() for s in a.models.split(",") if s.strip()]
-    if stray := sorted(set(opts) - set(specs)):
-        p.error(f"--opt names models not in --models: {', '.join(stray)}")
     if BASELINE not in specs:
         specs.insert(0, BASELINE)
 

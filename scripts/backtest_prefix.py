@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.finetune.options import parse_overrides  # noqa: E402
+from models.finetune.options import parse_overrides, spec_of  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from stream.backtest import BacktestConfig, load_lastfm, load_movielens, run_backtest  # noqa: E402
 from stream.backtest.models import LazyEncoder  # noqa: E402
@@ -39,18 +39,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--cache", default=str(ROOT / ".istream" / "encodings"))
     a = p.parse_args()
+    labels = a.models.split(",")
+    try:
+        opts = parse_overrides(a.opt, [x for x in labels if spec_of(x).partition(":")[0] in FINE_TUNED])
+    except ValueError as exc:
+        p.error(str(exc))
     settings = Settings()
     data = load_lastfm(Path(a.lastfm)) if a.lastfm else load_movielens(Path(a.data), profiles=a.profiles)
     if a.limit:
         data.events = data.events[: a.limit]
     encoder = LazyEncoder(settings, Path(a.cache))
-    try:
-        opts = parse_overrides(a.opt)
-    except ValueError as exc:
-        p.error(str(exc))
     models = {}
-    for label in a.models.split(","):
-        spec = label.split("@")[0]
+    for label in labels:
+        spec = spec_of(label)
         seed_everything(settings.seed)
         if spec.partition(":")[0] in FINE_TUNED:
             options = model_options(settings.model_copy(update={"model": spec})) | opts.get(label, {})

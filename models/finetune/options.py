@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -151,13 +152,19 @@ class FineTuneOptions:
         return cls(**kwargs)
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+def spec_of(label: str) -> str:
+    """The model spec of a label that may name an option set (`adapter@p10` -> `adapter`)."""
+    return label.split("@")[0]
+
+
+def parse_overrides(items: list[str], labels: Collection[str]) -> dict[str, dict[str, Any]]:
     """`LABEL:FIELD=JSON` strings (the scripts' and benchmarks' `--opt`) as {label: {field: value}}.
 
     `LABEL` is a model spec, optionally with `@name` so that one spec runs under several option
     sets in one run (`adapter@p10:publish_every_steps=10`); the spec may itself hold colons
-    (`lora:8:lr=0.001`). A field that is not a `FineTuneOptions` field is refused here, before
-    any model is built.
+    (`lora:8:lr=0.001`). `labels` are the run's models that take options: an option for any
+    other label, or a field that is not a `FineTuneOptions` field, is refused here, before
+    any model is built or any data read, instead of being silently ignored.
     """
     known = {f.name for f in fields(FineTuneOptions)}
     out: dict[str, dict[str, Any]] = {}
@@ -166,6 +173,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         key, eq, value = rest.partition("=")
         if not sep or not eq:
             raise ValueError(f"--opt {item!r}: expected LABEL:FIELD=JSON")
+        if label not in labels:
+            raise ValueError(f"--opt {item!r}: {label!r} is not a fine-tuned model of --models")
         if key not in known:
             raise ValueError(f"--opt {item!r}: {key!r} is not a model option")
         try:

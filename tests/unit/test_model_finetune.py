@@ -67,15 +67,19 @@ def test_unknown_option_is_a_clear_error() -> None:
 def test_option_overrides_are_parsed_per_label_and_checked() -> None:
     from models.finetune.options import parse_overrides
 
-    got = parse_overrides(["lora:8:lr=0.001", "adapter@p10:publish_every_steps=10", "adapter@p10:dim=null"])
+    labels = ["lora:8", "adapter@p10", "adapter"]
+    got = parse_overrides(
+        ["lora:8:lr=0.001", "adapter@p10:publish_every_steps=10", "adapter@p10:dim=null"], labels
+    )
     assert got == {"lora:8": {"lr": 0.001}, "adapter@p10": {"publish_every_steps": 10, "dim": None}}
     for bad, why in (
         ("adapter:learning_rate=1", "not a model option"),
         ("adapter:lr", "expected LABEL:FIELD=JSON"),
         ("adapter:lr=fast", "not JSON"),
+        ("adapter@p3:lr=0.1", "not a fine-tuned model of --models"),
     ):
         with pytest.raises(ValueError, match=why):
-            parse_overrides([bad])
+            parse_overrides([bad], labels)
 
 
 def test_id_dropout_hides_the_id_parts_of_the_dropped_rows_from_a_step() -> None:
