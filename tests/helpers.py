@@ -88,6 +88,19 @@ def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30) -> 
     return out
 
 
+def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`istream ARGS` as `run_cli` runs it, in the background; its output goes to LOG (a pipe
+    nobody reads would fill and stall it)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", *args],
+            cwd=ROOT,
+            env={**_env_without_settings(), **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
