@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "ml-100k"
 
-from models.finetune.options import parse_overrides, spec_of  # noqa: E402
-from stream.runtime import FINE_TUNED  # noqa: E402
+from models.finetune.options import parse_overrides  # noqa: E402
+from stream.runtime import is_fine_tuned, spec_of  # noqa: E402
 
 BASELINE = "decayed_mean"
 
@@ -106,7 +106,7 @@ def run_one(label: str, args: dict[str, Any], out: Any) -> None:
     items, events = _load(Path(args["data"]), args["events"], args["synthetic"])
     enc = _encoder(args["device"], Path(args["cache"]))
     options: dict[str, Any] = {}
-    if spec.partition(":")[0] in FINE_TUNED:
+    if is_fine_tuned(spec):
         options = {"device": args["device"], "seed": 0} | args["opts"].get(label, {})
     model = build_model(spec, enc, **options)
     t = time.perf_counter()
@@ -181,7 +181,7 @@ def main() -> None:
         sys.exit(f"bench_models: {a.data} is not a MovieLens 100K folder")
     specs = [s.strip() for s in a.models.split(",") if s.strip()]
     try:
-        opts = parse_overrides(a.opt, [x for x in specs if spec_of(x).partition(":")[0] in FINE_TUNED])
+        opts = parse_overrides(a.opt, [x for x in specs if is_fine_tuned(x)])
     except ValueError as exc:
         p.error(str(exc))
     if BASELINE not in specs:

@@ -20,11 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.finetune.options import parse_overrides, spec_of  # noqa: E402
+from models.finetune.options import parse_overrides  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from stream.backtest import BacktestConfig, load_lastfm, load_movielens, run_backtest  # noqa: E402
 from stream.backtest.models import LazyEncoder  # noqa: E402
-from stream.runtime import FINE_TUNED, build_interest_model, model_options, seed_everything  # noqa: E402
+from stream.runtime import (  # noqa: E402
+    build_interest_model,
+    is_fine_tuned,
+    model_options,
+    seed_everything,
+    spec_of,
+)
 from stream.settings import Settings  # noqa: E402
 
 
@@ -41,7 +47,7 @@ def main() -> None:
     a = p.parse_args()
     labels = a.models.split(",")
     try:
-        opts = parse_overrides(a.opt, [x for x in labels if spec_of(x).partition(":")[0] in FINE_TUNED])
+        opts = parse_overrides(a.opt, [x for x in labels if is_fine_tuned(x)])
     except ValueError as exc:
         p.error(str(exc))
     settings = Settings()
@@ -53,7 +59,7 @@ def main() -> None:
     for label in labels:
         spec = spec_of(label)
         seed_everything(settings.seed)
-        if spec.partition(":")[0] in FINE_TUNED:
+        if is_fine_tuned(spec):
             options = model_options(settings.model_copy(update={"model": spec})) | opts.get(label, {})
             models[label] = build_model(spec, encoder, **options)  # type: ignore[arg-type]
         else:

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +148,19 @@ def start_worker(
         "ISTREAM_DATABASE_URL": database_url,
         **env,
     }
+    return start_cli(["worker"], log_path, full_env, cwd)
+
+
+def start_cli(
+    args: Sequence[str], log_path: Path, env: Mapping[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`istream ARGS` as a child process with environment `env`, its output appended to `log_path`
+    (a pipe that nobody reads would fill and stall it)."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "worker"],
+            [sys.executable, "-m", "stream.cli", *args],
             cwd=cwd,
-            env=full_env,
+            env=dict(env),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

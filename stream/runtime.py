@@ -89,12 +89,24 @@ def build_interest_model(settings: Settings, encoder: BaseEncoder | None = None)
 FINE_TUNED = ("adapter", "top_layers", "lora")
 
 
+def spec_of(label: str) -> str:
+    """The model spec of a label that may name an option set (`adapter@p10` -> `adapter`), as the
+    scripts' and benchmarks' `--models` and `--opt` take them."""
+    return label.split("@")[0]
+
+
+def is_fine_tuned(spec: str) -> bool:
+    """Whether a model spec (`lora:8`, or a label `adapter@p10` naming an option set) is one of
+    the fine-tuned strategies, which take `FineTuneOptions`."""
+    return spec_of(spec).partition(":")[0] in FINE_TUNED
+
+
 def model_options(settings: Settings) -> dict[str, object]:
     """Settings -> options of the configured model (each family takes its own)."""
     options: dict[str, object] = {"half_life_s": settings.half_life_s, "rating_max": settings.rating_max}
     if settings.model.partition(":")[0] == "sasrec":
         options["seed"] = settings.seed  # its offline training is seeded by the run's seed
-    if settings.model.partition(":")[0] in FINE_TUNED:
+    if is_fine_tuned(settings.model):
         options.update(
             dim=settings.model_dim,
             history=settings.model_history,
@@ -133,7 +145,7 @@ def published_dim(settings: Settings) -> int:
     migrated with this width and a worker refuses a database migrated for another.
     """
     base = base_hidden_size(settings.base_model)
-    if settings.model.partition(":")[0] in FINE_TUNED:
+    if is_fine_tuned(settings.model):
         # Fine-tuned models publish [user, 1] / [item, bias] so a plain inner product ranks.
         return (settings.model_dim or base) + 1
     return base

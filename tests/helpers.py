@@ -89,16 +89,8 @@ def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30) -> 
 
 
 def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """`istream ARGS` as `run_cli` runs it, in the background; its output goes to LOG (a pipe
-    nobody reads would fill and stall it)."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", *args],
-            cwd=ROOT,
-            env={**_env_without_settings(), **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    """`istream ARGS` as `run_cli` runs it, in the background, its output in `log`."""
+    return demo.start_cli(args, log, {**_env_without_settings(), **(env or {})}, cwd=ROOT)
 
 
 def run_cli(

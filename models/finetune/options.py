@@ -142,6 +142,8 @@ class FineTuneOptions:
         # Any other value would silently count events: say so instead.
         if self.budget_unit not in ("positives", "events"):
             raise ValueError(f"budget_unit must be 'positives' or 'events', got {self.budget_unit!r}")
+        if not 0.0 <= self.id_dropout <= 1.0:  # a fraction of the rows (1: no id row trains)
+            raise ValueError(f"id_dropout must be in [0, 1], got {self.id_dropout!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:
@@ -150,11 +152,6 @@ class FineTuneOptions:
         if unknown:
             raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
         return cls(**kwargs)
-
-
-def spec_of(label: str) -> str:
-    """The model spec of a label that may name an option set (`adapter@p10` -> `adapter`)."""
-    return label.split("@")[0]
 
 
 def parse_overrides(items: list[str], labels: Collection[str]) -> dict[str, dict[str, Any]]:
@@ -181,4 +178,9 @@ def parse_overrides(items: list[str], labels: Collection[str]) -> dict[str, dict
             out.setdefault(label, {})[key] = json.loads(value)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--opt {item!r}: the value is not JSON ({exc.msg})") from None
+    for label, values in out.items():
+        try:  # the options' own checks, here too: before the data is read, not after
+            FineTuneOptions.from_kwargs(**values)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--opt {label}: {exc}") from None
     return out

@@ -49,14 +49,14 @@ def split_dp(name: str) -> tuple[str, float | None]:
 def check_models(names: list[str]) -> list[str]:
     """Fail early, with the choices, on a name the registry does not know."""
     from models.registry import available
-    from stream.runtime import FINE_TUNED
+    from stream.runtime import FINE_TUNED, is_fine_tuned
 
     known = available()
     for name in names:
         spec, eps = split_dp(name)
         if spec.partition(":")[0] not in known:
             raise ValueError(f"unknown model {name!r}; choose from: {', '.join(known)}")
-        if eps is not None and spec.partition(":")[0] not in FINE_TUNED:
+        if eps is not None and not is_fine_tuned(spec):
             raise ValueError(f"{name!r}: +dp applies to the fine-tuned models ({', '.join(FINE_TUNED)})")
     return names
 

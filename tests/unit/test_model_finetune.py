@@ -77,6 +77,7 @@ def test_option_overrides_are_parsed_per_label_and_checked() -> None:
         ("adapter:lr", "expected LABEL:FIELD=JSON"),
         ("adapter:lr=fast", "not JSON"),
         ("adapter@p3:lr=0.1", "not a fine-tuned model of --models"),
+        ("adapter:id_dropout=1.5", "id_dropout must be in"),
     ):
         with pytest.raises(ValueError, match=why):
             parse_overrides([bad], labels)
