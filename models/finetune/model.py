@@ -34,6 +34,7 @@ from models.catalog import Catalog, TextEncoder, item_text
 from models.core import BatchResult, InterestModel, ModelSnapshot, UserUpdate
 from models.device import cpu_threads, pick_device, set_deterministic
 from models.events import Event, Item, UserProfile
+from models.finetune.cooccurrence import CoOccurrence
 from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors, newest_queries
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
@@ -77,6 +78,7 @@ class FineTunedModel(InterestModel):
             blocks=o.blocks,
             heads=o.heads,
             id_evidence=o.id_evidence_events,
+            cooc_rank=o.cooc_rank,
         )
         with torch.no_grad():
             self.net.log_scale.fill_(math.log(o.init_scale))
@@ -85,6 +87,7 @@ class FineTunedModel(InterestModel):
         self.users: dict[str, UserState] = {}
         self.profiles: dict[str, str] = {}
         self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
+        self.cooc = CoOccurrence(o.cooc_rank, seed=o.seed, damping=o.cooc_damping) if o.cooc_rank > 0 else None
         self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
         # The popularity clock: events seen, the count at the current timestamp's first event,
         # the clock the counts are decayed to, and the current timestamp.
@@ -239,6 +242,8 @@ class FineTunedModel(InterestModel):
         old = net.item_emb.shape[0]
         if len(self._pop) < n:
             self._pop = np.concatenate([self._pop, np.zeros((n - len(self._pop), self._pop.shape[1]))])
+        if self.cooc is not None:
+            self.cooc.grow(n)
         if n <= old:
             return
         extra = n - old
@@ -257,6 +262,8 @@ class FineTunedModel(InterestModel):
         if net.fuse is not None and self._modal is not None:
             modal = torch.from_numpy(self._modal[rows.cpu().numpy()]).to(self.device)
             out = out + net.proj(net.fuse(modal))
+        if net.cooc is not None and self.cooc is not None:
+            out = out + net.cooc(torch.from_numpy(self.cooc.features[rows.cpu().numpy()]).to(self.device))
         return out
 
     def item_vectors(
@@ -450,6 +457,9 @@ class FineTunedModel(InterestModel):
             if e.target_item is not None and not repeat:
                 # Kept even when the item is not in the catalog yet: it counts once it arrives.
                 new.append(Behaviour(self._signal(e), e.ts, e.target_item, None, e.event_id))
+            if row is not None and self.cooc is not None and e.target_item not in state.seen:
+                partners = [index[b.item_id] for b in state.recent if b.item_id in index]
+                self.cooc.add(row, partners)
             if row is not None:
                 weight = 1.0
                 if e.kind == "rating" and e.rating is not None:
@@ -683,6 +693,8 @@ class FineTunedModel(InterestModel):
         full = initial or self.versions.publishes % self.opts.tower_refresh_every == 0
         if not initial:
             self._dp_release_counts()
+            if self.cooc is not None:
+                self.cooc.refit()
         self.refresh_items(full_tower=full)
         blob = self.weights()
         trainer = self.trainer

@@ -121,6 +121,7 @@ class InterestNet(nn.Module):
         blocks: int = 2,
         heads: int = 2,
         id_evidence: float = 0.0,
+        cooc_rank: int = 0,
     ) -> None:
         super().__init__()
         base = tower.base_dim
@@ -162,6 +163,12 @@ class InterestNet(nn.Module):
         self.item_bias = nn.Parameter(torch.zeros(0))
         self.rating_bias = nn.Parameter(torch.zeros(0))
         self.fuse: nn.Linear | None = None
+        # Item co-occurrence factors (`models.finetune.cooccurrence`) into the interest space;
+        # from zero, so the model starts as it would without them.
+        self.cooc: nn.Linear | None = None
+        if cooc_rank > 0:
+            self.cooc = nn.Linear(cooc_rank, dim, bias=False)
+            nn.init.zeros_(self.cooc.weight)
         self.drop = PackedDropout(dropout)
 
     def items(

@@ -88,6 +88,10 @@ class FineTuneOptions:
     # same logits row (no extra user states), at `lookahead_weight` each, with the item biases held fixed
     # (they are the cold-start prior, learned from each event's own state).
     lookahead_targets: int = 2
+    # Rank of the item co-occurrence factors added to item vectors (0 = none;
+    # `models.finetune.cooccurrence`), refitted at every publish.
+    cooc_rank: int = 0
+    cooc_damping: float = 0.0
     lookahead_weight: float = 0.5
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.

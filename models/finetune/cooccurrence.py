@@ -1,0 +1,104 @@
+"""Item co-occurrence as a count-based item feature: `item_knn`'s similarity, factorised.
+
+Counting is instant where gradient descent is slow: a neighbourhood model knows two items go
+together after their first shared user, an embedding after many steps. This keeps `item_knn`'s
+counts (two items co-occur when one user has both within `window` distinct items of each
+other; `n_i` users per item) and their cosine similarity `S = D^-1/2 C D^-1/2`, and factorises
+`S ≈ F Fᵀ` at rank k (F = V Λ^1/2 over the top eigenpairs) by warm-started subspace iteration,
+a few sparse products per refit. Each refit's F is rotated onto the previous one (orthogonal
+Procrustes, which leaves F Fᵀ unchanged), so a learned map from F into the interest space
+stays meaningful from one refit to the next.
+
+Rows are catalog rows; a row with no co-occurrence yet has a zero feature.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+
+class CoOccurrence:
+    """Counts of item pairs within users' recent items, and a rank-k factor of their cosine."""
+
+    def __init__(self, rank: int, seed: int = 0, iterations: int = 2, damping: float = 0.0) -> None:
+        if rank < 1:
+            raise ValueError(f"co-occurrence rank must be >= 1, got {rank}")
+        self.rank = rank
+        self.iterations = iterations
+        self.damping = damping
+        self.n = np.zeros(0, dtype=np.float64)  # users per item
+        self.counts = sparse.csr_matrix((0, 0), dtype=np.float32)
+        self._rows: list[int] = []
+        self._cols: list[int] = []
+        self._rng = np.random.default_rng(seed)
+        self.basis = np.zeros((0, rank))  # orthonormal columns: the tracked subspace
+        self.features = np.zeros((0, rank), dtype=np.float32)  # F, rotated onto the last refit's
+        self.scale = 1.0  # F is divided by this (its mean row norm at the refit), for a steady input
+        self.refits = 0
+
+    def __len__(self) -> int:
+        return len(self.n)
+
+    def grow(self, size: int) -> None:
+        old = len(self.n)
+        if size <= old:
+            return
+        self.n = np.concatenate([self.n, np.zeros(size - old)])
+        self.features = np.concatenate([self.features, np.zeros((size - old, self.rank), np.float32)])
+        self.basis = np.concatenate([self.basis, np.zeros((size - old, self.rank))])
+
+    def add(self, row: int, partners: list[int]) -> None:
+        """A user's first event with `row`, after `partners` (their recent distinct items)."""
+        self.n[row] += 1
+        if partners:
+            self._rows += partners + [row] * len(partners)
+            self._cols += [row] * len(partners) + partners
+
+    def _merge(self) -> None:
+        size = len(self.n)
+        if self.counts.shape[0] < size:
+            c = self.counts.tocoo()
+            self.counts = sparse.csr_matrix((c.data, (c.row, c.col)), shape=(size, size), dtype=np.float32)
+        if self._rows:
+            add = sparse.csr_matrix(
+                (np.ones(len(self._rows), dtype=np.float32), (self._rows, self._cols)), shape=(size, size)
+            )
+            self.counts = (self.counts + add).tocsr()
+            self._rows, self._cols = [], []
+
+    def refit(self) -> None:
+        """Move F to the current counts: a few subspace iterations from the last basis."""
+        self._merge()
+        size = len(self.n)
+        if size <= self.rank or self.counts.nnz == 0:
+            return
+        inv = np.zeros(size)
+        np.divide(1.0, np.sqrt(self.n + self.damping), out=inv, where=self.n > 0)
+        d = sparse.diags(inv)
+        s = (d @ self.counts @ d).tocsr()
+        v = self.basis
+        iterations = self.iterations
+        if not np.any(v):
+            v = self._rng.standard_normal((size, self.rank))
+            iterations = 4 * self.iterations  # a cold start: no subspace to start from
+        for _ in range(iterations):
+            v, _ = np.linalg.qr(s @ v)
+        # Rayleigh–Ritz within the subspace: its eigenpairs, negative ones dropped (F Fᵀ keeps
+        # what two items share, not what sets them apart).
+        t = v.T @ (s @ v)
+        lam, w = np.linalg.eigh((t + t.T) / 2)
+        v = v @ w
+        f = v * np.sqrt(np.clip(lam, 0.0, None))[None, :]
+        old = self.features.astype(np.float64) * self.scale
+        if np.any(old):
+            # The rotation R minimising |F R - F_old|: F Fᵀ is unchanged, the learned map keeps its meaning.
+            u, _, vt = np.linalg.svd(f.T @ old)
+            r = u @ vt
+            f, v = f @ r, v @ r
+        norms = np.linalg.norm(f, axis=1)
+        used = norms[norms > 0]
+        self.scale = float(used.mean()) if len(used) else 1.0
+        self.basis = v
+        self.features = (f / self.scale).astype(np.float32)
+        self.refits += 1

@@ -1,0 +1,65 @@
+"""The co-occurrence factors: F Fᵀ follows item_knn's cosine, and refits keep F's frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.finetune.cooccurrence import CoOccurrence
+
+
+def _two_groups(cooc: CoOccurrence, users: int, rng: np.random.Generator) -> None:
+    """Users who each take items of one group (0-9 or 10-19), in their own order."""
+    for u in range(users):
+        group = np.arange(10) + 10 * (u % 2)
+        had: list[int] = []
+        for row in rng.permutation(group)[:6]:
+            cooc.add(int(row), list(had))
+            had.append(int(row))
+
+
+def _cosine(cooc: CoOccurrence) -> np.ndarray:
+    c = cooc.counts.toarray().astype(np.float64)
+    inv = np.where(cooc.n > 0, 1.0 / np.sqrt(np.maximum(cooc.n, 1)), 0.0)
+    return inv[:, None] * c * inv[None, :]
+
+
+def test_factors_rank_within_group_above_across() -> None:
+    cooc = CoOccurrence(rank=4, seed=0)
+    cooc.grow(24)  # 4 items nobody takes: zero features
+    _two_groups(cooc, 40, np.random.default_rng(0))
+    cooc.refit()
+    f = cooc.features.astype(np.float64) * cooc.scale
+    sim = f @ f.T
+    assert sim[:10, :10].mean() > 5 * abs(sim[:10, 10:20].mean())
+    assert sim[10:20, 10:20].mean() > 5 * abs(sim[10:20, :10].mean())
+    assert not np.any(cooc.features[20:])
+    # At a rank that holds the whole spectrum the factors reproduce the cosine's positive part.
+    s = _cosine(cooc)
+    lam, v = np.linalg.eigh(s)
+    top = (v * np.clip(lam, 0, None)) @ v.T
+    full = CoOccurrence(rank=23, seed=0, iterations=20)
+    full.grow(24)
+    _two_groups(full, 40, np.random.default_rng(0))
+    full.refit()
+    g = full.features.astype(np.float64) * full.scale
+    assert np.abs(g @ g.T - top).max() < 0.05 * np.abs(top).max()
+
+
+def test_refit_keeps_the_frame() -> None:
+    """More of the same counts move F little: a map learned on the last F still applies."""
+    rng = np.random.default_rng(1)
+    cooc = CoOccurrence(rank=4, seed=0)
+    cooc.grow(20)
+    _two_groups(cooc, 40, rng)
+    cooc.refit()
+    before = cooc.features.copy()
+    _two_groups(cooc, 4, rng)
+    cooc.refit()
+    assert cooc.refits == 2
+    assert np.linalg.norm(cooc.features - before) < 0.2 * np.linalg.norm(before)
+
+
+def test_rank_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        CoOccurrence(rank=0)
