@@ -87,7 +87,9 @@ class FineTunedModel(InterestModel):
         self.users: dict[str, UserState] = {}
         self.profiles: dict[str, str] = {}
         self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
-        self.cooc = CoOccurrence(o.cooc_rank, seed=o.seed, damping=o.cooc_damping) if o.cooc_rank > 0 else None
+        self.cooc: CoOccurrence | None = None
+        if o.cooc_rank > 0:
+            self.cooc = CoOccurrence(o.cooc_rank, seed=o.seed, damping=o.cooc_damping)
         self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
         # The popularity clock: events seen, the count at the current timestamp's first event,
         # the clock the counts are decayed to, and the current timestamp.
