@@ -17,18 +17,25 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+DENSE_MAX_ITEMS = 5000
+
 
 class CoOccurrence:
     """Counts of item pairs within users' recent items, and a rank-k factor of their cosine."""
 
-    def __init__(self, rank: int, seed: int = 0, iterations: int = 2, damping: float = 0.0) -> None:
+    def __init__(
+        self, rank: int, seed: int = 0, iterations: int = 2, damping: float = 0.0, growth: float = 0.0
+    ) -> None:
         if rank < 1:
             raise ValueError(f"co-occurrence rank must be >= 1, got {rank}")
         self.rank = rank
         self.iterations = iterations
         self.damping = damping
+        self.growth = growth  # refit only once the pairs grew by this fraction (0 = at every call)
+        self._merged = 0  # pairs counted into `counts`
         self.n = np.zeros(0, dtype=np.float64)  # users per item
-        self.counts = sparse.csr_matrix((0, 0), dtype=np.float32)
+        # Dense while the catalog is small (a refit is then a dense product), CSR beyond.
+        self.counts: np.ndarray | sparse.csr_matrix = np.zeros((0, 0), dtype=np.float32)
         self._rows: list[int] = []
         self._cols: list[int] = []
         self._rng = np.random.default_rng(seed)
@@ -58,35 +65,56 @@ class CoOccurrence:
     def _merge(self) -> None:
         size = len(self.n)
         if self.counts.shape[0] < size:
-            c = self.counts.tocoo()
-            self.counts = sparse.csr_matrix((c.data, (c.row, c.col)), shape=(size, size), dtype=np.float32)
-        if self._rows:
-            add = sparse.csr_matrix(
-                (np.ones(len(self._rows), dtype=np.float32), (self._rows, self._cols)), shape=(size, size)
-            )
+            if size <= DENSE_MAX_ITEMS:
+                grown = np.zeros((size, size), dtype=np.float32)
+                grown[: self.counts.shape[0], : self.counts.shape[1]] = self._dense()
+                self.counts = grown
+            else:
+                c = sparse.coo_matrix(self.counts)
+                shape = (size, size)
+                self.counts = sparse.csr_matrix((c.data, (c.row, c.col)), shape=shape, dtype=np.float32)
+        if not self._rows:
+            return
+        r = np.asarray(self._rows, dtype=np.int64)
+        c = np.asarray(self._cols, dtype=np.int64)
+        self._rows, self._cols = [], []
+        if isinstance(self.counts, np.ndarray):
+            flat, k = np.unique(r * size + c, return_counts=True)
+            self.counts.ravel()[flat] += k
+        else:
+            add = sparse.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(size, size))
             self.counts = (self.counts + add).tocsr()
-            self._rows, self._cols = [], []
+
+    def _dense(self) -> np.ndarray:
+        c = self.counts
+        return c if isinstance(c, np.ndarray) else c.toarray()
 
     def refit(self) -> None:
         """Move F to the current counts: a few subspace iterations from the last basis."""
+        if self.growth > 0 and len(self._rows) < self.growth * self._merged:
+            return
+        self._merged += len(self._rows)
         self._merge()
         size = len(self.n)
-        if size <= self.rank or self.counts.nnz == 0:
+        if size <= self.rank or not self._merged:
             return
         inv = np.zeros(size)
         np.divide(1.0, np.sqrt(self.n + self.damping), out=inv, where=self.n > 0)
-        d = sparse.diags(inv)
-        s = (d @ self.counts @ d).tocsr()
+        counts = self.counts
+
+        def s(v: np.ndarray) -> np.ndarray:  # S v without forming S = D^-1/2 C D^-1/2
+            return inv[:, None] * np.asarray(counts @ (inv[:, None] * v))
+
         v = self.basis
         iterations = self.iterations
         if not np.any(v):
             v = self._rng.standard_normal((size, self.rank))
             iterations = 4 * self.iterations  # a cold start: no subspace to start from
         for _ in range(iterations):
-            v, _ = np.linalg.qr(s @ v)
+            v, _ = np.linalg.qr(s(v))
         # Rayleigh–Ritz within the subspace: its eigenpairs, negative ones dropped (F Fᵀ keeps
         # what two items share, not what sets them apart).
-        t = v.T @ (s @ v)
+        t = v.T @ s(v)
         lam, w = np.linalg.eigh((t + t.T) / 2)
         v = v @ w
         f = v * np.sqrt(np.clip(lam, 0.0, None))[None, :]

@@ -19,7 +19,7 @@ def _two_groups(cooc: CoOccurrence, users: int, rng: np.random.Generator) -> Non
 
 
 def _cosine(cooc: CoOccurrence) -> np.ndarray:
-    c = cooc.counts.toarray().astype(np.float64)
+    c = cooc._dense().astype(np.float64)
     inv = np.where(cooc.n > 0, 1.0 / np.sqrt(np.maximum(cooc.n, 1)), 0.0)
     return inv[:, None] * c * inv[None, :]
 
