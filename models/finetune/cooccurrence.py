@@ -33,6 +33,8 @@ class CoOccurrence:
         self.damping = damping
         self.growth = growth  # refit only once the pairs grew by this fraction (0 = at every call)
         self._merged = 0  # pairs counted into `counts`
+        self.unit_rows = False
+        self._f = np.zeros((0, rank))  # the last refit's F, unscaled
         self.n = np.zeros(0, dtype=np.float64)  # users per item
         # Dense while the catalog is small (a refit is then a dense product), CSR beyond.
         self.counts: np.ndarray | sparse.csr_matrix = np.zeros((0, 0), dtype=np.float32)
@@ -54,6 +56,7 @@ class CoOccurrence:
         self.n = np.concatenate([self.n, np.zeros(size - old)])
         self.features = np.concatenate([self.features, np.zeros((size - old, self.rank), np.float32)])
         self.basis = np.concatenate([self.basis, np.zeros((size - old, self.rank))])
+        self._f = np.concatenate([self._f, np.zeros((size - old, self.rank))])
 
     def add(self, row: int, partners: list[int]) -> None:
         """A user's first event with `row`, after `partners` (their recent distinct items)."""
@@ -118,8 +121,8 @@ class CoOccurrence:
         lam, w = np.linalg.eigh((t + t.T) / 2)
         v = v @ w
         f = v * np.sqrt(np.clip(lam, 0.0, None))[None, :]
-        old = self.features.astype(np.float64) * self.scale
-        if np.any(old):
+        old = self._f
+        if old.shape[0] and np.any(old):
             # The rotation R minimising |F R - F_old|: F Fᵀ is unchanged, the learned map keeps its meaning.
             u, _, vt = np.linalg.svd(f.T @ old)
             r = u @ vt
@@ -128,5 +131,9 @@ class CoOccurrence:
         used = norms[norms > 0]
         self.scale = float(used.mean()) if len(used) else 1.0
         self.basis = v
-        self.features = (f / self.scale).astype(np.float32)
+        self._f = f
+        if self.unit_rows:
+            self.features = (f / np.maximum(norms, 1e-12)[:, None]).astype(np.float32)
+        else:
+            self.features = (f / self.scale).astype(np.float32)
         self.refits += 1

@@ -92,6 +92,7 @@ class FineTunedModel(InterestModel):
             self.cooc = CoOccurrence(
                 o.cooc_rank, seed=o.seed, damping=o.cooc_damping, growth=o.cooc_refit_growth
             )
+            self.cooc.unit_rows = o.cooc_unit_rows
         self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
         # The popularity clock: events seen, the count at the current timestamp's first event,
         # the clock the counts are decayed to, and the current timestamp.
@@ -259,25 +260,35 @@ class FineTunedModel(InterestModel):
             setattr(net, name, p_new)
 
     # ---- item vectors ----------------------------------------------------------------------------
-    def _text_rows(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
+    @property
+    def has_cooc(self) -> bool:
+        return self.cooc is not None
+
+    def _text_rows(
+        self, rows: torch.Tensor, live: Mapping[int, float] | None = None, cooc: bool = True
+    ) -> torch.Tensor:
         """P(tower(rows) [+ F(modal)]): the projected text part of the items' vectors."""
         net = self.net
         out = net.tower.projected(net.proj, rows, live)
         if net.fuse is not None and self._modal is not None:
             modal = torch.from_numpy(self._modal[rows.cpu().numpy()]).to(self.device)
             out = out + net.proj(net.fuse(modal))
-        if net.cooc is not None and self.cooc is not None:
+        if cooc and net.cooc is not None and self.cooc is not None:
             out = out + net.cooc(torch.from_numpy(self.cooc.features[rows.cpu().numpy()]).to(self.device))
         return out
 
     def item_vectors(
-        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None, drop: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor,
+        grad_rows: Mapping[int, float] | None,
+        drop: torch.Tensor | None = None,
+        cooc: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors and scoring biases of `rows`, with gradients; a tower with an expensive part
         (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`).
         Rows where `drop` is True get no id residual or bias (`FineTuneOptions.id_dropout`)."""
         net = self.net
-        text = self._text_rows(rows, grad_rows)
+        text = self._text_rows(rows, grad_rows, cooc)
         return net.items(text, rows, self._pop_feature(self._pop[rows.cpu().numpy()]), drop)
 
     @torch.no_grad()

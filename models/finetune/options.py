@@ -93,6 +93,7 @@ class FineTuneOptions:
     cooc_rank: int = 0
     cooc_damping: float = 0.0
     cooc_refit_growth: float = 0.0
+    cooc_unit_rows: bool = False
     lookahead_weight: float = 0.5
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.

@@ -49,8 +49,15 @@ class TrainingHost(Protocol):
     device: torch.device
 
     def item_vectors(
-        self, rows: torch.Tensor, grad_rows: Mapping[int, float] | None, drop: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor,
+        grad_rows: Mapping[int, float] | None,
+        drop: torch.Tensor | None = None,
+        cooc: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @property
+    def has_cooc(self) -> bool: ...
 
     def long_tensor(self, longs: Sequence[np.ndarray | None]) -> torch.Tensor: ...
 
@@ -387,6 +394,23 @@ class Trainer:
                 cand_cols = rows_tensor([col[r] for r in cand_rows], dev)
                 cand_bias = bias[cand_cols]
                 logits = scale * (up @ vec[cand_cols].T) + cand_bias
+                blind = [k for k, i in enumerate(pos_idx) if flat[i][1].replayed] if host.has_cooc else []
+                if blind:
+                    # A replayed target's own event is in the co-occurrence counts by now: scored
+                    # with them, it would teach the model to trust co-occurrence far more than a
+                    # fresh event (where it is never in them) bears out. Replayed targets are
+                    # scored as if no co-occurrence were counted, history and candidates alike.
+                    logits = self._blind_logits(
+                        logits,
+                        blind,
+                        [flat[pos_idx[k]] for k in blind],
+                        episodes,
+                        need_rows,
+                        col,
+                        cand_cols,
+                        grad_rows,
+                        drop,
+                    )
                 if full:
                     cand_pos = None
                     target = rows_tensor([flat[i][1].row for i in pos_idx], dev)
@@ -498,6 +522,43 @@ class Trainer:
             torch._foreach_sub_(before, [p.detach() for p in params])
             self._step_back = before
         return float(loss.detach())
+
+    def _blind_logits(
+        self,
+        logits: torch.Tensor,
+        blind: Sequence[int],
+        targets: Sequence[tuple[int, Target]],
+        episodes: Sequence[Episode],
+        need_rows: Sequence[int],
+        col: Mapping[int, int],
+        cand_cols: torch.Tensor,
+        grad_rows: Mapping[int, float] | None,
+        drop: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`logits` with rows `blind` recomputed from item vectors without co-occurrence."""
+        host, net = self.host, self.host.net
+        dev = logits.device
+        vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows, drop, cooc=False)
+        ids = host.catalog.ids
+        t = episode_tensors(
+            episodes,
+            vec,
+            {ids[r]: c for r, c in col.items()},
+            lambda texts: net("texts", texts),  # type: ignore[arg-type,return-value]
+        )
+        u, _ = net.user(
+            *t.as_args(),
+            rows_tensor([u for u, _ in targets], dev),
+            rows_tensor([tg.pos for _, tg in targets], dev),
+            host.long_tensor([ep.long_term for ep in episodes]),
+            host.profile_tensor([ep.user_id for ep in episodes]),
+        )
+        rows = net.log_scale.exp() * (u @ vec[cand_cols].T) + bias[cand_cols]
+        which = torch.zeros(logits.shape[0], dtype=torch.bool, device=dev)
+        which[rows_tensor(list(blind), dev)] = True
+        full = torch.zeros_like(logits)
+        full[rows_tensor(list(blind), dev)] = rows.to(logits.dtype)
+        return torch.where(which[:, None], full, logits)
 
     def _lookahead(
         self,
