@@ -2,14 +2,16 @@
 
 Counting is instant where gradient descent is slow: a neighbourhood model knows two items go
 together after their first shared user, an embedding after many steps. This keeps `item_knn`'s
-counts (two items co-occur when one user has both within `window` distinct items of each
-other; `n_i` users per item) and their cosine similarity `S = D^-1/2 C D^-1/2`, and factorises
-`S ≈ F Fᵀ` at rank k (F = V Λ^1/2 over the top eigenpairs) by warm-started subspace iteration,
-a few sparse products per refit. Each refit's F is rotated onto the previous one (orthogonal
-Procrustes, which leaves F Fᵀ unchanged), so a learned map from F into the interest space
-stays meaningful from one refit to the next.
+counts (two items co-occur when a user's first event with one comes while the other is among
+their recent behaviours; `n_i` users per item) and their cosine similarity
+`S = D^-1/2 C D^-1/2`, and factorises `S ≈ F Fᵀ` at rank k (F = V Λ^1/2 over the top positive
+eigenpairs) by warm-started subspace iteration, a few products per refit. Each refit's F is
+rotated onto the previous one (orthogonal Procrustes, which leaves F Fᵀ unchanged), so a
+learned map from the features into the interest space keeps its meaning from one refit to the
+next. The features are F's rows at unit length.
 
-Rows are catalog rows; a row with no co-occurrence yet has a zero feature.
+Rows are catalog rows; a row with no co-occurrence yet has a zero feature. Pure numpy/scipy:
+the counts are aggregates over users, like popularity counts.
 """
 
 from __future__ import annotations
@@ -23,17 +25,12 @@ DENSE_MAX_ITEMS = 5000
 class CoOccurrence:
     """Counts of item pairs within users' recent items, and a rank-k factor of their cosine."""
 
-    def __init__(
-        self, rank: int, seed: int = 0, iterations: int = 2, damping: float = 0.0, growth: float = 0.0
-    ) -> None:
+    def __init__(self, rank: int, seed: int = 0, iterations: int = 2) -> None:
         if rank < 1:
             raise ValueError(f"co-occurrence rank must be >= 1, got {rank}")
         self.rank = rank
         self.iterations = iterations
-        self.damping = damping
-        self.growth = growth  # refit only once the pairs grew by this fraction (0 = at every call)
         self._merged = 0  # pairs counted into `counts`
-        self.unit_rows = False
         self._f = np.zeros((0, rank))  # the last refit's F, unscaled
         self.n = np.zeros(0, dtype=np.float64)  # users per item
         # Dense while the catalog is small (a refit is then a dense product), CSR beyond.
@@ -42,8 +39,7 @@ class CoOccurrence:
         self._cols: list[int] = []
         self._rng = np.random.default_rng(seed)
         self.basis = np.zeros((0, rank))  # orthonormal columns: the tracked subspace
-        self.features = np.zeros((0, rank), dtype=np.float32)  # F, rotated onto the last refit's
-        self.scale = 1.0  # F is divided by this (its mean row norm at the refit), for a steady input
+        self.features = np.zeros((0, rank), dtype=np.float32)  # F's rows at unit length
         self.refits = 0
 
     def __len__(self) -> int:
@@ -94,15 +90,13 @@ class CoOccurrence:
 
     def refit(self) -> None:
         """Move F to the current counts: a few subspace iterations from the last basis."""
-        if self.growth > 0 and len(self._rows) < self.growth * self._merged:
-            return
         self._merged += len(self._rows)
         self._merge()
         size = len(self.n)
         if size <= self.rank or not self._merged:
             return
         inv = np.zeros(size)
-        np.divide(1.0, np.sqrt(self.n + self.damping), out=inv, where=self.n > 0)
+        np.divide(1.0, np.sqrt(self.n), out=inv, where=self.n > 0)
         counts = self.counts
 
         def s(v: np.ndarray) -> np.ndarray:  # S v without forming S = D^-1/2 C D^-1/2
@@ -127,13 +121,10 @@ class CoOccurrence:
             u, _, vt = np.linalg.svd(f.T @ old)
             r = u @ vt
             f, v = f @ r, v @ r
-        norms = np.linalg.norm(f, axis=1)
-        used = norms[norms > 0]
-        self.scale = float(used.mean()) if len(used) else 1.0
         self.basis = v
         self._f = f
-        if self.unit_rows:
-            self.features = (f / np.maximum(norms, 1e-12)[:, None]).astype(np.float32)
-        else:
-            self.features = (f / self.scale).astype(np.float32)
+        # Unit rows: the direction says which items an item goes with; the length (how much
+        # co-occurrence it has) swings with every refit and, measured, only added noise.
+        norms = np.linalg.norm(f, axis=1, keepdims=True)
+        self.features = (f / np.maximum(norms, 1e-12)).astype(np.float32)
         self.refits += 1

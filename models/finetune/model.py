@@ -89,10 +89,7 @@ class FineTunedModel(InterestModel):
         self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
         self.cooc: CoOccurrence | None = None
         if o.cooc_rank > 0:
-            self.cooc = CoOccurrence(
-                o.cooc_rank, seed=o.seed, damping=o.cooc_damping, growth=o.cooc_refit_growth
-            )
-            self.cooc.unit_rows = o.cooc_unit_rows
+            self.cooc = CoOccurrence(o.cooc_rank, seed=o.seed)
         self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
         # The popularity clock: events seen, the count at the current timestamp's first event,
         # the clock the counts are decayed to, and the current timestamp.

@@ -88,12 +88,11 @@ class FineTuneOptions:
     # same logits row (no extra user states), at `lookahead_weight` each, with the item biases held fixed
     # (they are the cold-start prior, learned from each event's own state).
     lookahead_targets: int = 2
-    # Rank of the item co-occurrence factors added to item vectors (0 = none;
-    # `models.finetune.cooccurrence`), refitted at every publish.
+    # Rank of the item co-occurrence factors added to item vectors through a learned map (0 = none;
+    # `models.finetune.cooccurrence`), refitted at every publish. A research option, off: it won
+    # on both shared sets at 32 (docs/model.md) but its counts are not yet part of the published
+    # weights, so a restarted worker would start counting again.
     cooc_rank: int = 0
-    cooc_damping: float = 0.0
-    cooc_refit_growth: float = 0.0
-    cooc_unit_rows: bool = False
     lookahead_weight: float = 0.5
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.
@@ -150,6 +149,11 @@ class FineTuneOptions:
             raise ValueError(f"budget_unit must be 'positives' or 'events', got {self.budget_unit!r}")
         if not 0.0 <= self.id_dropout <= 1.0:  # a fraction of the rows (1: no id row trains)
             raise ValueError(f"id_dropout must be in [0, 1], got {self.id_dropout!r}")
+        if self.cooc_rank < 0:
+            raise ValueError(f"cooc_rank must be >= 0, got {self.cooc_rank!r}")
+        if self.cooc_rank and (self.dp_epsilon is not None or self.dp_noise_multiplier is not None):
+            # The counts would carry each user's pairs unprotected into every published vector.
+            raise ValueError("cooc_rank needs differential privacy off: its counts are not privatised")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> FineTuneOptions:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import sparse
 
 from models.finetune.cooccurrence import CoOccurrence
 
@@ -29,8 +30,9 @@ def test_factors_rank_within_group_above_across() -> None:
     cooc.grow(24)  # 4 items nobody takes: zero features
     _two_groups(cooc, 40, np.random.default_rng(0))
     cooc.refit()
-    f = cooc.features.astype(np.float64) * cooc.scale
+    f = cooc._f
     sim = f @ f.T
+    assert np.allclose(np.linalg.norm(cooc.features[:20], axis=1), 1.0, atol=1e-5)
     assert sim[:10, :10].mean() > 5 * abs(sim[:10, 10:20].mean())
     assert sim[10:20, 10:20].mean() > 5 * abs(sim[10:20, :10].mean())
     assert not np.any(cooc.features[20:])
@@ -42,7 +44,7 @@ def test_factors_rank_within_group_above_across() -> None:
     full.grow(24)
     _two_groups(full, 40, np.random.default_rng(0))
     full.refit()
-    g = full.features.astype(np.float64) * full.scale
+    g = full._f
     assert np.abs(g @ g.T - top).max() < 0.05 * np.abs(top).max()
 
 
@@ -63,3 +65,22 @@ def test_refit_keeps_the_frame() -> None:
 def test_rank_must_be_positive() -> None:
     with pytest.raises(ValueError, match="rank"):
         CoOccurrence(rank=0)
+
+
+def test_sparse_counts_factor_like_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above DENSE_MAX_ITEMS the counts are CSR; the factors are the same."""
+    import models.finetune.cooccurrence as module
+
+    out = []
+    for dense_max in (5000, 10):
+        monkeypatch.setattr(module, "DENSE_MAX_ITEMS", dense_max)
+        cooc = CoOccurrence(rank=4, seed=0)
+        cooc.grow(20)
+        _two_groups(cooc, 20, np.random.default_rng(2))
+        cooc.refit()
+        cooc.grow(30)  # the catalog grows between refits
+        _two_groups(cooc, 20, np.random.default_rng(3))
+        cooc.refit()
+        out.append(cooc._f @ cooc._f.T)
+    assert isinstance(cooc.counts, sparse.csr_matrix)
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)

@@ -95,6 +95,39 @@ def test_id_dropout_hides_the_id_parts_of_the_dropped_rows_from_a_step() -> None
         assert not torch.equal(m.net.proj.weight.detach(), proj)
 
 
+def test_cooccurrence_features_enter_item_vectors_and_replays_are_scored_without_them() -> None:
+    """Co-occurrence factors are refitted at each publish and reach the item vectors through a
+    map learned from zero; a replayed target (whose own event is in the counts) is scored
+    with the factors left out, history and candidates alike."""
+    m = model(cooc_rank=4, replay_per_step=8)
+    blind: list[bool] = []  # per call: did the replayed rows' logits change?
+    original = m.trainer._blind_logits
+
+    def spy(logits: torch.Tensor, rows: list[int], *args: object) -> torch.Tensor:
+        out = original(logits, rows, *args)  # type: ignore[arg-type]
+        others = [k for k in range(len(logits)) if k not in rows]
+        assert torch.equal(out[others], logits[others])  # fresh targets keep their logits
+        blind.append(not torch.equal(out[rows], logits[rows]))
+        return out
+
+    m.trainer._blind_logits = spy  # type: ignore[method-assign]
+    events = walk_events(40, 6, 6)
+    for b in range(0, len(events), 6):
+        m.learn(events[b : b + 6])
+    assert m.cooc is not None and m.cooc.refits > 0
+    assert np.any(m.cooc.features)
+    assert m.net.cooc is not None and m.net.cooc.weight.detach().abs().sum() > 0
+    # Once the map has moved off zero, leaving the factors out changes a replayed row's scores.
+    assert blind and blind[-1]
+    vec = m.user_vector("u0")
+    assert vec is not None
+    np.testing.assert_allclose(m.predict("u0"), m.item_matrix() @ vec, rtol=1e-5)
+    with pytest.raises(ValueError, match="cooc_rank"):
+        model(cooc_rank=-1)
+    with pytest.raises(ValueError, match="privacy"):
+        model(cooc_rank=4, dp_noise_multiplier=1.0)
+
+
 def test_scores_are_the_published_inner_product() -> None:
     m = model()
     m.learn(walk_events(40, 6, 3))
