@@ -264,7 +264,8 @@ class FineTunedModel(InterestModel):
     def _text_rows(
         self, rows: torch.Tensor, live: Mapping[int, float] | None = None, cooc: bool = True
     ) -> torch.Tensor:
-        """P(tower(rows) [+ F(modal)]): the projected text part of the items' vectors."""
+        """P(tower(rows) [+ F(modal)]) [+ A(co-occurrence factors)]: the content part of the items'
+        vectors, everything but the id residual (and so also what `w_text` reads)."""
         net = self.net
         out = net.tower.projected(net.proj, rows, live)
         if net.fuse is not None and self._modal is not None:

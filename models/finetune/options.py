@@ -88,12 +88,12 @@ class FineTuneOptions:
     # same logits row (no extra user states), at `lookahead_weight` each, with the item biases held fixed
     # (they are the cold-start prior, learned from each event's own state).
     lookahead_targets: int = 2
+    lookahead_weight: float = 0.5
     # Rank of the item co-occurrence factors added to item vectors through a learned map (0 = none;
     # `models.finetune.cooccurrence`), refitted at every publish. A research option, off: it won
     # on both shared sets at 32 (docs/model.md) but its counts are not yet part of the published
     # weights, so a restarted worker would start counting again.
     cooc_rank: int = 0
-    lookahead_weight: float = 0.5
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.
     rollback_threshold: float = 0.5
