@@ -369,23 +369,7 @@ class Trainer:
         net.train()
         with autocast(dev, o.bf16):
             vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows, drop)
-            ids = host.catalog.ids
-            t = episode_tensors(
-                episodes,
-                vec,
-                {ids[r]: c for r, c in col.items()},
-                lambda texts: net("texts", texts),  # type: ignore[arg-type,return-value]
-            )
-            # One query per target, in `flat`'s order.
-            qu = rows_tensor([u for u, _ in flat], dev)
-            qp = rows_tensor([tg.pos for _, tg in flat], dev)
-            u_all, _w = net.user(
-                *t.as_args(),
-                qu,
-                qp,
-                host.long_tensor([ep.long_term for ep in episodes]),
-                host.profile_tensor([ep.user_id for ep in episodes]),
-            )
+            u_all = self._user_states(episodes, flat, vec, col)  # one per target, in `flat`'s order
             scale = net.log_scale.exp()
             losses: list[torch.Tensor] = []
             pos_idx = [i for i, (_, t) in enumerate(flat) if t.positive]
@@ -523,6 +507,33 @@ class Trainer:
             self._step_back = before
         return float(loss.detach())
 
+    def _user_states(
+        self,
+        episodes: Sequence[Episode],
+        targets: Sequence[tuple[int, Target]],
+        vec: torch.Tensor,
+        col: Mapping[int, int],
+    ) -> torch.Tensor:
+        """The user vector each of `targets` (episode, target) is ranked by, its episode's
+        behaviours read from `vec` (the step's item vectors, catalog row r at `col[r]`)."""
+        host, net = self.host, self.host.net
+        dev = vec.device
+        ids = host.catalog.ids
+        t = episode_tensors(
+            episodes,
+            vec,
+            {ids[r]: c for r, c in col.items()},
+            lambda texts: net("texts", texts),  # type: ignore[arg-type,return-value]
+        )
+        u, _ = net.user(
+            *t.as_args(),
+            rows_tensor([u for u, _ in targets], dev),
+            rows_tensor([tg.pos for _, tg in targets], dev),
+            host.long_tensor([ep.long_term for ep in episodes]),
+            host.profile_tensor([ep.user_id for ep in episodes]),
+        )
+        return u
+
     def _blind_logits(
         self,
         logits: torch.Tensor,
@@ -539,20 +550,7 @@ class Trainer:
         host, net = self.host, self.host.net
         dev = logits.device
         vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows, drop, cooc=False)
-        ids = host.catalog.ids
-        t = episode_tensors(
-            episodes,
-            vec,
-            {ids[r]: c for r, c in col.items()},
-            lambda texts: net("texts", texts),  # type: ignore[arg-type,return-value]
-        )
-        u, _ = net.user(
-            *t.as_args(),
-            rows_tensor([u for u, _ in targets], dev),
-            rows_tensor([tg.pos for _, tg in targets], dev),
-            host.long_tensor([ep.long_term for ep in episodes]),
-            host.profile_tensor([ep.user_id for ep in episodes]),
-        )
+        u = self._user_states(episodes, targets, vec, col)
         rows = net.log_scale.exp() * (u @ vec[cand_cols].T) + bias[cand_cols]
         which = torch.zeros(logits.shape[0], dtype=torch.bool, device=dev)
         which[rows_tensor(list(blind), dev)] = True
