@@ -7,8 +7,8 @@ each of the user's `window` most recent items, the r-th most recent weighted `de
 with no co-occurrence at all are ordered by a negligible popularity term (tie-break only).
 
 It holds no vector space: `predict_many` scores users directly, and `user_vector` is None. The
-co-occurrence counts are a dense matrix for catalogs up to `DENSE_MAX_ITEMS` items, otherwise a
-CSR matrix plus a buffer of new pairs merged when the buffer outgrows the matrix (amortised).
+counts are `models.pair_counts.PairCounts` (dense up to `DENSE_MAX_ITEMS` items, CSR beyond),
+the same the fine-tuned models' co-occurrence factors count.
 """
 
 from __future__ import annotations
@@ -23,34 +23,10 @@ from models.baselines import _IdCatalog, _touched
 from models.catalog import TextEncoder
 from models.core import BatchResult, InterestModel, UserUpdate
 from models.events import Event, Item
+from models.pair_counts import DENSE_MAX_ITEMS, PairCounts
 from models.registry import register
 
-DENSE_MAX_ITEMS = 5000
 _TIE_BREAK = 1e-6  # popularity only orders items that no neighbour reaches
-
-
-class _Pairs:
-    """A growable buffer of (row, col) pairs, each counting 1."""
-
-    def __init__(self) -> None:
-        self.rows = np.zeros(1024, dtype=np.int32)
-        self.cols = np.zeros(1024, dtype=np.int32)
-        self.n = 0
-
-    def extend(self, rows: list[int], cols: list[int]) -> None:
-        k = len(rows)
-        if self.n + k > len(self.rows):
-            size = max(2 * len(self.rows), self.n + k)
-            self.rows = np.resize(self.rows, size)
-            self.cols = np.resize(self.cols, size)
-        self.rows[self.n : self.n + k] = rows
-        self.cols[self.n : self.n + k] = cols
-        self.n += k
-
-    def take(self) -> tuple[np.ndarray, np.ndarray]:
-        out = self.rows[: self.n].copy(), self.cols[: self.n].copy()
-        self.n = 0
-        return out
 
 
 class ItemKNNModel(InterestModel):
@@ -75,10 +51,7 @@ class ItemKNNModel(InterestModel):
             raise ValueError(f"item_knn decay must be in (0, 1], got {decay}")
         self.decay = decay
         self.catalog = _IdCatalog()
-        self.n = np.zeros(0, dtype=np.float64)  # users per item
-        self.dense: np.ndarray | None = None
-        self.csr: sparse.csr_matrix | None = None
-        self.pending = _Pairs()
+        self.counts = PairCounts(DENSE_MAX_ITEMS)
         self.recent: dict[str, list[int]] = {}  # user -> recent distinct items, newest last
         self.had: dict[str, set[int]] = {}
         self.users: dict[str, int] = {}
@@ -92,28 +65,26 @@ class ItemKNNModel(InterestModel):
     def dim(self) -> int:
         return 0
 
+    @property
+    def n(self) -> np.ndarray:
+        """Users per item."""
+        return self.counts.n
+
+    @property
+    def dense(self) -> np.ndarray | None:
+        return self.counts.dense
+
+    @property
+    def csr(self) -> sparse.csr_matrix | None:
+        return self.counts.csr
+
     def config(self) -> dict[str, Any]:
         return {"model": self.name, "window": self.window, "decay": self.decay}
 
     def upsert_items(self, items: Sequence[Item]) -> None:
         if not self.catalog.upsert(items):
             return
-        size = len(self.catalog.ids)
-        self.n = np.concatenate([self.n, np.zeros(size - len(self.n))])
-        self._flush()
-        if size <= DENSE_MAX_ITEMS:
-            old = self.dense if self.dense is not None else np.zeros((0, 0), dtype=np.float32)
-            self.dense = np.zeros((size, size), dtype=np.float32)
-            self.dense[: old.shape[0], : old.shape[1]] = old
-        else:
-            base = self.csr if self.csr is not None else sparse.csr_matrix((0, 0), dtype=np.float32)
-            if self.dense is not None:
-                base = sparse.csr_matrix(self.dense)
-                self.dense = None
-            base = base.tocoo()
-            self.csr = sparse.csr_matrix(
-                (base.data, (base.row, base.col)), shape=(size, size), dtype=np.float32
-            )
+        self.counts.grow(len(self.catalog.ids))
 
     def item_ids(self) -> Sequence[str]:
         return self.catalog.ids
@@ -125,8 +96,6 @@ class ItemKNNModel(InterestModel):
         return None  # scores come from the neighbourhood, not a vector space
 
     def learn(self, events: Sequence[Event]) -> BatchResult:
-        rows: list[int] = []
-        cols: list[int] = []
         for e in events:
             self.users[e.user_id] = self.users.get(e.user_id, 0) + 1
             target = e.target_item
@@ -142,14 +111,10 @@ class ItemKNNModel(InterestModel):
                 recent.append(item)
             else:
                 had.add(item)
-                self.n[item] += 1
-                rows += recent
-                cols += [item] * len(recent)
+                self.counts.add(item, list(recent))
                 recent.append(item)
             if len(recent) > self.window:
                 del recent[0]
-        if rows:
-            self.pending.extend(rows + cols, cols + rows)  # symmetric
         if self.dense is not None:
             self._flush()
         if events:
@@ -161,17 +126,7 @@ class ItemKNNModel(InterestModel):
         return BatchResult(updates=updates, model_version=self.model_version)
 
     def _flush(self, force: bool = True) -> None:
-        if self.pending.n == 0:
-            return
-        if self.dense is not None:
-            r, c = self.pending.take()
-            flat, counts = np.unique(r.astype(np.int64) * self.dense.shape[1] + c, return_counts=True)
-            self.dense.ravel()[flat] += counts
-        elif self.csr is not None and (force or self.pending.n > max(self.csr.nnz, 1 << 20)):
-            r, c = self.pending.take()
-            size = self.csr.shape[0]
-            add = sparse.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(size, size))
-            self.csr = (self.csr + add).tocsr()
+        self.counts.flush(force)
 
     def _weights(self, user_ids: Sequence[str]) -> tuple[sparse.csr_matrix, np.ndarray]:
         """(users x items) recency weights over each user's recent items, divided by sqrt(n_i)."""
@@ -190,8 +145,7 @@ class ItemKNNModel(InterestModel):
             (np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int64), np.asarray(indptr)),
             shape=(len(user_ids), len(self.catalog.ids)),
         )
-        inv = np.zeros_like(self.n)
-        np.divide(1.0, np.sqrt(self.n), out=inv, where=self.n > 0)
+        inv = self.counts.inverse_sqrt_users()
         return (w @ sparse.diags(inv.astype(np.float32))).tocsr(), inv
 
     def predict_many(self, user_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -205,10 +159,9 @@ class ItemKNNModel(InterestModel):
             assert self.csr is not None
             self._flush(force=False)
             scores = (w @ self.csr).toarray()
-            if self.pending.n:
+            r, c = self.counts.pending()
+            if len(r):
                 # New pairs not merged yet: only those from the users' recent items matter.
-                r = self.pending.rows[: self.pending.n]
-                c = self.pending.cols[: self.pending.n]
                 keep = np.isin(r, w.indices)
                 part = sparse.csr_matrix(
                     (np.ones(int(keep.sum()), dtype=np.float32), (r[keep], c[keep])), shape=(size, size)

@@ -552,11 +552,7 @@ class Trainer:
         vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows, drop, cooc=False)
         u = self._user_states(episodes, targets, vec, col)
         rows = net.log_scale.exp() * (u @ vec[cand_cols].T) + bias[cand_cols]
-        which = torch.zeros(logits.shape[0], dtype=torch.bool, device=dev)
-        which[rows_tensor(list(blind), dev)] = True
-        full = torch.zeros_like(logits)
-        full[rows_tensor(list(blind), dev)] = rows.to(logits.dtype)
-        return torch.where(which[:, None], full, logits)
+        return logits.index_put((rows_tensor(list(blind), dev),), rows.to(logits.dtype))
 
     def _lookahead(
         self,

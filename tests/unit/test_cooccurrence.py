@@ -20,8 +20,10 @@ def _two_groups(cooc: CoOccurrence, users: int, rng: np.random.Generator) -> Non
 
 
 def _cosine(cooc: CoOccurrence) -> np.ndarray:
-    c = cooc._dense().astype(np.float64)
-    inv = np.where(cooc.n > 0, 1.0 / np.sqrt(np.maximum(cooc.n, 1)), 0.0)
+    assert cooc.counts.dense is not None
+    c = cooc.counts.dense.astype(np.float64)
+    n = cooc.counts.n
+    inv = np.where(n > 0, 1.0 / np.sqrt(np.maximum(n, 1)), 0.0)
     return inv[:, None] * c * inv[None, :]
 
 
@@ -30,7 +32,7 @@ def test_factors_rank_within_group_above_across() -> None:
     cooc.grow(24)  # 4 items nobody takes: zero features
     _two_groups(cooc, 40, np.random.default_rng(0))
     cooc.refit()
-    f = cooc._f
+    f = cooc.factors
     sim = f @ f.T
     assert np.allclose(np.linalg.norm(cooc.features[:20], axis=1), 1.0, atol=1e-5)
     assert sim[:10, :10].mean() > 5 * abs(sim[:10, 10:20].mean())
@@ -44,7 +46,7 @@ def test_factors_rank_within_group_above_across() -> None:
     full.grow(24)
     _two_groups(full, 40, np.random.default_rng(0))
     full.refit()
-    g = full._f
+    g = full.factors
     assert np.abs(g @ g.T - top).max() < 0.05 * np.abs(top).max()
 
 
@@ -68,7 +70,7 @@ def test_rank_must_be_positive() -> None:
 
 
 def test_sparse_counts_factor_like_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above DENSE_MAX_ITEMS the counts are CSR; the factors are the same."""
+    """Above DENSE_MAX_ITEMS the counts are CSR (`models.pair_counts`); the factors are the same."""
     import models.finetune.cooccurrence as module
 
     out = []
@@ -81,6 +83,6 @@ def test_sparse_counts_factor_like_dense(monkeypatch: pytest.MonkeyPatch) -> Non
         cooc.grow(30)  # the catalog grows between refits
         _two_groups(cooc, 20, np.random.default_rng(3))
         cooc.refit()
-        out.append(cooc._f @ cooc._f.T)
-    assert isinstance(cooc.counts, sparse.csr_matrix)
+        out.append(cooc.factors @ cooc.factors.T)
+    assert isinstance(cooc.counts.csr, sparse.csr_matrix)
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)
