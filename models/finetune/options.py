@@ -149,8 +149,8 @@ class FineTuneOptions:
             raise ValueError(f"budget_unit must be 'positives' or 'events', got {self.budget_unit!r}")
         if not 0.0 <= self.id_dropout <= 1.0:  # a fraction of the rows (1: no id row trains)
             raise ValueError(f"id_dropout must be in [0, 1], got {self.id_dropout!r}")
-        if self.cooc_rank < 0:
-            raise ValueError(f"cooc_rank must be >= 0, got {self.cooc_rank!r}")
+        if not isinstance(self.cooc_rank, int) or self.cooc_rank < 0:  # JSON from --opt may be anything
+            raise ValueError(f"cooc_rank must be a whole number >= 0, got {self.cooc_rank!r}")
         if self.cooc_rank and (self.dp_epsilon is not None or self.dp_noise_multiplier is not None):
             # The counts would carry each user's pairs unprotected into every published vector.
             raise ValueError("cooc_rank needs differential privacy off: its counts are not privatised")

@@ -122,8 +122,9 @@ def test_cooccurrence_features_enter_item_vectors_and_replays_are_scored_without
     vec = m.user_vector("u0")
     assert vec is not None
     np.testing.assert_allclose(m.predict("u0"), m.item_matrix() @ vec, rtol=1e-5)
-    with pytest.raises(ValueError, match="cooc_rank"):
-        model(cooc_rank=-1)
+    for bad in (-1, 2.5, "x"):
+        with pytest.raises(ValueError, match="cooc_rank"):
+            model(cooc_rank=bad)
     with pytest.raises(ValueError, match="privacy"):
         model(cooc_rank=4, dp_noise_multiplier=1.0)
 
