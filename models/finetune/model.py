@@ -257,13 +257,15 @@ class FineTunedModel(InterestModel):
             setattr(net, name, p_new)
 
     # ---- item vectors ----------------------------------------------------------------------------
-    @property
-    def has_cooc(self) -> bool:
-        return self.cooc is not None
+    def cooc_part(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """A(co-occurrence factors) of `rows`, the part of their vectors that counting gives;
+        None without co-occurrence factors."""
+        net = self.net
+        if net.cooc is None or self.cooc is None:
+            return None
+        return net.cooc(torch.from_numpy(self.cooc.features[rows.cpu().numpy()]).to(self.device))
 
-    def _text_rows(
-        self, rows: torch.Tensor, live: Mapping[int, float] | None = None, cooc: bool = True
-    ) -> torch.Tensor:
+    def _text_rows(self, rows: torch.Tensor, live: Mapping[int, float] | None = None) -> torch.Tensor:
         """P(tower(rows) [+ F(modal)]) [+ A(co-occurrence factors)]: the content part of the items'
         vectors, everything but the id residual (and so also what `w_text` reads)."""
         net = self.net
@@ -271,22 +273,20 @@ class FineTunedModel(InterestModel):
         if net.fuse is not None and self._modal is not None:
             modal = torch.from_numpy(self._modal[rows.cpu().numpy()]).to(self.device)
             out = out + net.proj(net.fuse(modal))
-        if cooc and net.cooc is not None and self.cooc is not None:
-            out = out + net.cooc(torch.from_numpy(self.cooc.features[rows.cpu().numpy()]).to(self.device))
-        return out
+        cooc = self.cooc_part(rows)
+        return out if cooc is None else out + cooc
 
     def item_vectors(
         self,
         rows: torch.Tensor,
         grad_rows: Mapping[int, float] | None,
         drop: torch.Tensor | None = None,
-        cooc: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors and scoring biases of `rows`, with gradients; a tower with an expensive part
         (transformer layers) runs it on `grad_rows` only and caches the rest (`models.towers`).
         Rows where `drop` is True get no id residual or bias (`FineTuneOptions.id_dropout`)."""
         net = self.net
-        text = self._text_rows(rows, grad_rows, cooc)
+        text = self._text_rows(rows, grad_rows)
         return net.items(text, rows, self._pop_feature(self._pop[rows.cpu().numpy()]), drop)
 
     @torch.no_grad()

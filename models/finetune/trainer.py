@@ -53,11 +53,9 @@ class TrainingHost(Protocol):
         rows: torch.Tensor,
         grad_rows: Mapping[int, float] | None,
         drop: torch.Tensor | None = None,
-        cooc: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    @property
-    def has_cooc(self) -> bool: ...
+    def cooc_part(self, rows: torch.Tensor) -> torch.Tensor | None: ...
 
     def long_tensor(self, longs: Sequence[np.ndarray | None]) -> torch.Tensor: ...
 
@@ -368,8 +366,22 @@ class Trainer:
             drop = torch.from_numpy(self.rng.random(len(need_rows)) < o.id_dropout).to(dev)
         net.train()
         with autocast(dev, o.bf16):
-            vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows, drop)
-            u_all = self._user_states(episodes, flat, vec, col)  # one per target, in `flat`'s order
+            need_t = rows_tensor(need_rows, dev)
+            vec, bias = host.item_vectors(need_t, grad_rows, drop)
+            # A replayed target's own event is in the co-occurrence counts by now: scored with
+            # them, it would teach the model to trust co-occurrence far more than a fresh event
+            # (where it is never in them) bears out. Replayed targets see the item vectors
+            # without it, in their history and among the candidates alike.
+            blind = [i for i, (_, t) in enumerate(flat) if t.replayed]
+            cooc = host.cooc_part(need_t) if blind else None
+            if cooc is None:
+                blind = []
+                bvec, bbias = vec, bias
+            else:
+                bvec, bbias = vec - cooc, bias - cooc @ net.w_text
+            u_all = self._user_states(episodes, flat, vec, col, blind, bvec)  # in `flat`'s order
+            is_blind = torch.zeros(len(flat), dtype=torch.bool, device=dev)
+            is_blind[rows_tensor(blind, dev)] = True
             scale = net.log_scale.exp()
             losses: list[torch.Tensor] = []
             pos_idx = [i for i, (_, t) in enumerate(flat) if t.positive]
@@ -378,23 +390,11 @@ class Trainer:
                 cand_cols = rows_tensor([col[r] for r in cand_rows], dev)
                 cand_bias = bias[cand_cols]
                 logits = scale * (up @ vec[cand_cols].T) + cand_bias
-                blind = [k for k, i in enumerate(pos_idx) if flat[i][1].replayed] if host.has_cooc else []
-                if blind:
-                    # A replayed target's own event is in the co-occurrence counts by now: scored
-                    # with them, it would teach the model to trust co-occurrence far more than a
-                    # fresh event (where it is never in them) bears out. Replayed targets are
-                    # scored as if no co-occurrence were counted, history and candidates alike.
-                    logits = self._blind_logits(
-                        logits,
-                        blind,
-                        [flat[pos_idx[k]] for k in blind],
-                        episodes,
-                        need_rows,
-                        col,
-                        cand_cols,
-                        grad_rows,
-                        drop,
-                    )
+                blind_pos = [k for k, i in enumerate(pos_idx) if is_blind[i]] if blind else []
+                if blind_pos:
+                    b = rows_tensor(blind_pos, dev)
+                    rows_b = scale * (up[b] @ bvec[cand_cols].T) + bbias[cand_cols]
+                    logits = logits.index_put((b,), rows_b.to(logits.dtype))
                 if full:
                     cand_pos = None
                     target = rows_tensor([flat[i][1].row for i in pos_idx], dev)
@@ -473,7 +473,9 @@ class Trainer:
                 tcols = rows_tensor([col[flat[i][1].row] for i in rated], dev)
                 trows = rows_tensor([flat[i][1].row for i in rated], dev)
                 ub = torch.tensor([host.user_offset(episodes[flat[i][0]].user_id) for i in rated], device=dev)
-                dots = (u_all[rated] * vec[tcols]).sum(-1)
+                rated_t = rows_tensor(rated, dev)
+                item = torch.where(is_blind[rated_t, None], bvec[tcols], vec[tcols])
+                dots = (u_all[rated_t] * item).sum(-1)
                 pred = net.mu + ub + net.rating_bias[trows] + net.rating_scale * dots
                 truth = torch.tensor([flat[i][1].rating for i in rated], device=dev)
                 if dp is not None:
@@ -513,9 +515,37 @@ class Trainer:
         targets: Sequence[tuple[int, Target]],
         vec: torch.Tensor,
         col: Mapping[int, int],
+        blind: Sequence[int] = (),
+        blind_vec: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The user vector each of `targets` (episode, target) is ranked by, its episode's
-        behaviours read from `vec` (the step's item vectors, catalog row r at `col[r]`)."""
+        behaviours read from `vec` (the step's item vectors, catalog row r at `col[r]`); the
+        targets at indices `blind` read theirs from `blind_vec` (their episodes hold no other
+        targets: a replayed target has an episode of its own)."""
+        if not blind or blind_vec is None:
+            return self._states_of(episodes, targets, vec, col)
+        seen = set(blind)
+        order: list[int] = []
+        parts = []
+        for idx, table in (([i for i in range(len(targets)) if i not in seen], vec), (list(blind), blind_vec)):
+            if not idx:
+                continue
+            eps = sorted({targets[i][0] for i in idx})
+            at = {u: k for k, u in enumerate(eps)}
+            mine = [(at[targets[i][0]], targets[i][1]) for i in idx]
+            parts.append(self._states_of([episodes[e] for e in eps], mine, table, col))
+            order += idx
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.as_tensor(order)] = torch.arange(len(order))
+        return torch.cat(parts)[back.to(vec.device)]
+
+    def _states_of(
+        self,
+        episodes: Sequence[Episode],
+        targets: Sequence[tuple[int, Target]],
+        vec: torch.Tensor,
+        col: Mapping[int, int],
+    ) -> torch.Tensor:
         host, net = self.host, self.host.net
         dev = vec.device
         ids = host.catalog.ids
@@ -533,26 +563,6 @@ class Trainer:
             host.profile_tensor([ep.user_id for ep in episodes]),
         )
         return u
-
-    def _blind_logits(
-        self,
-        logits: torch.Tensor,
-        blind: Sequence[int],
-        targets: Sequence[tuple[int, Target]],
-        episodes: Sequence[Episode],
-        need_rows: Sequence[int],
-        col: Mapping[int, int],
-        cand_cols: torch.Tensor,
-        grad_rows: Mapping[int, float] | None,
-        drop: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """`logits` with rows `blind` recomputed from item vectors without co-occurrence."""
-        host, net = self.host, self.host.net
-        dev = logits.device
-        vec, bias = host.item_vectors(rows_tensor(need_rows, dev), grad_rows, drop, cooc=False)
-        u = self._user_states(episodes, targets, vec, col)
-        rows = net.log_scale.exp() * (u @ vec[cand_cols].T) + bias[cand_cols]
-        return logits.index_put((rows_tensor(list(blind), dev),), rows.to(logits.dtype))
 
     def _lookahead(
         self,

@@ -100,25 +100,33 @@ def test_cooccurrence_features_enter_item_vectors_and_replays_are_scored_without
     map learned from zero; a replayed target (whose own event is in the counts) is scored
     with the factors left out, history and candidates alike."""
     m = model(cooc_rank=4, replay_per_step=8)
-    blind: list[bool] = []  # per call: did the replayed rows' logits change?
-    original = m.trainer._blind_logits
+    # Per user pass: were its targets replayed, the item vectors its history read, and the
+    # co-occurrence part of those vectors at the time.
+    calls: list[tuple[bool, torch.Tensor, torch.Tensor]] = []
+    original = m.trainer._states_of
 
-    def spy(logits: torch.Tensor, rows: list[int], *args: object) -> torch.Tensor:
-        out = original(logits, rows, *args)  # type: ignore[arg-type]
-        others = [k for k in range(len(logits)) if k not in rows]
-        assert torch.equal(out[others], logits[others])  # fresh targets keep their logits
-        blind.append(not torch.equal(out[rows], logits[rows]))
-        return out
+    def spy(episodes: list, targets: list, vec: torch.Tensor, col: dict[int, int]) -> torch.Tensor:
+        kinds = {t.replayed for _, t in targets}
+        assert len(kinds) == 1  # fresh and replayed targets never share a pass
+        part = m.cooc_part(torch.tensor(sorted(col, key=col.__getitem__)))
+        assert part is not None
+        calls.append((kinds.pop(), vec.detach().clone(), part.detach().clone()))
+        return original(episodes, targets, vec, col)
 
-    m.trainer._blind_logits = spy  # type: ignore[method-assign]
+    m.trainer._states_of = spy  # type: ignore[method-assign]
     events = walk_events(40, 6, 6)
     for b in range(0, len(events), 6):
         m.learn(events[b : b + 6])
     assert m.cooc is not None and m.cooc.refits > 0
     assert np.any(m.cooc.features)
     assert m.net.cooc is not None and m.net.cooc.weight.detach().abs().sum() > 0
-    # Once the map has moved off zero, leaving the factors out changes a replayed row's scores.
-    assert blind and blind[-1]
+    # In a step with both, the replayed targets' pass reads the vectors less exactly the
+    # co-occurrence part (non-zero once the map moved off zero); the fresh ones keep it.
+    pairs = [(a, b) for a, b in zip(calls, calls[1:], strict=False) if not a[0] and b[0]]
+    assert pairs
+    (_, fresh, part), (_, blind, _) = pairs[-1]
+    assert part.abs().sum() > 0
+    np.testing.assert_allclose((fresh - blind).numpy(), part.numpy(), atol=1e-6)
     vec = m.user_vector("u0")
     assert vec is not None
     np.testing.assert_allclose(m.predict("u0"), m.item_matrix() @ vec, rtol=1e-5)
