@@ -527,7 +527,8 @@ class Trainer:
         seen = set(blind)
         order: list[int] = []
         parts = []
-        for idx, table in (([i for i in range(len(targets)) if i not in seen], vec), (list(blind), blind_vec)):
+        fresh = [i for i in range(len(targets)) if i not in seen]
+        for idx, table in ((fresh, vec), (list(blind), blind_vec)):
             if not idx:
                 continue
             eps = sorted({targets[i][0] for i in idx})

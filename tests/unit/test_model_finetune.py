@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import replace
@@ -122,7 +123,7 @@ def test_cooccurrence_features_enter_item_vectors_and_replays_are_scored_without
     assert m.net.cooc is not None and m.net.cooc.weight.detach().abs().sum() > 0
     # In a step with both, the replayed targets' pass reads the vectors less exactly the
     # co-occurrence part (non-zero once the map moved off zero); the fresh ones keep it.
-    pairs = [(a, b) for a, b in zip(calls, calls[1:], strict=False) if not a[0] and b[0]]
+    pairs = [(a, b) for a, b in itertools.pairwise(calls) if not a[0] and b[0]]
     assert pairs
     (_, fresh, part), (_, blind, _) = pairs[-1]
     assert part.abs().sum() > 0
