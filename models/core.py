@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -54,6 +54,9 @@ class ModelSnapshot:
     item_vectors: np.ndarray  # (len(item_ids), dim), aligned with item_ids
     metrics: Mapping[str, float] = field(default_factory=dict)
     weights: bytes | None = None  # serialised trainable state, when the model has any
+    # A version whose weights these need besides their own (they carry only what was added
+    # since it: the co-occurrence pairs of `models.finetune`); None when they stand alone.
+    weights_base: str | None = None
     prior: np.ndarray | None = None  # the vector of a user the model knows nothing of, if it has one
 
 
@@ -84,7 +87,9 @@ class TrainableWeights(Protocol):
 
     def weights(self) -> bytes: ...
 
-    def load_weights(self, blob: bytes) -> None: ...
+    def load_weights(self, blob: bytes, base: Callable[[str], bytes | None] | None = None) -> None:
+        """Adopt `blob`; `base(version)` gives another version's weights (None: not available)
+        when these build on them (`ModelSnapshot.weights_base`)."""
 
 
 @runtime_checkable

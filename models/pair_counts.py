@@ -70,6 +70,27 @@ class PairCounts:
             self._cols += [item] * k + partners
             self.pairs += k
 
+    def add_counts(self, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> None:
+        """Add `counts` at (rows, cols) and (cols, rows) at once: counts restored from a
+        checkpoint, or many pairs. Rows and columns must be within `size`."""
+        self.flush()
+        if len(rows) == 0:
+            return
+        r = np.concatenate([rows, cols]).astype(np.int64)
+        c = np.concatenate([cols, rows]).astype(np.int64)
+        w = np.concatenate([counts, counts]).astype(np.float32)
+        if self.dense is not None:
+            np.add.at(self.dense, (r, c), w)
+        elif self.csr is not None:
+            self.csr = (self.csr + sparse.csr_matrix((w, (r, c)), shape=self.csr.shape)).tocsr()
+        self.pairs += round(float(counts.sum()))
+
+    def upper(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The merged counts' upper triangle as (rows, cols, counts): all of a symmetric matrix."""
+        self.flush()
+        m = sparse.triu(sparse.csr_matrix(self.matrix), k=1).tocoo()
+        return m.row.astype(np.int32), m.col.astype(np.int32), m.data.astype(np.float32)
+
     def pending(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) of the pairs not merged yet, both directions."""
         return np.asarray(self._rows, dtype=np.int64), np.asarray(self._cols, dtype=np.int64)

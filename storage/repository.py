@@ -290,6 +290,16 @@ class VectorStore:
             ).first()
         return None if row is None else PublishedWeights(row[0], bytes(row[1]), row[2])
 
+    def weights_of(self, version: str) -> PublishedWeights | None:
+        """The weights of one version, as stored (None: no such version, or its weights were dropped)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(ModelVersion.model_version, ModelVersion.weights, ModelVersion.weights_sha256).where(
+                    ModelVersion.model_version == version, ModelVersion.weights.is_not(None)
+                )
+            ).first()
+        return None if row is None else PublishedWeights(row[0], bytes(row[1]), row[2])
+
     def load_catalog(self) -> list[Item]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(CatalogItem.item_id, CatalogItem.text, CatalogItem.attrs)).all()
@@ -356,6 +366,7 @@ class VectorStore:
                 weights=snapshot.weights,
                 # What a worker checks before loading these weights (models.weights_io.verify).
                 weights_sha256=None if snapshot.weights is None else _sha256(snapshot.weights),
+                weights_base=snapshot.weights_base,
                 prior_vector=snapshot.prior,
             )
             conn.execute(stmt.on_conflict_do_nothing(index_elements=[ModelVersion.model_version]))
@@ -486,19 +497,24 @@ class VectorStore:
         role, `istream explain`); the others are kept for an operator's rollback. A trainer
         publishes every few seconds while it learns, about 1.2 MB for ML-100K's catalog each
         time: without this, `model_versions` grows by gigabytes a day. The row stays (lineage,
-        config, metrics, prior), and so do the item vectors that user rows still need.
+        config, metrics, prior), and so do the item vectors that user rows still need. So do
+        the weights a kept version builds on (`weights_base`: its co-occurrence checkpoint).
         """
         return conn.execute(
             text(
                 """
-                UPDATE model_versions m SET weights = NULL, weights_sha256 = NULL
-                FROM (
-                    SELECT model_version, row_number() OVER (
+                WITH r AS (
+                    SELECT model_version, weights_base, row_number() OVER (
                         PARTITION BY config->>'model' ORDER BY created_at DESC, model_version DESC
                     ) AS newest
                     FROM model_versions WHERE weights IS NOT NULL
-                ) r
+                )
+                UPDATE model_versions m SET weights = NULL, weights_sha256 = NULL
+                FROM r
                 WHERE m.model_version = r.model_version AND r.newest > :keep
+                  AND m.model_version NOT IN (
+                      SELECT weights_base FROM r WHERE r.newest <= :keep AND weights_base IS NOT NULL
+                  )
                 """
             ),
             {"keep": keep},

@@ -68,6 +68,8 @@ class ModelVersion(Base):
     weights: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Hex SHA-256 of `weights`, written at publish and checked before a worker loads them (0003).
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    # A version whose weights these build on (a co-occurrence checkpoint), loaded with them (0006).
+    weights_base: Mapped[str | None] = mapped_column(String(200))
     # What the version serves a user it knows nothing of; NULL when its model has no prior (0004).
     prior_vector: Mapped[Any] = mapped_column(Embedding(), nullable=True)
 

@@ -216,6 +216,19 @@ class BatchProcessor:
         texts = None if items is None else {item_text(i.text, i.attrs) for i in items}
         persist_encodings(self.store.engine, encoder, texts)
 
+    def _verified_weights(self, version: str) -> bytes | None:
+        """Another version's weights, for weights that build on them; None when they are gone or
+        fail their checksum (logged: the model then goes on without them)."""
+        saved = self.store.weights_of(version)
+        if saved is None:
+            return None
+        try:
+            weights_io.verify(saved.weights, saved.sha256)
+        except WeightsRejected as exc:
+            log.error("refused the weights of model version %s (%s: %s)", version, exc.kind, exc.reason)
+            return None
+        return saved.weights
+
     def restore_weights(self) -> None:
         """Load the newest published weights of this model, when it has trainable state.
 
@@ -231,7 +244,7 @@ class BatchProcessor:
             return
         try:
             weights_io.verify(saved.weights, saved.sha256)
-            self.model.load_weights(saved.weights)
+            self.model.load_weights(saved.weights, self._verified_weights)
         except WeightsRejected as exc:
             self.refused_weights[saved.version] = exc.reason
             log.error(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -90,6 +90,10 @@ class FineTunedModel(InterestModel):
         self.cooc: CoOccurrence | None = None
         if o.cooc_rank > 0:
             self.cooc = CoOccurrence(o.cooc_rank, seed=o.seed)
+        # The version whose weights hold the co-occurrence checkpoint that later versions' pairs
+        # add to, and whether the next weights packed are a checkpoint themselves.
+        self._cooc_base: str | None = None
+        self._cooc_checkpoint = True
         self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
         # The popularity clock: events seen, the count at the current timestamp's first event,
         # the clock the counts are decayed to, and the current timestamp.
@@ -658,13 +662,92 @@ class FineTunedModel(InterestModel):
         dp = self.trainer.dp
         # DP: the accountant's counts (no user ids) and the counts' noise floor travel with the
         # weights, so a restart goes on from the published state.
-        extra = None
+        extra: dict[str, Any] = {}
         if dp is not None:
             extra = {"dp": dp.checkpoint(), "dp_pop_var": torch.from_numpy(self._dp_pop_var.copy())}
+        if self.cooc is not None:
+            extra.update(self._cooc_entries())
         return pack_weights(self.net, self.catalog.ids, self.config(), self._pop, extra)
 
-    def load_weights(self, blob: bytes) -> None:
-        """Restore weights published earlier (rows matched by item id; unknown items keep zeros)."""
+    def _cooc_entries(self) -> dict[str, Any]:
+        """The co-occurrence state a restart goes on from: users per item and the factors, and
+        either all the counts (a checkpoint) or the pairs since the checkpoint they add to."""
+        cooc = self.cooc
+        assert cooc is not None
+        n = len(self.catalog)
+        out: dict[str, Any] = {
+            "cooc_users": torch.from_numpy(cooc.counts.n[:n].astype(np.float32)),
+            "cooc_factors": torch.from_numpy(cooc.factors[:n].astype(np.float32)),
+        }
+        if self._cooc_checkpoint:
+            rows, cols, counts = cooc.checkpoint()
+            out["cooc_counts"] = torch.from_numpy(np.stack([rows, cols], 1))
+            out["cooc_counts_n"] = torch.from_numpy(counts)
+        else:
+            out["cooc_pairs"] = torch.from_numpy(cooc.pairs_since())
+            out["cooc_base"] = self._cooc_base
+        return out
+
+    def weights_base(self) -> str | None:
+        """The version whose weights these weights need besides their own (the co-occurrence
+        checkpoint their pairs add to); None when they stand alone."""
+        return None if self.cooc is None or self._cooc_checkpoint else self._cooc_base
+
+    def _restore_cooc(self, saved: Mapping[str, Any], base: Callable[[str], bytes | None] | None) -> None:
+        """Co-occurrence state from saved weights (rows matched by item id); the checkpoint
+        their pairs add to comes from `base` (version -> that version's weights)."""
+        cooc = self.cooc
+        assert cooc is not None
+        rows = self._saved_rows(saved["item_ids"])
+        known = rows >= 0
+        n = len(self.catalog)
+        users = np.zeros(n)
+        users[rows[known]] = saved["cooc_users"].cpu().numpy()[known]
+        factors = np.zeros((n, cooc.rank))
+        factors[rows[known]] = saved["cooc_factors"].cpu().numpy()[known]
+
+        def mapped(pairs: np.ndarray, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            r, c = row_of[pairs[:, 0]], row_of[pairs[:, 1]]
+            keep = (r >= 0) & (c >= 0)
+            return np.stack([r[keep], c[keep]], 1), keep
+
+        counts = None
+        since = np.zeros((0, 2), dtype=np.int64)
+        if "cooc_counts" in saved:
+            pairs, keep = mapped(saved["cooc_counts"].cpu().numpy(), rows)
+            counts = (pairs[:, 0], pairs[:, 1], saved["cooc_counts_n"].cpu().numpy()[keep])
+            self._cooc_checkpoint = True
+        else:
+            since, _ = mapped(saved["cooc_pairs"].cpu().numpy(), rows)
+            self._cooc_base = saved.get("cooc_base")
+            self._cooc_checkpoint = False
+            blob = base(self._cooc_base) if base is not None and self._cooc_base else None
+            if blob is None and base is not None:  # without `base` the caller will not train
+                log.warning(
+                    "the co-occurrence counts of version %s are not available: counting goes on "
+                    "from the %d pairs since them",
+                    self._cooc_base,
+                    len(since),
+                )
+            elif blob is not None:
+                other = unpack_weights(blob, self.device)
+                pairs, keep = mapped(other["cooc_counts"].cpu().numpy(), self._saved_rows(other["item_ids"]))
+                counts = (pairs[:, 0], pairs[:, 1], other["cooc_counts_n"].cpu().numpy()[keep])
+        cooc.restore(users, factors, counts, since)
+
+    def _saved_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """This catalog's row of each saved item id (-1: not in this catalog)."""
+        n = len(self.catalog)
+        out = np.full(len(ids), -1, dtype=np.int64)
+        for j, item_id in enumerate(ids):
+            row = self.catalog.row(item_id)
+            if row is not None and row < n:
+                out[j] = row
+        return out
+
+    def load_weights(self, blob: bytes, base: Callable[[str], bytes | None] | None = None) -> None:
+        """Restore weights published earlier (rows matched by item id; unknown items keep zeros).
+        `base` gives the weights of another version, when these need them (`weights_base`)."""
         saved = unpack_weights(blob, self.device)
         state = dict(saved["net"])
         ids = saved["item_ids"]
@@ -688,6 +771,8 @@ class FineTunedModel(InterestModel):
             dp.restore(saved["dp"])
             if "dp_pop_var" in saved:
                 self._dp_pop_var = saved["dp_pop_var"].cpu().numpy().astype(np.float64)
+        if self.cooc is not None and "cooc_factors" in saved:
+            self._restore_cooc(saved, base)
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)
@@ -708,13 +793,17 @@ class FineTunedModel(InterestModel):
             self._dp_release_counts()
             if self.cooc is not None:
                 self.cooc.refit()
+                self._cooc_checkpoint = self.versions.publishes % self.opts.cooc_checkpoint_every == 0
         self.refresh_items(full_tower=full)
         blob = self.weights()
+        needs = self.weights_base()
+        version = version_id(self.spec, blob, self.encoder.version)
+        if self.cooc is not None and self._cooc_checkpoint:
+            # Later versions' pairs add to this one's counts (a restored delta stays a delta).
+            self._cooc_base, self._cooc_checkpoint = version, False
         trainer = self.trainer
         trainer.steps_since_publish = 0
-        previous = self.versions.publish(
-            self.net, self._live_aug, version_id(self.spec, blob, self.encoder.version), initial=initial
-        )
+        previous = self.versions.publish(self.net, self._live_aug, version, initial=initial)
         if trainer.good_state is None or self.versions.publishes % self.opts.good_state_every == 0:
             trainer.good_state = trainer.capture()
         if initial or previous is None:
@@ -722,12 +811,14 @@ class FineTunedModel(InterestModel):
         metrics = {"batches": float(self.batches), "rollbacks": float(trainer.rollbacks)}
         if math.isfinite(self.learned_through):
             metrics["learned_through_ts"] = self.learned_through
-        return self._snapshot(blob, {**metrics, **self.privacy_state()})
+        return self._snapshot(blob, needs, {**metrics, **self.privacy_state()})
 
     def snapshot(self) -> ModelSnapshot:
-        return self._snapshot(self.weights())
+        return self._snapshot(self.weights(), self.weights_base())
 
-    def _snapshot(self, blob: bytes, metrics: Mapping[str, float] | None = None) -> ModelSnapshot:
+    def _snapshot(
+        self, blob: bytes, weights_base: str | None, metrics: Mapping[str, float] | None = None
+    ) -> ModelSnapshot:
         """The published version as a snapshot: its item vectors and these weights."""
         return ModelSnapshot(
             version=self.versions.version,
@@ -737,6 +828,7 @@ class FineTunedModel(InterestModel):
             item_vectors=self.versions.item_aug.copy(),
             metrics=dict(metrics or {}),
             weights=blob,
+            weights_base=weights_base,
             prior=self.prior_vector(),
         )
 

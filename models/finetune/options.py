@@ -94,6 +94,9 @@ class FineTuneOptions:
     # on both shared sets at 32 (docs/model.md) but its counts are not yet part of the published
     # weights, so a restarted worker would start counting again.
     cooc_rank: int = 0
+    # Publishes between versions whose weights carry all the co-occurrence counts; the versions
+    # between carry the pairs since (docs/model.md, "Item co-occurrence factors").
+    cooc_checkpoint_every: int = 10
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.
     rollback_threshold: float = 0.5

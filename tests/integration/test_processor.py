@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -226,7 +227,7 @@ class TrainableFake(DecayedMeanModel):
     def weights(self) -> bytes:
         return str(self.step).encode()
 
-    def load_weights(self, weights: bytes) -> None:
+    def load_weights(self, weights: bytes, base: Callable[[str], bytes | None] | None = None) -> None:
         self.step = int(weights)
 
 

@@ -138,6 +138,39 @@ def test_cooccurrence_features_enter_item_vectors_and_replays_are_scored_without
         model(cooc_rank=4, dp_noise_multiplier=1.0)
 
 
+def test_cooccurrence_counts_travel_with_the_weights() -> None:
+    """A restart goes on counting from the published version: every few versions' weights carry
+    all the counts, the others the pairs since and the version that has them (`weights_base`)."""
+    a = model(cooc_rank=4, cooc_checkpoint_every=3)
+    published: dict[str, tuple[bytes, str | None, np.ndarray]] = {}
+    events = walk_events(40, 6, 8)
+    for b in range(0, len(events), 6):
+        snap = a.learn(events[b : b + 6]).snapshot
+        if snap is not None and snap.weights is not None:
+            assert a.cooc is not None
+            a.cooc.counts.flush()
+            published[snap.version] = (snap.weights, snap.weights_base, np.array(a.cooc.counts.matrix))
+    checkpoints = [v for v, (_, base, _) in published.items() if base is None]
+    deltas = [v for v, (_, base, _) in published.items() if base is not None]
+    assert checkpoints and deltas
+    weights_of = {v: w for v, (w, _, _) in published.items()}.get
+    for version in (checkpoints[-1], deltas[-1]):
+        blob, base, counts = published[version]
+        assert counts.sum() > 0
+        b = model(cooc_rank=4, cooc_checkpoint_every=3)
+        b.load_weights(blob, weights_of)
+        assert b.model_version == version  # the same bytes again: the worker reports the version it loaded
+        assert b.cooc is not None
+        np.testing.assert_array_equal(b.cooc.counts.matrix, counts)
+        assert b.weights_base() == (base or version)  # a snapshot of it now adds to its checkpoint
+    # The checkpoint gone (or a caller that will not train, like `istream explain`): the pairs since.
+    blob, base, counts = published[deltas[-1]]
+    c = model(cooc_rank=4, cooc_checkpoint_every=3)
+    c.load_weights(blob, lambda v: None)
+    assert c.cooc is not None and 0 < c.cooc.counts.matrix.sum() < counts.sum()
+    np.testing.assert_allclose(c.item_matrix(), b.item_matrix(), rtol=1e-5, atol=1e-6)  # factors came along
+
+
 def test_scores_are_the_published_inner_product() -> None:
     m = model()
     m.learn(walk_events(40, 6, 3))

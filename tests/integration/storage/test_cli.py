@@ -35,7 +35,7 @@ def test_maintenance_commands(new_database: Callable[[], str]) -> None:
         and early.stderr.strip() == "istream: schema is at nothing: run `istream db upgrade` first"
     )
     migrated = istream(url, "db", "upgrade")
-    assert migrated.stdout.strip() == f"schema at revision 0005 (pgvector vectors, {DIM} dimensions)"
+    assert migrated.stdout.strip() == f"schema at revision 0006 (pgvector vectors, {DIM} dimensions)"
     engine = make_engine(url)
     store = VectorStore(engine)
     assert store.dim == DIM  # ISTREAM_VECTOR_DIM reached the migration

@@ -15,7 +15,7 @@ from tests.integration.storage.conftest import DIM, update
 
 pytestmark = pytest.mark.integration
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 def _column_type(conn, table: str) -> str:  # type: ignore[no-untyped-def]
