@@ -146,6 +146,29 @@ def test_prune_drops_all_but_the_newest_weights_of_each_model(store: VectorStore
     assert store.prune(RetentionPolicy(keep_versions=10)).weights_dropped == 0
 
 
+def test_prune_keeps_the_weights_a_kept_version_builds_on(store: VectorStore, engine: Engine) -> None:
+    """A version whose weights carry only what was added since a checkpoint names it
+    (`weights_base`): the checkpoint's weights stay while such a version keeps its own."""
+    with engine.begin() as conn:
+        for k in range(6):
+            conn.execute(
+                text(
+                    "INSERT INTO model_versions (model_version, base_model, config, weights, "
+                    "weights_sha256, weights_base, created_at) VALUES (:v, 'b', '{\"model\": \"adapter\"}', "
+                    ":w, 'x', :base, now() - make_interval(mins => :age))"
+                ),
+                # v0 and v3 are checkpoints; v1, v2 build on v0 and v4, v5 on v3.
+                {"v": f"v{k}", "w": b"w" * 64, "base": None if k % 3 == 0 else f"v{k - k % 3}", "age": 6 - k},
+            )
+    assert store.prune(RetentionPolicy(keep_versions=2)).weights_dropped == 3  # v0, v1, v2
+    with engine.connect() as conn:
+        kept = conn.execute(text("SELECT model_version FROM model_versions WHERE weights IS NOT NULL"))
+        assert sorted(kept.scalars()) == ["v3", "v4", "v5"]
+    base = store.weights_of("v3")
+    assert base is not None and base.weights == b"w" * 64
+    assert store.weights_of("v0") is None and store.weights_of("nope") is None
+
+
 def _rows_mentioning(engine: Engine, needle: str) -> dict[str, int]:
     with engine.connect() as conn:
         tables = conn.execute(
