@@ -117,6 +117,7 @@ def model_options(settings: Settings) -> dict[str, object]:
             blocks=settings.model_blocks,
             lookahead_targets=settings.model_lookahead,
             id_dropout=settings.model_id_dropout,
+            cooc_rank=settings.model_cooc_rank,
             replay_size=settings.model_replay_size,
             publish_every_steps=settings.model_publish_every_steps,
             publish_every_s=settings.model_publish_every_s,

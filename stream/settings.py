@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # Each training step hides the id residual and bias of this fraction of the catalog's rows
     # (DropoutNet): the text path learns to rank items on its own (0 = off).
     model_id_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Rank of the item co-occurrence factors in the item vectors (0 = none); unset: 32, or 0
+    # under DP, whose guarantee the counts would not keep.
+    model_cooc_rank: int | None = Field(default=None, ge=0)
     # The user encoder: 0 = one attention read-out, k = k causal self-attention blocks.
     model_blocks: int = Field(default=0, ge=0)
     # ADWIN on the prequential loss (models/finetune/drift.py): learning-rate boost on a global

@@ -78,7 +78,7 @@ class FineTunedModel(InterestModel):
             blocks=o.blocks,
             heads=o.heads,
             id_evidence=o.id_evidence_events,
-            cooc_rank=o.cooc_rank,
+            cooc_rank=o.cooc_rank or 0,
         )
         with torch.no_grad():
             self.net.log_scale.fill_(math.log(o.init_scale))
@@ -88,7 +88,7 @@ class FineTunedModel(InterestModel):
         self.profiles: dict[str, str] = {}
         self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
         self.cooc: CoOccurrence | None = None
-        if o.cooc_rank > 0:
+        if o.cooc_rank:
             self.cooc = CoOccurrence(o.cooc_rank, seed=o.seed)
         # The version whose weights hold the co-occurrence checkpoint that later versions' pairs
         # add to, and whether the next weights packed are a checkpoint themselves.

@@ -7,6 +7,14 @@ from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any
 
+COOC_RANK = 32  # the co-occurrence factors' rank unless set (0 under DP)
+
+
+def _check_whole(name: str, value: object, least: int) -> None:
+    # JSON from --opt may be anything, and a bool is an int to isinstance.
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+
 
 @dataclass
 class FineTuneOptions:
@@ -89,11 +97,10 @@ class FineTuneOptions:
     # (they are the cold-start prior, learned from each event's own state).
     lookahead_targets: int = 2
     lookahead_weight: float = 0.5
-    # Rank of the item co-occurrence factors added to item vectors through a learned map (0 = none;
-    # `models.finetune.cooccurrence`), refitted at every publish. A research option, off: it won
-    # on both shared sets at 32 (docs/model.md) but its counts are not yet part of the published
-    # weights, so a restarted worker would start counting again.
-    cooc_rank: int = 0
+    # Rank of the item co-occurrence factors added to item vectors through a learned map
+    # (`models.finetune.cooccurrence`), refitted at every publish; 0 = none. Unset: 32, or 0
+    # under DP (the counts are not privatised). It won on both shared sets (docs/model.md).
+    cooc_rank: int | None = None
     # Publishes between versions whose weights carry all the co-occurrence counts; the versions
     # between carry the pairs since (docs/model.md, "Item co-occurrence factors").
     cooc_checkpoint_every: int = 10
@@ -152,9 +159,12 @@ class FineTuneOptions:
             raise ValueError(f"budget_unit must be 'positives' or 'events', got {self.budget_unit!r}")
         if not 0.0 <= self.id_dropout <= 1.0:  # a fraction of the rows (1: no id row trains)
             raise ValueError(f"id_dropout must be in [0, 1], got {self.id_dropout!r}")
-        if not isinstance(self.cooc_rank, int) or self.cooc_rank < 0:  # JSON from --opt may be anything
-            raise ValueError(f"cooc_rank must be a whole number >= 0, got {self.cooc_rank!r}")
-        if self.cooc_rank and (self.dp_epsilon is not None or self.dp_noise_multiplier is not None):
+        dp = self.dp_epsilon is not None or self.dp_noise_multiplier is not None
+        if self.cooc_rank is None:
+            self.cooc_rank = 0 if dp else COOC_RANK
+        _check_whole("cooc_rank", self.cooc_rank, 0)
+        _check_whole("cooc_checkpoint_every", self.cooc_checkpoint_every, 1)
+        if self.cooc_rank and dp:
             # The counts would carry each user's pairs unprotected into every published vector.
             raise ValueError("cooc_rank needs differential privacy off: its counts are not privatised")
 

@@ -136,6 +136,13 @@ def test_cooccurrence_features_enter_item_vectors_and_replays_are_scored_without
             model(cooc_rank=bad)
     with pytest.raises(ValueError, match="privacy"):
         model(cooc_rank=4, dp_noise_multiplier=1.0)
+    # Unset: on at rank 32, off under DP.
+    default = model()
+    assert default.cooc is not None and default.cooc.rank == 32 and default.config()["cooc_rank"] == 32
+    assert model(dp_noise_multiplier=1.0).cooc is None
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="cooc_checkpoint_every"):
+            model(cooc_checkpoint_every=bad)
 
 
 def test_cooccurrence_counts_travel_with_the_weights() -> None:
