@@ -229,7 +229,7 @@ class BatchProcessor:
             return None
         return saved.weights
 
-    def restore_weights(self) -> None:
+    def restore_weights(self, again: bool = False) -> None:
         """Load the newest published weights of this model, when it has trainable state.
 
         Such models are `TrainableWeights` (`load_weights` takes the bytes their snapshots carry) and
@@ -240,7 +240,9 @@ class BatchProcessor:
         if not isinstance(self.model, TrainableWeights):
             return
         saved = self.store.latest_weights(str(self.model.config().get("model", self.model.name)))
-        if saved is None or saved.version in (self.model.model_version, *self.refused_weights):
+        if saved is None or saved.version in self.refused_weights:
+            return
+        if saved.version == self.model.model_version and not again:
             return
         try:
             weights_io.verify(saved.weights, saved.sha256)
@@ -277,10 +279,12 @@ class BatchProcessor:
         trainable parameters honour `InterestModel.train_shared`.
         """
         holds = self._trainer_lock(wanted)
-        if holds and not self.trainer:
-            self.restore_weights()
-        self.trainer = holds
         self.model.train_shared = holds
+        if holds and not self.trainer:
+            # Again even when it is the version we follow: a follower loads only what serving
+            # needs, a trainer also what training goes on from (the co-occurrence counts).
+            self.restore_weights(again=True)
+        self.trainer = holds
 
     def _trainer_lock(self, wanted: bool) -> bool:
         if not wanted:

@@ -721,8 +721,10 @@ class FineTunedModel(InterestModel):
             since, _ = mapped(saved["cooc_pairs"].cpu().numpy(), rows)
             self._cooc_base = saved.get("cooc_base")
             self._cooc_checkpoint = False
-            blob = base(self._cooc_base) if base is not None and self._cooc_base else None
-            if blob is None and base is not None:  # without `base` the caller will not train
+            # A follower (`train_shared` False) serves the factors and counts nothing it publishes.
+            fetch = base if self.train_shared else None
+            blob = fetch(self._cooc_base) if fetch is not None and self._cooc_base else None
+            if blob is None and fetch is not None:  # without it the caller will not train
                 log.warning(
                     "the co-occurrence counts of version %s are not available: counting goes on "
                     "from the %d pairs since them",

@@ -176,6 +176,13 @@ def test_cooccurrence_counts_travel_with_the_weights() -> None:
     c.load_weights(blob, lambda v: None)
     assert c.cooc is not None and 0 < c.cooc.counts.matrix.sum() < counts.sum()
     np.testing.assert_allclose(c.item_matrix(), b.item_matrix(), rtol=1e-5, atol=1e-6)  # factors came along
+    # A scale-out follower serves the factors and fetches no checkpoint (one per adopted version).
+    asked: list[str] = []
+    f = model(cooc_rank=4, cooc_checkpoint_every=3)
+    f.train_shared = False
+    f.load_weights(blob, lambda v: asked.append(v))
+    assert not asked
+    np.testing.assert_allclose(f.item_matrix(), b.item_matrix(), rtol=1e-5, atol=1e-6)
 
 
 def test_scores_are_the_published_inner_product() -> None:
