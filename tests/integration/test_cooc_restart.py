@@ -14,32 +14,14 @@ import pytest
 from sqlalchemy import text
 
 from models.finetune import FineTunedModel
-from storage.db import make_engine
-from storage.repository import VectorStore
 from stream.processor import BatchProcessor
-from stream.schema import Limits
-from tests.fakes import HashEncoder
-from tests.integration.test_weights_safety import DIM, TOPICS, clicks, db_url, items  # noqa: F401
+from tests.integration.test_weights_safety import clicks, db_url, items, processor  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 
 def worker(db_url: str) -> BatchProcessor:  # noqa: F811
-    model = FineTunedModel(
-        HashEncoder(24),
-        "adapter",
-        dim=DIM,
-        history=8,
-        seed=0,
-        publish_every_steps=1,
-        events_per_step=1,
-        budget_unit="events",
-        cooc_rank=4,
-        cooc_checkpoint_every=3,
-    )
-    proc = BatchProcessor(model, VectorStore(make_engine(db_url), group_id="g"), TOPICS, Limits(), "hash")
-    proc.restore()
-    return proc
+    return processor(db_url, cooc_rank=4, cooc_checkpoint_every=3)
 
 
 def counts(proc: BatchProcessor) -> np.ndarray:

@@ -42,7 +42,7 @@ def db_url(empty_db_url: str) -> str:
     return empty_db_url
 
 
-def processor(db_url: str, metrics: WorkerMetrics | None = None) -> BatchProcessor:
+def processor(db_url: str, metrics: WorkerMetrics | None = None, **options: Any) -> BatchProcessor:
     model = FineTunedModel(
         HashEncoder(24),
         "adapter",
@@ -52,6 +52,7 @@ def processor(db_url: str, metrics: WorkerMetrics | None = None) -> BatchProcess
         publish_every_steps=1,
         events_per_step=1,
         budget_unit="events",  # every batch a step (its clicks wrap round to items already had)
+        **options,
     )
     proc = BatchProcessor(
         model,
