@@ -20,3 +20,12 @@ def test_runtime_builds_the_configured_strategy() -> None:
     m = build_interest_model(s, HashEncoder(16))  # type: ignore[arg-type]
     assert isinstance(m, FineTunedModel) and m.spec == "adapter"
     assert m.opts.dim == 8 and m.opts.publish_every_steps == 7 and m.dim == 9
+
+
+def test_the_cooccurrence_rank_setting_reaches_the_model() -> None:
+    """ISTREAM_MODEL_COOC_RANK: unset, 32 (0 under DP); 0 turns the factors off."""
+    for rank, dp, want in ((None, None, 32), (0, None, 0), (8, None, 8), (None, 1.0, 0)):
+        s = Settings(model="adapter", model_dim=8, model_cooc_rank=rank, dp_noise_multiplier=dp, device="cpu")
+        m = build_interest_model(s, HashEncoder(16))  # type: ignore[arg-type]
+        assert isinstance(m, FineTunedModel) and m.opts.cooc_rank == want
+        assert (m.cooc is not None) == bool(want)
