@@ -94,6 +94,7 @@ class FineTunedModel(InterestModel):
         # add to, and whether the next weights packed are a checkpoint themselves.
         self._cooc_base: str | None = None
         self._cooc_checkpoint = True
+        self._published_weights: tuple[bytes, str | None] = (b"", None)  # set by every publish
         self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
         # The popularity clock: events seen, the count at the current timestamp's first event,
         # the clock the counts are decayed to, and the current timestamp.
@@ -803,6 +804,10 @@ class FineTunedModel(InterestModel):
         if self.cooc is not None and self._cooc_checkpoint:
             # Later versions' pairs add to this one's counts (a restored delta stays a delta).
             self._cooc_base, self._cooc_checkpoint = version, False
+        # What a snapshot of this version carries: the very bytes its id digests. (Packed again
+        # later, a version that is a co-occurrence checkpoint would carry the pairs since it
+        # instead, and name itself as the checkpoint.)
+        self._published_weights = (blob, needs)
         trainer = self.trainer
         trainer.steps_since_publish = 0
         previous = self.versions.publish(self.net, self._live_aug, version, initial=initial)
@@ -816,7 +821,7 @@ class FineTunedModel(InterestModel):
         return self._snapshot(blob, needs, {**metrics, **self.privacy_state()})
 
     def snapshot(self) -> ModelSnapshot:
-        return self._snapshot(self.weights(), self.weights_base())
+        return self._snapshot(*self._published_weights)
 
     def _snapshot(
         self, blob: bytes, weights_base: str | None, metrics: Mapping[str, float] | None = None

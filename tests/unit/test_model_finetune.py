@@ -14,6 +14,7 @@ import torch
 from models.core import InterestModel
 from models.events import Event, Item, UserProfile
 from models.finetune import FineTunedModel, profile_text
+from models.finetune.versions import version_id
 from models.registry import available, build_model
 from tests.fakes import HashEncoder
 
@@ -149,6 +150,12 @@ def test_cooccurrence_counts_travel_with_the_weights() -> None:
     """A restart goes on counting from the published version: every few versions' weights carry
     all the counts, the others the pairs since and the version that has them (`weights_base`)."""
     a = model(cooc_rank=4, cooc_checkpoint_every=3)
+    # The version a worker registers before its first publish (`ensure_published`): a checkpoint,
+    # its snapshot the very bytes its id digests (a worker that stopped before publishing again
+    # once wrote a blob naming itself as its checkpoint, and the next start failed to load it).
+    first = a.snapshot()
+    assert first.weights is not None and first.weights_base is None
+    assert version_id(a.spec, first.weights, a.encoder.version) == first.version
     published: dict[str, tuple[bytes, str | None, np.ndarray]] = {}
     events = walk_events(40, 6, 8)
     for b in range(0, len(events), 6):
@@ -157,6 +164,8 @@ def test_cooccurrence_counts_travel_with_the_weights() -> None:
             assert a.cooc is not None
             a.cooc.counts.flush()
             published[snap.version] = (snap.weights, snap.weights_base, np.array(a.cooc.counts.matrix))
+    snap = a.snapshot()
+    assert snap.weights is not None and version_id(a.spec, snap.weights, a.encoder.version) == snap.version
     checkpoints = [v for v, (_, base, _) in published.items() if base is None]
     deltas = [v for v, (_, base, _) in published.items() if base is not None]
     assert checkpoints and deltas
