@@ -725,17 +725,17 @@ class FineTunedModel(InterestModel):
             # A follower (`train_shared` False) serves the factors and counts nothing it publishes.
             fetch = base if self.train_shared else None
             blob = fetch(self._cooc_base) if fetch is not None and self._cooc_base else None
-            if blob is None and fetch is not None:  # without it the caller will not train
+            other = unpack_weights(blob, self.device) if blob is not None else {}
+            if "cooc_counts" in other:
+                pairs, keep = mapped(other["cooc_counts"].cpu().numpy(), self._saved_rows(other["item_ids"]))
+                counts = (pairs[:, 0], pairs[:, 1], other["cooc_counts_n"].cpu().numpy()[keep])
+            elif fetch is not None:  # without it the caller will not train
                 log.warning(
                     "the co-occurrence counts of version %s are not available: counting goes on "
                     "from the %d pairs since them",
                     self._cooc_base,
                     len(since),
                 )
-            elif blob is not None:
-                other = unpack_weights(blob, self.device)
-                pairs, keep = mapped(other["cooc_counts"].cpu().numpy(), self._saved_rows(other["item_ids"]))
-                counts = (pairs[:, 0], pairs[:, 1], other["cooc_counts_n"].cpu().numpy()[keep])
         cooc.restore(users, factors, counts, since)
 
     def _saved_rows(self, ids: Sequence[str]) -> np.ndarray:

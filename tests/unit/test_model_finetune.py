@@ -184,6 +184,10 @@ def test_cooccurrence_counts_travel_with_the_weights() -> None:
     c = model(cooc_rank=4, cooc_checkpoint_every=3)
     c.load_weights(blob, lambda v: None)
     assert c.cooc is not None and 0 < c.cooc.counts.matrix.sum() < counts.sum()
+    # A base that holds no counts (not a checkpoint): the same, with a warning, never a crash.
+    d = model(cooc_rank=4, cooc_checkpoint_every=3)
+    d.load_weights(blob, lambda v: blob)
+    assert d.cooc is not None and d.cooc.counts.matrix.sum() == c.cooc.counts.matrix.sum()
     np.testing.assert_allclose(c.item_matrix(), b.item_matrix(), rtol=1e-5, atol=1e-6)  # factors came along
     # A scale-out follower serves the factors and fetches no checkpoint (one per adopted version).
     asked: list[str] = []
