@@ -774,7 +774,17 @@ class FineTunedModel(InterestModel):
             dp.restore(saved["dp"])
             if "dp_pop_var" in saved:
                 self._dp_pop_var = saved["dp_pop_var"].cpu().numpy().astype(np.float64)
-        if self.cooc is not None and "cooc_factors" in saved:
+        cooc_map = self.net.cooc.weight.shape if self.net.cooc is not None else None
+        if "cooc.weight" in state and tuple(state["cooc.weight"].shape) != cooc_map:
+            # Weights published at another co-occurrence rank (or with none): the factors and
+            # their map start afresh rather than refuse the rest.
+            log.warning(
+                "co-occurrence rank changed (saved map %s, this model %s): the factors start afresh",
+                tuple(state["cooc.weight"].shape),
+                cooc_map,
+            )
+            state.pop("cooc.weight")
+        elif self.cooc is not None and "cooc_factors" in saved:
             self._restore_cooc(saved, base)
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")

@@ -189,6 +189,16 @@ def test_cooccurrence_counts_travel_with_the_weights() -> None:
     d.load_weights(blob, lambda v: blob)
     assert d.cooc is not None and d.cooc.counts.matrix.sum() == c.cooc.counts.matrix.sum()
     np.testing.assert_allclose(c.item_matrix(), b.item_matrix(), rtol=1e-5, atol=1e-6)  # factors came along
+    # Weights of another rank, or without the factors, or with them into a model without:
+    # loaded, the factors starting afresh (a changed ISTREAM_MODEL_COOC_RANK is no crash).
+    for opts, src in (
+        ({"cooc_rank": 2}, blob),
+        ({"cooc_rank": 0}, blob),
+        ({"cooc_rank": 4}, model(cooc_rank=0).weights()),
+    ):
+        other = model(**opts)
+        other.load_weights(src, weights_of)
+        assert other.cooc is None or not np.any(other.cooc.counts.matrix)
     # A scale-out follower serves the factors and fetches no checkpoint (one per adopted version).
     asked: list[str] = []
     f = model(cooc_rank=4, cooc_checkpoint_every=3)
