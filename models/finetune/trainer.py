@@ -390,7 +390,8 @@ class Trainer:
                 cand_cols = rows_tensor([col[r] for r in cand_rows], dev)
                 cand_bias = bias[cand_cols]
                 logits = scale * (up @ vec[cand_cols].T) + cand_bias
-                blind_pos = [k for k, i in enumerate(pos_idx) if is_blind[i]] if blind else []
+                blind_set = set(blind)
+                blind_pos = [k for k, i in enumerate(pos_idx) if i in blind_set]
                 if blind_pos:
                     b = rows_tensor(blind_pos, dev)
                     rows_b = scale * (up[b] @ bvec[cand_cols].T) + bbias[cand_cols]
