@@ -18,10 +18,12 @@ A restarted worker must go on counting from where the published version stood, o
 drift away from what a backtest measures. The whole counts are ~5 MB on ML-100K and grow with
 the catalog, too much for every version's weights, so a version carries either all the counts
 (a checkpoint, every few publishes) or the pairs added since the last one, which it names
-(`checkpoint`, `pairs_since`, `restore`).
+(`state`, `load`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -63,41 +65,64 @@ class CoOccurrence:
             self._since_rows += [row] * len(partners)
             self._since_cols += partners
 
-    def pairs_since(self) -> np.ndarray:
-        """(m, 2) int32: the pairs (item, partner) added since the last `checkpoint`."""
-        rows = np.asarray(self._since_rows, dtype=np.int32)
-        return np.stack([rows, np.asarray(self._since_cols, dtype=np.int32)], 1)
+    def state(self, n: int, checkpoint: bool) -> dict[str, np.ndarray]:
+        """What a restart goes on from, for the first `n` rows: users per item and the factors,
+        and either all the counts (`checkpoint`; later states' pairs are relative to it) or the
+        pairs (item, partner) added since the last checkpoint."""
+        out = {
+            "cooc_users": self.counts.n[:n].astype(np.float32),
+            "cooc_factors": self.factors[:n].astype(np.float32),
+        }
+        if checkpoint:
+            self._since_rows, self._since_cols = [], []
+            rows, cols, counts = self.counts.upper()
+            out["cooc_counts"] = np.stack([rows, cols], 1)
+            out["cooc_counts_n"] = counts
+        else:
+            rows = np.asarray(self._since_rows, dtype=np.int32)
+            out["cooc_pairs"] = np.stack([rows, np.asarray(self._since_cols, dtype=np.int32)], 1)
+        return out
 
-    def checkpoint(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All the counts, as the upper triangle (rows, cols, counts); later `pairs_since`
-        are relative to it."""
-        self._since_rows, self._since_cols = [], []
-        return self.counts.upper()
-
-    def restore(
+    def load(
         self,
-        users: np.ndarray,
-        factors: np.ndarray,
-        counts: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-        since: np.ndarray,
+        saved: Mapping[str, np.ndarray],
+        row_of: np.ndarray,
+        checkpoint: tuple[Mapping[str, np.ndarray], np.ndarray] | None = None,
     ) -> None:
-        """State saved by another instance, its rows already mapped onto this catalog (`grow`
-        first): users per item, the factors, the counts of the checkpoint (None: not available,
-        counting goes on from the pairs since) and the pairs added since it."""
+        """A `state` saved by another instance, its rows mapped onto this catalog by `row_of`
+        (-1: not in it; `grow` first). A state of pairs since a checkpoint takes that checkpoint's
+        state and row map in `checkpoint` (None: not available, counting goes on from the pairs)."""
         size = self.counts.size
+        known = row_of >= 0
+
+        def mapped(pairs: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            r, c = rows[pairs[:, 0]], rows[pairs[:, 1]]
+            keep = (r >= 0) & (c >= 0)
+            return r[keep], c[keep], keep
+
         self.counts = PairCounts(self.counts.dense_max)
         self.counts.grow(size)
-        self.counts.n[:] = users[:size]
-        if counts is not None:
-            self.counts.add_counts(*counts)
-        self.counts.add_counts(since[:, 0], since[:, 1], np.ones(len(since), dtype=np.float32))
-        self._since_rows, self._since_cols = since[:, 0].tolist(), since[:, 1].tolist()
-        self.factors = factors[:size].astype(np.float64)
-        self.basis = np.zeros_like(self.factors)
-        if np.any(self.factors):
-            self.basis, _ = np.linalg.qr(self.factors)  # the subspace the next refit starts from
-        norms = np.linalg.norm(self.factors, axis=1, keepdims=True)
-        self.features = (self.factors / np.maximum(norms, 1e-12)).astype(np.float32)
+        self.counts.n[row_of[known]] = saved["cooc_users"][known]
+        full = (saved, row_of) if "cooc_counts" in saved else checkpoint
+        if full is not None:
+            r, c, keep = mapped(full[0]["cooc_counts"], full[1])
+            self.counts.add_counts(r, c, full[0]["cooc_counts_n"][keep])
+        r, c, _ = mapped(saved.get("cooc_pairs", np.zeros((0, 2), dtype=np.int64)), row_of)
+        self.counts.add_counts(r, c, np.ones(len(r), dtype=np.float32))
+        self._since_rows, self._since_cols = r.tolist(), c.tolist()
+        factors = np.zeros((size, self.rank))
+        factors[row_of[known]] = saved["cooc_factors"][known]
+        self.basis = np.zeros_like(factors)
+        if np.any(factors):
+            self.basis, _ = np.linalg.qr(factors)  # the subspace the next refit starts from
+        self._set_factors(factors)
+
+    def _set_factors(self, f: np.ndarray) -> None:
+        self.factors = f
+        # Unit rows: the direction says which items an item goes with; the length (how much
+        # co-occurrence it has) swings with every refit and, measured, only added noise.
+        norms = np.linalg.norm(f, axis=1, keepdims=True)
+        self.features = (f / np.maximum(norms, 1e-12)).astype(np.float32)
 
     def refit(self) -> None:
         """Move F to the current counts: a few subspace iterations from the last basis."""
@@ -131,9 +156,5 @@ class CoOccurrence:
             r = u @ vt
             f, v = f @ r, v @ r
         self.basis = v
-        self.factors = f
-        # Unit rows: the direction says which items an item goes with; the length (how much
-        # co-occurrence it has) swings with every refit and, measured, only added noise.
-        norms = np.linalg.norm(f, axis=1, keepdims=True)
-        self.features = (f / np.maximum(norms, 1e-12)).astype(np.float32)
+        self._set_factors(f)
         self.refits += 1

@@ -671,21 +671,12 @@ class FineTunedModel(InterestModel):
         return pack_weights(self.net, self.catalog.ids, self.config(), self._pop, extra)
 
     def _cooc_entries(self) -> dict[str, Any]:
-        """The co-occurrence state a restart goes on from: users per item and the factors, and
-        either all the counts (a checkpoint) or the pairs since the checkpoint they add to."""
-        cooc = self.cooc
-        assert cooc is not None
-        n = len(self.catalog)
-        out: dict[str, Any] = {
-            "cooc_users": torch.from_numpy(cooc.counts.n[:n].astype(np.float32)),
-            "cooc_factors": torch.from_numpy(cooc.factors[:n].astype(np.float32)),
-        }
-        if self._cooc_checkpoint:
-            rows, cols, counts = cooc.checkpoint()
-            out["cooc_counts"] = torch.from_numpy(np.stack([rows, cols], 1))
-            out["cooc_counts_n"] = torch.from_numpy(counts)
-        else:
-            out["cooc_pairs"] = torch.from_numpy(cooc.pairs_since())
+        """The co-occurrence state a restart goes on from (`CoOccurrence.state`), and the version
+        holding the checkpoint that its pairs add to."""
+        assert self.cooc is not None
+        state = self.cooc.state(len(self.catalog), self._cooc_checkpoint)
+        out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in state.items()}
+        if not self._cooc_checkpoint:
             out["cooc_base"] = self._cooc_base
         return out
 
@@ -694,49 +685,36 @@ class FineTunedModel(InterestModel):
         checkpoint their pairs add to); None when they stand alone."""
         return None if self.cooc is None or self._cooc_checkpoint else self._cooc_base
 
-    def _restore_cooc(self, saved: Mapping[str, Any], base: Callable[[str], bytes | None] | None) -> None:
-        """Co-occurrence state from saved weights (rows matched by item id); the checkpoint
-        their pairs add to comes from `base` (version -> that version's weights)."""
-        cooc = self.cooc
-        assert cooc is not None
-        rows = self._saved_rows(saved["item_ids"])
-        known = rows >= 0
-        n = len(self.catalog)
-        users = np.zeros(n)
-        users[rows[known]] = saved["cooc_users"].cpu().numpy()[known]
-        factors = np.zeros((n, cooc.rank))
-        factors[rows[known]] = saved["cooc_factors"].cpu().numpy()[known]
+    def _restore_cooc(
+        self, saved: Mapping[str, Any], rows: np.ndarray, base: Callable[[str], bytes | None] | None
+    ) -> None:
+        """Co-occurrence state from saved weights (`rows`: this catalog's row of each saved item);
+        the checkpoint their pairs add to comes from `base` (version -> that version's weights)."""
+        assert self.cooc is not None
 
-        def mapped(pairs: np.ndarray, row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            r, c = row_of[pairs[:, 0]], row_of[pairs[:, 1]]
-            keep = (r >= 0) & (c >= 0)
-            return np.stack([r[keep], c[keep]], 1), keep
+        def arrays(entries: Mapping[str, Any]) -> dict[str, np.ndarray]:
+            return {
+                k: v.cpu().numpy() for k, v in entries.items() if k.startswith("cooc_") and k != "cooc_base"
+            }
 
-        counts = None
-        since = np.zeros((0, 2), dtype=np.int64)
-        if "cooc_counts" in saved:
-            pairs, keep = mapped(saved["cooc_counts"].cpu().numpy(), rows)
-            counts = (pairs[:, 0], pairs[:, 1], saved["cooc_counts_n"].cpu().numpy()[keep])
-            self._cooc_checkpoint = True
-        else:
-            since, _ = mapped(saved["cooc_pairs"].cpu().numpy(), rows)
+        checkpoint = None
+        self._cooc_checkpoint = "cooc_counts" in saved
+        if not self._cooc_checkpoint:
             self._cooc_base = saved.get("cooc_base")
-            self._cooc_checkpoint = False
             # A follower (`train_shared` False) serves the factors and counts nothing it publishes.
             fetch = base if self.train_shared else None
             blob = fetch(self._cooc_base) if fetch is not None and self._cooc_base else None
             other = unpack_weights(blob, self.device) if blob is not None else {}
             if "cooc_counts" in other:
-                pairs, keep = mapped(other["cooc_counts"].cpu().numpy(), self._saved_rows(other["item_ids"]))
-                counts = (pairs[:, 0], pairs[:, 1], other["cooc_counts_n"].cpu().numpy()[keep])
+                checkpoint = (arrays(other), self._saved_rows(other["item_ids"]))
             elif fetch is not None:  # without it the caller will not train
                 log.warning(
                     "the co-occurrence counts of version %s are not available: counting goes on "
                     "from the %d pairs since them",
                     self._cooc_base,
-                    len(since),
+                    len(saved["cooc_pairs"]),
                 )
-        cooc.restore(users, factors, counts, since)
+        self.cooc.load(arrays(saved), rows, checkpoint)
 
     def _saved_rows(self, ids: Sequence[str]) -> np.ndarray:
         """This catalog's row of each saved item id (-1: not in this catalog)."""
@@ -753,22 +731,16 @@ class FineTunedModel(InterestModel):
         `base` gives the weights of another version, when these need them (`weights_base`)."""
         saved = unpack_weights(blob, self.device)
         state = dict(saved["net"])
-        ids = saved["item_ids"]
-        n = len(self.catalog)
+        rows = self._saved_rows(saved["item_ids"])
+        known = rows >= 0
+        dst_rows, src_rows = torch.from_numpy(rows[known]), torch.from_numpy(np.flatnonzero(known))
         for key in ("item_emb", "item_bias", "rating_bias"):
             src = state.pop(key)
             dst = getattr(self.net, key).data.clone()
-            for j, item_id in enumerate(ids):
-                row = self.catalog.row(item_id)
-                if row is not None and row < n:
-                    dst[row] = src[j]
+            dst[dst_rows.to(dst.device)] = src[src_rows.to(src.device)]
             state[key] = dst
         if "popularity" in saved:
-            pop = saved["popularity"].numpy()
-            for j, item_id in enumerate(ids):
-                row = self.catalog.row(item_id)
-                if row is not None and row < n:
-                    self._pop[row] = pop[j]
+            self._pop[rows[known]] = saved["popularity"].numpy()[known]
         dp = self.trainer.dp
         if dp is not None and "dp" in saved:
             dp.restore(saved["dp"])
@@ -785,7 +757,7 @@ class FineTunedModel(InterestModel):
             )
             state.pop("cooc.weight")
         elif self.cooc is not None and "cooc_factors" in saved:
-            self._restore_cooc(saved, base)
+            self._restore_cooc(saved, rows, base)
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)
