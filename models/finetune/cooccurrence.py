@@ -44,9 +44,11 @@ class CoOccurrence:
         self.factors = np.zeros((0, rank))  # F, rotated onto the last refit's
         self.features = np.zeros((0, rank), dtype=np.float32)  # F's rows at unit length
         self.refits = 0
-        # Pairs (item, partner) added since the last checkpoint, in the order they came.
+        # Pairs (item, partner) added since the last checkpoint, in the order they came: the
+        # current refit's in lists (one append per event), earlier refits' packed as (m, 2) int32.
         self._since_rows: list[int] = []
         self._since_cols: list[int] = []
+        self._since_packed: list[np.ndarray] = []
 
     def grow(self, size: int) -> None:
         old = self.counts.size
@@ -74,14 +76,24 @@ class CoOccurrence:
             "cooc_factors": self.factors[:n].astype(np.float32),
         }
         if checkpoint:
-            self._since_rows, self._since_cols = [], []
+            self._since_rows, self._since_cols, self._since_packed = [], [], []
             rows, cols, counts = self.counts.upper()
             out["cooc_counts"] = np.stack([rows, cols], 1)
             out["cooc_counts_n"] = counts
         else:
-            rows = np.asarray(self._since_rows, dtype=np.int32)
-            out["cooc_pairs"] = np.stack([rows, np.asarray(self._since_cols, dtype=np.int32)], 1)
+            self._pack_since()
+            pairs = np.concatenate([np.zeros((0, 2), dtype=np.int32), *self._since_packed])
+            self._since_packed = [pairs]
+            out["cooc_pairs"] = pairs
         return out
+
+    def _pack_since(self) -> None:
+        """Move the listed pairs since the checkpoint into one packed array: a Python int in a
+        list takes ~36 bytes, a packed pair 8, and ten refits' pairs wait for the next checkpoint."""
+        if self._since_rows:
+            pairs = np.stack([np.asarray(self._since_rows), np.asarray(self._since_cols)], 1)
+            self._since_packed.append(pairs.astype(np.int32))
+            self._since_rows, self._since_cols = [], []
 
     def load(
         self,
@@ -109,7 +121,8 @@ class CoOccurrence:
             self.counts.add_counts(r, c, full[0]["cooc_counts_n"][keep])
         r, c, _ = mapped(saved.get("cooc_pairs", np.zeros((0, 2), dtype=np.int64)), row_of)
         self.counts.add_counts(r, c, np.ones(len(r), dtype=np.float32))
-        self._since_rows, self._since_cols = r.tolist(), c.tolist()
+        self._since_rows, self._since_cols = [], []
+        self._since_packed = [np.stack([r, c], 1).astype(np.int32)]
         factors = np.zeros((size, self.rank))
         factors[row_of[known]] = saved["cooc_factors"][known]
         self.basis = np.zeros_like(factors)
@@ -126,6 +139,7 @@ class CoOccurrence:
 
     def refit(self) -> None:
         """Move F to the current counts: a few subspace iterations from the last basis."""
+        self._pack_since()
         self.counts.flush()
         size = self.counts.size
         if size <= self.rank or not self.counts.pairs:
