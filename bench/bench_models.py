@@ -16,8 +16,10 @@ event-time-ordered ML-100K ratings in micro-batches (`--batch-size`, the worker'
 default 500), `learn` only, after the catalog is loaded (base encodings are made
 once, up front, and shared, so no model pays for encoding the catalog). Printed
 per model: events/s, the ratio to the untrained `decayed_mean` measured in the
-same run, the time per batch, and peak memory (process RSS; on CUDA also the
-peak allocated GPU memory). Figures on a shared machine are noisy: compare the
+same run, the time per batch, peak memory (process RSS; on CUDA also the
+peak allocated GPU memory), and the size of the last published weights that stand
+alone and of the last that carry only what came since a base version (the
+co-occurrence checkpoint, docs/model.md). Figures on a shared machine are noisy: compare the
 ratios of one run.
 """
 
@@ -119,13 +121,20 @@ def run_one(label: str, args: dict[str, Any], out: Any) -> None:
     batches = _batches(events, bs, args["partitions"])
     learn_s = 0.0
     n = 0
+    # The published weights' sizes: a version that stands alone (a co-occurrence checkpoint, or
+    # any version of a model without one) and one that names a base and carries what came since.
+    whole_mb: list[float] = []
+    delta_mb: list[float] = []
     next_report = time.perf_counter() + 15
     for batch in batches:
         t = time.perf_counter()
-        model.learn(batch)
+        result = model.learn(batch)
         if cuda:
             torch.cuda.synchronize()
         learn_s += time.perf_counter() - t
+        snap = result.snapshot
+        if snap is not None and snap.weights:
+            (delta_mb if snap.weights_base else whole_mb).append(len(snap.weights) / 1e6)
         n += len(batch)
         if time.perf_counter() > next_report:
             rate = n / learn_s
@@ -149,6 +158,8 @@ def run_one(label: str, args: dict[str, Any], out: Any) -> None:
             "setup_s": setup_s,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "weights_whole_mb": whole_mb[-1] if whole_mb else None,
+            "weights_delta_mb": delta_mb[-1] if delta_mb else None,
         }
     )
 
@@ -238,14 +249,22 @@ def main() -> None:
             )
     base = next(r for r in results if r["model"] == BASELINE)
     print()
-    print(f"| model | events/s | × {BASELINE} | ms/batch | predict users/s | peak RSS MiB | peak GPU MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| model | events/s | × {BASELINE} | ms/batch | predict users/s | peak RSS MiB | peak GPU MiB "
+        "| weights MB, whole / since a base |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+
+    def mb(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
     for r in results:
         r["ratio_to_untrained"] = r["events_per_s"] / base["events_per_s"]
         gpu = f"{r['peak_gpu_mib']:.0f}" if r["peak_gpu_mib"] is not None else "-"
         print(
             f"| {r['model']} | {r['events_per_s']:,.0f} | {r['ratio_to_untrained']:.4f} | "
-            f"{r['ms_per_batch']:.1f} | {r['predict_users_per_s']:,.0f} | {r['peak_rss_mib']:.0f} | {gpu} |"
+            f"{r['ms_per_batch']:.1f} | {r['predict_users_per_s']:,.0f} | {r['peak_rss_mib']:.0f} | {gpu} "
+            f"| {mb(r['weights_whole_mb'])} / {mb(r['weights_delta_mb'])} |"
         )
     if a.json:
         a.json.write_text(

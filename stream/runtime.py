@@ -118,6 +118,7 @@ def model_options(settings: Settings) -> dict[str, object]:
             lookahead_targets=settings.model_lookahead,
             id_dropout=settings.model_id_dropout,
             cooc_rank=settings.model_cooc_rank,
+            cooc_max_pairs=settings.model_cooc_max_pairs,
             replay_size=settings.model_replay_size,
             publish_every_steps=settings.model_publish_every_steps,
             publish_every_s=settings.model_publish_every_s,

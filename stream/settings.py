@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # Rank of the item co-occurrence factors in the item vectors (0 = none); unset: 32, or 0
     # under DP, whose guarantee the counts would not keep.
     model_cooc_rank: int | None = Field(default=None, ge=0)
+    # The most item pairs those counts keep (each item's strongest), cut to at each checkpoint; 0 = no bound.
+    model_cooc_max_pairs: int = Field(default=1_000_000, ge=0)
     # The user encoder: 0 = one attention read-out, k = k causal self-attention blocks.
     model_blocks: int = Field(default=0, ge=0)
     # ADWIN on the prequential loss (models/finetune/drift.py): learning-rate boost on a global

@@ -29,6 +29,8 @@ import numpy as np
 
 from models.pair_counts import DENSE_MAX_ITEMS, PairCounts
 
+PRUNE_TO = 0.8  # a cut of the counts keeps this share of their bound
+
 
 class CoOccurrence:
     """Counts of item pairs within users' recent items, and a rank-k factor of their cosine."""
@@ -86,6 +88,42 @@ class CoOccurrence:
             self._since_packed = [pairs]
             out["cooc_pairs"] = pairs
         return out
+
+    def prune(self, max_pairs: int) -> int:
+        """Past `max_pairs` item pairs (unordered), cut them to `PRUNE_TO` of that, each item's
+        strongest first; returns how many were dropped.
+
+        The counts grow with the stream (every first event with an item pairs it with up to
+        `history` recent ones; on Last.fm's sparse catalog nearly every pair is new), so without
+        a bound memory and checkpoints grow without end. The cut is item-kNN's usual pruning
+        spread over the catalog: a pair's rank is its place among the partners (by cosine) of
+        whichever of its two items places it higher, and pairs are kept in order of that rank,
+        so every item keeps its nearest neighbours and a rare item, with few partners, keeps
+        them all. Cutting below the bound makes a cut (a sort of all pairs) come once in many
+        checkpoints rather than at each one once the bound is reached."""
+        rows, cols, counts = self.counts.upper()
+        m = len(rows)
+        if m <= max_pairs:
+            return 0
+        n = self.counts.n
+        cosine = counts / np.sqrt(np.maximum(n[rows] * n[cols], 1.0))
+        ends = np.concatenate([rows, cols])
+        partners = np.concatenate([cols, rows])
+        order = np.lexsort((partners, -np.concatenate([cosine, cosine]), ends))
+        sorted_ends = ends[order]
+        first = np.searchsorted(sorted_ends, sorted_ends, side="left")
+        place = np.empty(2 * m, dtype=np.int64)
+        place[order] = np.arange(2 * m) - first
+        rank = np.minimum(place[:m], place[m:])
+        target = int(max_pairs * PRUNE_TO)
+        keep = np.lexsort((cols, rows, -cosine, rank))[:target]
+        size = self.counts.size
+        kept = PairCounts(self.counts.dense_max)
+        kept.grow(size)
+        kept.n[:] = n
+        kept.add_counts(rows[keep], cols[keep], counts[keep])
+        self.counts = kept
+        return m - target
 
     def _pack_since(self) -> None:
         """Move the listed pairs since the checkpoint into one packed array: a Python int in a

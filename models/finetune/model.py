@@ -777,8 +777,18 @@ class FineTunedModel(InterestModel):
         if not initial:
             self._dp_release_counts()
             if self.cooc is not None:
-                self.cooc.refit()
                 self._cooc_checkpoint = self.versions.publishes % self.opts.cooc_checkpoint_every == 0
+                if self._cooc_checkpoint and self.opts.cooc_max_pairs:
+                    # Only here: the counts a checkpoint carries are the counts refits go on
+                    # from, so a restarted worker's are the publisher's, pair for pair.
+                    dropped = self.cooc.prune(self.opts.cooc_max_pairs)
+                    if dropped:
+                        log.info(
+                            "co-occurrence counts past %d pairs: the %d weakest dropped (cooc_max_pairs)",
+                            self.opts.cooc_max_pairs,
+                            dropped,
+                        )
+                self.cooc.refit()
         self.refresh_items(full_tower=full)
         blob = self.weights()
         needs = self.weights_base()

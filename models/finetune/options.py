@@ -104,6 +104,11 @@ class FineTuneOptions:
     # Publishes between versions whose weights carry all the co-occurrence counts; the versions
     # between carry the pairs since (docs/model.md, "Item co-occurrence factors").
     cooc_checkpoint_every: int = 10
+    # The most item pairs the co-occurrence counts keep; past it, a checkpoint cuts them to 0.8
+    # of it, each item's strongest by cosine first. They grow with the stream (item_knn's count
+    # ~2 million after Last.fm's 258,000 events, 12 bytes each in a checkpoint); cut to a third
+    # (ML-100K) and a quarter (Last.fm) of that they ranked level (docs/model.md). 0 = no bound.
+    cooc_max_pairs: int = 1_000_000
     # Prequential rollback: when a batch's loss (before learning it) exceeds the rolling
     # mean by this fraction for `rollback_patience` batches, restore the last good weights.
     rollback_threshold: float = 0.5
@@ -164,6 +169,7 @@ class FineTuneOptions:
             self.cooc_rank = 0 if dp else COOC_RANK
         _check_whole("cooc_rank", self.cooc_rank, 0)
         _check_whole("cooc_checkpoint_every", self.cooc_checkpoint_every, 1)
+        _check_whole("cooc_max_pairs", self.cooc_max_pairs, 0)
         if self.cooc_rank and dp:
             # The counts would carry each user's pairs unprotected into every published vector.
             raise ValueError("cooc_rank needs differential privacy off: its counts are not privatised")

@@ -86,3 +86,49 @@ def test_sparse_counts_factor_like_dense(monkeypatch: pytest.MonkeyPatch) -> Non
         out.append(cooc.factors @ cooc.factors.T)
     assert isinstance(cooc.counts.csr, sparse.csr_matrix)
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+
+
+def _upper(cooc: CoOccurrence) -> dict[tuple[int, int], float]:
+    rows, cols, counts = cooc.counts.upper()
+    return {(int(r), int(c)): float(n) for r, c, n in zip(rows, cols, counts, strict=True)}
+
+
+@pytest.mark.parametrize("dense_max", [5000, 10])
+def test_pruning_keeps_each_items_strongest_pairs_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch, dense_max: int
+) -> None:
+    """`prune(k)` past k pairs keeps exactly 0.8 k (dense or sparse counts alike): first every item's
+    strongest partner by cosine, so a rare pair survives the popular items' many weak ones;
+    users per item stay; the same counts prune the same way."""
+    monkeypatch.setattr("models.finetune.cooccurrence.DENSE_MAX_ITEMS", dense_max)
+
+    def counted() -> CoOccurrence:
+        cooc = CoOccurrence(rank=2, seed=0)
+        cooc.grow(24)
+        _two_groups(cooc, 40, np.random.default_rng(2))
+        cooc.add(21, [22])  # one user's pair of two rare items
+        return cooc
+
+    cooc = counted()
+    before = _upper(cooc)
+    n = cooc.counts.n.copy()
+    assert cooc.prune(len(before)) == 0 and _upper(cooc) == before
+    assert cooc.prune(25) == len(before) - 20  # past the bound: cut to 0.8 of it
+    keep = 20
+    after = _upper(cooc)
+    assert len(after) == keep and all(before[p] == c for p, c in after.items())
+    assert (21, 22) in after
+    np.testing.assert_array_equal(cooc.counts.n, n)
+
+    def cosine(p: tuple[int, int]) -> float:
+        return before[p] / np.sqrt(n[p[0]] * n[p[1]])
+
+    for item in range(20):
+        mine = [p for p in before if item in p]
+        best = max(map(cosine, mine))
+        assert any(cosine(p) == best for p in mine if p in after), f"item {item} lost its nearest partner"
+    again = counted()
+    again.prune(25)
+    assert _upper(again) == after
+    cooc.refit()  # the pruned counts factorise
+    assert np.any(cooc.features[:20])

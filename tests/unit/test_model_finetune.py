@@ -208,6 +208,34 @@ def test_cooccurrence_counts_travel_with_the_weights() -> None:
     np.testing.assert_allclose(f.item_matrix(), b.item_matrix(), rtol=1e-5, atol=1e-6)
 
 
+def test_cooccurrence_counts_are_bounded_and_a_restart_prunes_alike() -> None:
+    """`cooc_max_pairs`: each checkpoint's counts keep at most that many pairs, and a worker
+    restored from a later version (the checkpoint plus the pairs since) counts what the
+    publisher counts, pair for pair."""
+    a = model(cooc_rank=4, cooc_checkpoint_every=2, cooc_max_pairs=20)
+    published: dict[str, tuple[bytes, str | None, np.ndarray]] = {}
+    events = walk_events(40, 6, 8)
+    for b in range(0, len(events), 6):
+        snap = a.learn(events[b : b + 6]).snapshot
+        if snap is not None and snap.weights is not None:
+            assert a.cooc is not None
+            a.cooc.counts.flush()
+            counts = np.array(a.cooc.counts.matrix)
+            published[snap.version] = (snap.weights, snap.weights_base, counts)
+            if snap.weights_base is None:
+                assert np.count_nonzero(np.triu(counts, 1)) <= 20
+    assert any(np.count_nonzero(np.triu(c, 1)) > 20 for _, base, c in published.values() if base)
+    version = next(v for v, (_, base, _) in reversed(published.items()) if base is not None)
+    blob, _, counts = published[version]
+    b = model(cooc_rank=4, cooc_checkpoint_every=2, cooc_max_pairs=20)
+    b.load_weights(blob, {v: w for v, (w, _, _) in published.items()}.get)
+    assert b.cooc is not None
+    np.testing.assert_array_equal(b.cooc.counts.matrix, counts)
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="cooc_max_pairs"):
+            model(cooc_max_pairs=bad)
+
+
 def test_scores_are_the_published_inner_product() -> None:
     m = model()
     m.learn(walk_events(40, 6, 3))

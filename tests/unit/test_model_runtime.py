@@ -29,3 +29,7 @@ def test_the_cooccurrence_rank_setting_reaches_the_model() -> None:
         m = build_interest_model(s, HashEncoder(16))  # type: ignore[arg-type]
         assert isinstance(m, FineTunedModel) and m.opts.cooc_rank == want
         assert (m.cooc is not None) == bool(want)
+    bounded = build_interest_model(
+        Settings(model="adapter", model_cooc_max_pairs=1000, device="cpu"), HashEncoder(16)
+    )  # type: ignore[arg-type]
+    assert isinstance(bounded, FineTunedModel) and bounded.opts.cooc_max_pairs == 1000
