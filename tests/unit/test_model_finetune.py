@@ -146,6 +146,19 @@ def test_cooccurrence_features_enter_item_vectors_and_replays_are_scored_without
             model(cooc_checkpoint_every=bad)
 
 
+def learn_and_record_publishes(m: FineTunedModel) -> dict[str, tuple[bytes, str | None, np.ndarray]]:
+    """Learn a walk in batches of 6; each published version's weights, base and counts then."""
+    published: dict[str, tuple[bytes, str | None, np.ndarray]] = {}
+    events = walk_events(40, 6, 8)
+    for b in range(0, len(events), 6):
+        snap = m.learn(events[b : b + 6]).snapshot
+        if snap is not None and snap.weights is not None:
+            assert m.cooc is not None
+            m.cooc.counts.flush()
+            published[snap.version] = (snap.weights, snap.weights_base, np.array(m.cooc.counts.matrix))
+    return published
+
+
 def test_cooccurrence_counts_travel_with_the_weights() -> None:
     """A restart goes on counting from the published version: every few versions' weights carry
     all the counts, the others the pairs since and the version that has them (`weights_base`)."""
@@ -156,14 +169,7 @@ def test_cooccurrence_counts_travel_with_the_weights() -> None:
     first = a.snapshot()
     assert first.weights is not None and first.weights_base is None
     assert version_id(a.spec, first.weights, a.encoder.version) == first.version
-    published: dict[str, tuple[bytes, str | None, np.ndarray]] = {}
-    events = walk_events(40, 6, 8)
-    for b in range(0, len(events), 6):
-        snap = a.learn(events[b : b + 6]).snapshot
-        if snap is not None and snap.weights is not None:
-            assert a.cooc is not None
-            a.cooc.counts.flush()
-            published[snap.version] = (snap.weights, snap.weights_base, np.array(a.cooc.counts.matrix))
+    published = learn_and_record_publishes(a)
     snap = a.snapshot()
     assert snap.weights is not None and version_id(a.spec, snap.weights, a.encoder.version) == snap.version
     checkpoints = [v for v, (_, base, _) in published.items() if base is None]
@@ -213,17 +219,10 @@ def test_cooccurrence_counts_are_bounded_and_a_restart_prunes_alike() -> None:
     restored from a later version (the checkpoint plus the pairs since) counts what the
     publisher counts, pair for pair."""
     a = model(cooc_rank=4, cooc_checkpoint_every=2, cooc_max_pairs=20)
-    published: dict[str, tuple[bytes, str | None, np.ndarray]] = {}
-    events = walk_events(40, 6, 8)
-    for b in range(0, len(events), 6):
-        snap = a.learn(events[b : b + 6]).snapshot
-        if snap is not None and snap.weights is not None:
-            assert a.cooc is not None
-            a.cooc.counts.flush()
-            counts = np.array(a.cooc.counts.matrix)
-            published[snap.version] = (snap.weights, snap.weights_base, counts)
-            if snap.weights_base is None:
-                assert np.count_nonzero(np.triu(counts, 1)) <= 20
+    published = learn_and_record_publishes(a)
+    for _, base, counts in published.values():
+        if base is None:
+            assert np.count_nonzero(np.triu(counts, 1)) <= 20
     assert any(np.count_nonzero(np.triu(c, 1)) > 20 for _, base, c in published.values() if base)
     version = next(v for v, (_, base, _) in reversed(published.items()) if base is not None)
     blob, _, counts = published[version]
