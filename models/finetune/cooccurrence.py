@@ -27,9 +27,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from models.pair_counts import DENSE_MAX_ITEMS, PairCounts
+from models.pair_counts import PairCounts
 
 PRUNE_TO = 0.8  # a cut of the counts keeps this share of their bound
+# Dense counts up to this many items, CSR beyond: 2,000² float32 is 16 MB, what CSR takes for
+# the default bound of a million pairs (both directions, index and value), so the bound holds
+# memory at any catalog size (`item_knn`'s 5,000 would be 100 MB dense).
+DENSE_MAX_ITEMS = 2000
 
 
 class CoOccurrence:
