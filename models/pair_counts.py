@@ -3,7 +3,11 @@ of the fine-tuned models (`models.finetune.cooccurrence`) both count.
 
 The pair counts are symmetric, a dense matrix for catalogs up to `dense_max` items (one
 `np.unique` per flush), otherwise a CSR matrix plus a buffer of new pairs merged when the
-buffer outgrows the matrix (amortised), or whenever a caller forces it.
+buffer outgrows the matrix (amortised), or whenever a caller forces it. The buffer holds each
+pair once, (item, partner); a flush adds both directions.
+
+With `journal`, each flush also keeps the pairs it merged, packed: what a restart needs to go
+on from a checkpoint of the counts (`models.finetune.cooccurrence`) is every pair added since.
 """
 
 from __future__ import annotations
@@ -15,14 +19,16 @@ DENSE_MAX_ITEMS = 5000
 
 
 class PairCounts:
-    def __init__(self, dense_max: int = DENSE_MAX_ITEMS) -> None:
+    def __init__(self, dense_max: int = DENSE_MAX_ITEMS, journal: bool = False) -> None:
         self.dense_max = dense_max
         self.n = np.zeros(0, dtype=np.float64)  # users per item
         self.dense: np.ndarray | None = None
         self.csr: sparse.csr_matrix | None = None
         self.pairs = 0  # pairs ever added
-        self._rows: list[int] = []
+        self._rows: list[int] = []  # pending pairs, once each: (item, partner)
         self._cols: list[int] = []
+        # (m, 2) int32 chunks of the pairs merged since the journal was last cleared; None: not kept.
+        self.journal: list[np.ndarray] | None = [] if journal else None
 
     @property
     def size(self) -> int:
@@ -66,8 +72,8 @@ class PairCounts:
         self.n[item] += 1
         if partners:
             k = len(partners)
-            self._rows += partners + [item] * k
-            self._cols += [item] * k + partners
+            self._rows += [item] * k
+            self._cols += partners
             self.pairs += k
 
     def add_counts(self, rows: np.ndarray, cols: np.ndarray, counts: np.ndarray) -> None:
@@ -93,15 +99,27 @@ class PairCounts:
 
     def pending(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) of the pairs not merged yet, both directions."""
-        return np.asarray(self._rows, dtype=np.int64), np.asarray(self._cols, dtype=np.int64)
+        r, c = np.asarray(self._rows, dtype=np.int64), np.asarray(self._cols, dtype=np.int64)
+        return np.concatenate([r, c]), np.concatenate([c, r])
+
+    def journal_pairs(self) -> np.ndarray:
+        """(m, 2) int32: every pair (item, partner) added since the journal was cleared, merged
+        or pending, in the order they came; the journal becomes this one array."""
+        assert self.journal is not None, "counts kept without a journal"
+        pending = np.stack([np.asarray(self._rows), np.asarray(self._cols)], 1).astype(np.int32)
+        merged = np.concatenate([np.zeros((0, 2), dtype=np.int32), *self.journal])
+        self.journal = [merged]
+        return np.concatenate([merged, pending.reshape(-1, 2)])
 
     def flush(self, force: bool = True) -> None:
         """Merge the pending pairs; CSR counts only when `force` or the buffer outgrew them."""
         if not self._rows or (self.dense is None and self.csr is None):
             return
-        if self.csr is not None and not force and len(self._rows) <= max(self.csr.nnz, 1 << 20):
+        if self.csr is not None and not force and 2 * len(self._rows) <= max(self.csr.nnz, 1 << 20):
             return
         r, c = self.pending()
+        if self.journal is not None:
+            self.journal.append(np.stack([r[: len(self._rows)], c[: len(self._rows)]], 1).astype(np.int32))
         self._rows, self._cols = [], []
         if self.dense is not None:
             flat, counts = np.unique(r * self.dense.shape[1] + c, return_counts=True)

@@ -44,17 +44,12 @@ class CoOccurrence:
             raise ValueError(f"co-occurrence rank must be >= 1, got {rank}")
         self.rank = rank
         self.iterations = iterations
-        self.counts = PairCounts(DENSE_MAX_ITEMS)
+        self.counts = PairCounts(DENSE_MAX_ITEMS, journal=True)  # the journal: pairs since the checkpoint
         self._rng = np.random.default_rng(seed)
         self.basis = np.zeros((0, rank))  # orthonormal columns: the tracked subspace
         self.factors = np.zeros((0, rank))  # F, rotated onto the last refit's
         self.features = np.zeros((0, rank), dtype=np.float32)  # F's rows at unit length
         self.refits = 0
-        # Pairs (item, partner) added since the last checkpoint, in the order they came: the
-        # current refit's in lists (one append per event), earlier refits' packed as (m, 2) int32.
-        self._since_rows: list[int] = []
-        self._since_cols: list[int] = []
-        self._since_packed: list[np.ndarray] = []
 
     def grow(self, size: int) -> None:
         old = self.counts.size
@@ -69,9 +64,6 @@ class CoOccurrence:
     def add(self, row: int, partners: list[int]) -> None:
         """A user's first event with `row`, after `partners` (their recent distinct items)."""
         self.counts.add(row, partners)
-        if partners:
-            self._since_rows += [row] * len(partners)
-            self._since_cols += partners
 
     def state(self, n: int, checkpoint: bool) -> dict[str, np.ndarray]:
         """What a restart goes on from, for the first `n` rows: users per item and the factors,
@@ -82,15 +74,12 @@ class CoOccurrence:
             "cooc_factors": self.factors[:n].astype(np.float32),
         }
         if checkpoint:
-            self._since_rows, self._since_cols, self._since_packed = [], [], []
             rows, cols, counts = self.counts.upper()
+            self.counts.journal = []  # after `upper`, whose flush journals the pending pairs
             out["cooc_counts"] = np.stack([rows, cols], 1)
             out["cooc_counts_n"] = counts
         else:
-            self._pack_since()
-            pairs = np.concatenate([np.zeros((0, 2), dtype=np.int32), *self._since_packed])
-            self._since_packed = [pairs]
-            out["cooc_pairs"] = pairs
+            out["cooc_pairs"] = self.counts.journal_pairs()
         return out
 
     def prune(self, max_pairs: int) -> int:
@@ -122,20 +111,13 @@ class CoOccurrence:
         target = int(max_pairs * PRUNE_TO)
         keep = np.lexsort((cols, rows, -cosine, rank))[:target]
         size = self.counts.size
-        kept = PairCounts(self.counts.dense_max)
+        kept = PairCounts(self.counts.dense_max, journal=True)
         kept.grow(size)
         kept.n[:] = n
         kept.add_counts(rows[keep], cols[keep], counts[keep])
+        kept.journal = self.counts.journal  # what came since the checkpoint still came
         self.counts = kept
         return m - target
-
-    def _pack_since(self) -> None:
-        """Move the listed pairs since the checkpoint into one packed array: a Python int in a
-        list takes ~36 bytes, a packed pair 8, and ten refits' pairs wait for the next checkpoint."""
-        if self._since_rows:
-            pairs = np.stack([np.asarray(self._since_rows), np.asarray(self._since_cols)], 1)
-            self._since_packed.append(pairs.astype(np.int32))
-            self._since_rows, self._since_cols = [], []
 
     def load(
         self,
@@ -154,7 +136,7 @@ class CoOccurrence:
             keep = (r >= 0) & (c >= 0)
             return r[keep], c[keep], keep
 
-        self.counts = PairCounts(self.counts.dense_max)
+        self.counts = PairCounts(self.counts.dense_max, journal=True)
         self.counts.grow(size)
         self.counts.n[row_of[known]] = saved["cooc_users"][known]
         full = (saved, row_of) if "cooc_counts" in saved else checkpoint
@@ -163,8 +145,7 @@ class CoOccurrence:
             self.counts.add_counts(r, c, full[0]["cooc_counts_n"][keep])
         r, c, _ = mapped(saved.get("cooc_pairs", np.zeros((0, 2), dtype=np.int64)), row_of)
         self.counts.add_counts(r, c, np.ones(len(r), dtype=np.float32))
-        self._since_rows, self._since_cols = [], []
-        self._since_packed = [np.stack([r, c], 1).astype(np.int32)]
+        self.counts.journal = [np.stack([r, c], 1).astype(np.int32)]
         factors = np.zeros((size, self.rank))
         factors[row_of[known]] = saved["cooc_factors"][known]
         self.basis = np.zeros_like(factors)
@@ -181,7 +162,6 @@ class CoOccurrence:
 
     def refit(self) -> None:
         """Move F to the current counts: a few subspace iterations from the last basis."""
-        self._pack_since()
         self.counts.flush()
         size = self.counts.size
         if size <= self.rank or not self.counts.pairs:

@@ -132,3 +132,33 @@ def test_pruning_keeps_each_items_strongest_pairs_within_the_bound(
     assert _upper(again) == after
     cooc.refit()  # the pruned counts factorise
     assert np.any(cooc.features[:20])
+
+
+@pytest.mark.parametrize("dense_max", [5000, 10])
+def test_a_state_between_checkpoints_carries_every_pair_since(
+    monkeypatch: pytest.MonkeyPatch, dense_max: int
+) -> None:
+    """The pairs since the last checkpoint, in the order they came, whether merged by a refit or
+    a growing catalog or still pending; loaded onto the checkpoint they give the same counts."""
+    monkeypatch.setattr("models.finetune.cooccurrence.DENSE_MAX_ITEMS", dense_max)
+    cooc = CoOccurrence(rank=2, seed=0)
+    cooc.grow(20)
+    _two_groups(cooc, 10, np.random.default_rng(4))
+    checkpoint = cooc.state(20, checkpoint=True)
+    since = [(3, 1), (3, 2), (7, 3)]
+    cooc.add(3, [1, 2])
+    cooc.refit()
+    cooc.add(7, [3])
+    cooc.grow(25)  # merges what is pending
+    since += [(21, 7), (21, 3)]
+    cooc.add(21, [7, 3])
+    state = cooc.state(25, checkpoint=False)
+    assert [tuple(p) for p in state["cooc_pairs"].tolist()] == since
+    restored = CoOccurrence(rank=2, seed=0)
+    restored.grow(25)
+    restored.load(state, np.arange(25), (checkpoint, np.arange(20)))
+    restored.counts.flush()
+    cooc.counts.flush()
+    np.testing.assert_array_equal(
+        sparse.csr_matrix(restored.counts.matrix).toarray(), sparse.csr_matrix(cooc.counts.matrix).toarray()
+    )
