@@ -282,23 +282,23 @@ class VectorStore:
         Returned as stored: the caller checks `sha256` (models.weights_io.verify) before loading.
         """
         return self._weights(
-            select(ModelVersion.model_version, ModelVersion.weights, ModelVersion.weights_sha256)
-            .where(ModelVersion.weights.is_not(None), ModelVersion.config["model"].astext == model_spec)
-            .order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
-            .limit(1)
+            ModelVersion.config["model"].astext == model_spec,
+            newest_first=True,
         )
 
     def weights_of(self, version: str) -> PublishedWeights | None:
         """The weights of one version, as stored (None: no such version, or its weights were dropped)."""
-        return self._weights(
-            select(ModelVersion.model_version, ModelVersion.weights, ModelVersion.weights_sha256).where(
-                ModelVersion.model_version == version, ModelVersion.weights.is_not(None)
-            )
-        )
+        return self._weights(ModelVersion.model_version == version)
 
-    def _weights(self, query: Any) -> PublishedWeights | None:
+    def _weights(self, *where: Any, newest_first: bool = False) -> PublishedWeights | None:
+        """The first version with weights that matches `where` (the newest first, if asked)."""
+        query = select(ModelVersion.model_version, ModelVersion.weights, ModelVersion.weights_sha256).where(
+            ModelVersion.weights.is_not(None), *where
+        )
+        if newest_first:
+            query = query.order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(query.limit(1)).first()
         return None if row is None else PublishedWeights(row[0], bytes(row[1]), row[2])
 
     def load_catalog(self) -> list[Item]:
