@@ -1,4 +1,4 @@
-"""Backtest throughput on ML-100K: wall time of the whole run, and where it goes per model.
+"""Backtest throughput on ML-100K (or Last.fm-2k): wall time of the whole run, and where it goes per model.
 
 Prints figures, asserts nothing. The evaluator's own cost (ranking every
 positive over the full catalog) is measured as the time of a run with the
@@ -7,6 +7,8 @@ cheapest model alone, so the per-model rows can be read as ratios to it.
     python bench/bench_backtest.py                       # the baselines
     python bench/bench_backtest.py --models popularity,biased_mf,decayed_mean,adapter
     python bench/bench_backtest.py --limit 20000 --batch-size 100
+    python bench/bench_backtest.py --lastfm ../shared/data/lastfm-2k --limit 100000 \
+        --models popularity,biased_mf,sasrec,adapter     # a 100,000-event log over 8,009 items
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream.backtest.data import load_movielens  # noqa: E402
+from stream.backtest.data import load_lastfm, load_movielens  # noqa: E402
 from stream.backtest.driver import run_backtest  # noqa: E402
 from stream.backtest.models import build_models, check_models, parse_model_list  # noqa: E402
 from stream.backtest.report import table  # noqa: E402
 from stream.backtest.run import config_from  # noqa: E402
 from stream.settings import Settings  # noqa: E402
+from stream.sources import SourceError  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "ml-100k")
+    ap.add_argument("--lastfm", type=Path, help="a Last.fm-2k folder instead of --data's MovieLens 100K")
     ap.add_argument("--models", default="popularity,biased_mf,decayed_mean")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
@@ -49,9 +53,18 @@ def main() -> None:
     config = config_from(settings, batch_size=args.batch_size, progress=args.progress)
     config = dataclasses.replace(config, fit_in_background=not args.fit_here)
     t = time.perf_counter()
-    data = load_movielens(args.data, limit=args.limit)
+    try:
+        if args.lastfm:
+            data = load_lastfm(args.lastfm, limit=args.limit)
+        else:
+            data = load_movielens(args.data, limit=args.limit)
+    except SourceError as exc:
+        sys.exit(f"bench_backtest: {exc}")
     load_s = time.perf_counter() - t
-    print(f"cores: {os.cpu_count()}; data: {len(data.events)} events, load {load_s:.1f} s")
+    print(
+        f"cores: {os.cpu_count()}; data: {len(data.events)} events over {len(data.items)} items, "
+        f"load {load_s:.1f} s"
+    )
 
     # The evaluator alone: ranking with the cheapest model.
     base = run_backtest(build_models(["popularity"], settings), data, config)
