@@ -91,6 +91,14 @@ class PairCounts:
             self.csr = (self.csr + sparse.csr_matrix((w, (r, c)), shape=self.csr.shape)).tocsr()
         self.pairs += round(float(counts.sum()))
 
+    def distinct_pairs(self) -> int:
+        """How many unordered pairs have a count (merging the pending ones first): no item pairs
+        with itself, so half the symmetric matrix's non-zeros."""
+        self.flush()
+        if self.dense is not None:
+            return int(np.count_nonzero(self.dense)) // 2
+        return 0 if self.csr is None else int(self.csr.nnz) // 2
+
     def upper(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The merged counts' upper triangle as (rows, cols, counts): all of a symmetric matrix."""
         self.flush()

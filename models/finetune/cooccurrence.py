@@ -94,10 +94,10 @@ class CoOccurrence:
         so every item keeps its nearest neighbours and a rare item, with few partners, keeps
         them all. Cutting below the bound makes a cut (a sort of all pairs) come once in many
         checkpoints rather than at each one once the bound is reached."""
+        if self.counts.distinct_pairs() <= max_pairs:
+            return 0  # the common case, without listing the pairs: a checkpoint lists them next
         rows, cols, counts = self.counts.upper()
         m = len(rows)
-        if m <= max_pairs:
-            return 0
         n = self.counts.n
         cosine = counts / np.sqrt(np.maximum(n[rows] * n[cols], 1.0))
         ends = np.concatenate([rows, cols])
