@@ -2,8 +2,9 @@
 
 `FineTunedModel` keeps the catalog, the users' states and vectors, and ties the
 parts together: the network (`network`), events -> episodes -> tensors
-(`episodes`), the trainer with its budget counted in events (`trainer`), and the
-published versions with their serving weights (`versions`). Scoring, and what
+(`episodes`), the trainer with its budget counted in events (`trainer`), the items'
+decayed counts (`popularity`), and the published versions with their serving weights
+(`versions`). Scoring, and what
 the published vectors reproduce with a plain inner product:
 
     score(user, item) = s · u·e_item + β_item
@@ -38,6 +39,7 @@ from models.finetune.cooccurrence import CoOccurrence
 from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors, newest_queries
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
+from models.finetune.popularity import ItemPopularity
 from models.finetune.trainer import Trainer, rows_tensor
 from models.finetune.versions import Versions, pack_weights, unpack_weights, version_id
 from models.towers import build_tower
@@ -95,13 +97,6 @@ class FineTunedModel(InterestModel):
         self._cooc_base: str | None = None
         self._cooc_checkpoint = True
         self._published_weights: tuple[bytes, str | None] = (b"", None)  # set by every publish
-        self._pop = np.zeros((0, len(o.popularity_half_lives_events)), dtype=np.float64)
-        # The popularity clock: events seen, the count at the current timestamp's first event,
-        # the clock the counts are decayed to, and the current timestamp.
-        self._pop_events = 0.0
-        self._pop_group = 0.0
-        self._pop_clock = 0.0
-        self._pop_ts = -math.inf
         self._live_vec = torch.zeros(0, dim)  # item vectors of the live weights (no grad)
         # The training step each live row was computed at: rows are recomputed when used, not
         # every batch (a batch needs ~100 of a catalog that may hold 100,000).
@@ -111,10 +106,7 @@ class FineTunedModel(InterestModel):
         self._user_bias: dict[str, tuple[float, int]] = {}
         self.versions = Versions(dim)
         self.trainer = Trainer(self, o)
-        # DP: catalog rows of the released steps' admitted events since the last publish, per
-        # user, and the variance of the noise in each popularity column (decays with the counts).
-        self._dp_rows: dict[str, list[int]] = {}
-        self._dp_pop_var = np.zeros(len(o.popularity_half_lives_events))
+        self.popularity = ItemPopularity(o.popularity_half_lives_events, private=self.trainer.dp is not None)
         self.batches = 0
         # The newest event time learned: a version published now has seen every event up to it,
         # so a replay or `istream evaluate` may serve it only to later events.
@@ -204,7 +196,7 @@ class FineTunedModel(InterestModel):
         self._user_bias.pop(user_id, None)
         self.profiles.pop(user_id, None)
         self.trainer.drift.forget(user_id)
-        self._dp_rows.pop(user_id, None)  # DP: their counts not yet released are not released
+        self.popularity.forget(user_id)
 
     # ---- catalog ---------------------------------------------------------------------------------
     def upsert_items(self, items: Sequence[Item]) -> None:
@@ -247,8 +239,7 @@ class FineTunedModel(InterestModel):
         """Extend per-item parameters (zero rows) and their optimizer state to n items."""
         net = self.net
         old = net.item_emb.shape[0]
-        if len(self._pop) < n:
-            self._pop = np.concatenate([self._pop, np.zeros((n - len(self._pop), self._pop.shape[1]))])
+        self.popularity.grow(n)
         if self.cooc is not None:
             self.cooc.grow(n)
         if n <= old:
@@ -292,7 +283,7 @@ class FineTunedModel(InterestModel):
         Rows where `drop` is True get no id residual or bias (`FineTuneOptions.id_dropout`)."""
         net = self.net
         text = self._text_rows(rows, grad_rows)
-        return net.items(text, rows, self._pop_feature(self._pop[rows.cpu().numpy()]), drop)
+        return net.items(text, rows, self.popularity.feature(rows.cpu().numpy(), self.device), drop)
 
     @torch.no_grad()
     def refresh_items(self, full_tower: bool = False) -> None:
@@ -308,7 +299,7 @@ class FineTunedModel(InterestModel):
         # Over every row: cheap for every tower (transformer layers come from their cache).
         rows = rows_tensor(range(n), self.device)
         text = torch.cat([self._text_rows(rows[i : i + 512]) for i in range(0, n, 512)])
-        vec, bias = net.items(text, rows, self._pop_feature(self._pop[:n]))
+        vec, bias = net.items(text, rows, self.popularity.feature(slice(0, n), self.device))
         net.train(was)
         self._live_vec = vec.float().cpu()
         self._live_aug = np.concatenate([self._live_vec.numpy(), bias.float().cpu().numpy()[:, None]], axis=1)
@@ -316,7 +307,7 @@ class FineTunedModel(InterestModel):
 
     def item_counts(self) -> np.ndarray:
         """Each item's slowest-decayed event count (what negatives are drawn by)."""
-        return self._pop[:, -1]
+        return self.popularity.slowest()
 
     @torch.no_grad()
     def _freshen_live(self, rows: Sequence[int]) -> None:
@@ -328,7 +319,7 @@ class FineTunedModel(InterestModel):
         was = net.training
         net.eval()
         idx = rows_tensor(stale, self.device)
-        vec, _ = net.items(self._text_rows(idx), idx, self._pop_feature(self._pop[stale]))
+        vec, _ = net.items(self._text_rows(idx), idx, self.popularity.feature(stale, self.device))
         net.train(was)
         self._live_vec[stale] = vec.float().cpu()
         self._live_stamp[stale] = self.trainer.steps
@@ -522,48 +513,6 @@ class FineTunedModel(InterestModel):
             )
         return float(min(max(pred, self.opts.rating_min), self.opts.rating_max))
 
-    def _pop_feature(self, counts: np.ndarray) -> torch.Tensor:
-        """log(1 + decayed count). Under DP the counts carry noise of known spread: only what
-        stands 2 standard deviations above it counts (post-processing; no extra privacy cost)."""
-        if self.trainer.dp is not None:
-            counts = np.maximum(counts - 2.0 * np.sqrt(self._dp_pop_var), 0.0)
-        return torch.from_numpy(np.log1p(counts).astype(np.float32)).to(self.device)
-
-    def _update_popularity(self, events: Sequence[Event]) -> None:
-        """Decayed counts per item, the clock counted in events: half-lives of 10^2 .. 10^5
-        events fit a stream of any pace (a month of one log is a day of another)."""
-        hl = np.asarray(self.opts.popularity_half_lives_events, dtype=np.float64)
-        decay = 0.5 ** (1.0 / hl)
-        if self.trainer.dp is not None:
-            # DP: the counts move only at a publish, by a noisy release (`_dp_release_counts`).
-            # Between publishes they only decay, by a clock that advances a public
-            # `dp_clock_events_per_batch` per batch: the number of events would move with one person's.
-            k = float(self.opts.dp_clock_events_per_batch)
-            self._pop *= decay**k
-            self._dp_pop_var *= decay ** (2 * k)
-            return
-        # The clock counts events, but events at one timestamp do not age each other (a log with
-        # month-level times lists a month's events in an arbitrary order). Each event's count is
-        # added pre-decayed by the clock's advance after it, and the catalog decays once per
-        # batch: O(events), not O(events x catalog).
-        clocks = np.empty(len(events), dtype=np.float64)
-        for j, e in enumerate(events):
-            if e.ts > self._pop_ts:
-                self._pop_ts = e.ts
-                self._pop_group = self._pop_events
-            clocks[j] = self._pop_group
-            self._pop_events += 1
-        if not len(events):
-            return
-        now = clocks[-1]
-        self._pop *= decay ** (now - self._pop_clock)
-        self._pop_clock = now
-        rows = [self.catalog.row(e.target_item) for e in events]
-        hit = [j for j, r in enumerate(rows) if r is not None]
-        if hit:
-            idx = np.array([rows[j] for j in hit], dtype=np.int64)
-            np.add.at(self._pop, idx, decay[None, :] ** (now - clocks[hit])[:, None])
-
     def learn(self, events: Sequence[Event]) -> BatchResult:
         with cpu_threads(self.device, self.opts.cpu_threads):
             return self._learn(events)
@@ -588,7 +537,7 @@ class FineTunedModel(InterestModel):
                 self._dp_collect_counts(events, admitted, self.trainer.released_users)
                 self.trainer.released_users = set()
         # Popularity counts move after the step: training saw the counts as they were before.
-        self._update_popularity(events)
+        self._count_popularity(events)
         self.batches += 1
         snapshot = None
         if self._publish_is_due():
@@ -605,6 +554,12 @@ class FineTunedModel(InterestModel):
                 cold_start=cold.get(uid),
             )
         return BatchResult(updates=updates, model_version=self.model_version, snapshot=snapshot, loss=loss)
+
+    def _count_popularity(self, events: Sequence[Event]) -> None:
+        if self.trainer.dp is not None:
+            self.popularity.decay_by(float(self.opts.dp_clock_events_per_batch))
+        else:
+            self.popularity.update([e.ts for e in events], [self.catalog.row(e.target_item) for e in events])
 
     # ---- rollback and publishing ---------------------------------------------------------------
     def publish_due(self, n_events: int = 0) -> bool:
@@ -637,22 +592,7 @@ class FineTunedModel(InterestModel):
                 continue
             row = self.catalog.row(e.target_item)
             if row is not None:
-                self._dp_rows.setdefault(e.user_id, []).append(row)
-
-    def _dp_release_counts(self) -> None:
-        """At a publish: the popularity increments since the last one, clipped per user and
-        noised, in one release. Once per publish rather than per step: the noise on every row
-        adds up over releases, and per step it drowned the counts (ML-100K, first 3,000 events:
-        recall@10 0.0057 with per-step releases vs 0.038 with noiseless counts, measured on the
-        privacy branch). A user is in a count release only if they were in a gradient release
-        since the last one, so the accountant's two releases per participation still bound it."""
-        dp = self.trainer.dp
-        if dp is None or not self._dp_rows:
-            return
-        n = len(self.catalog)
-        self._pop[:n] += dp.noisy_counts(self._dp_rows, n)[:, None]
-        self._dp_pop_var += dp.noise_multiplier**2
-        self._dp_rows = {}
+                self.popularity.hold(e.user_id, row)
 
     def privacy_state(self) -> dict[str, float]:
         dp = self.trainer.dp
@@ -665,10 +605,10 @@ class FineTunedModel(InterestModel):
         # weights, so a restart goes on from the published state.
         extra: dict[str, Any] = {}
         if dp is not None:
-            extra = {"dp": dp.checkpoint(), "dp_pop_var": torch.from_numpy(self._dp_pop_var.copy())}
+            extra = {"dp": dp.checkpoint(), "dp_pop_var": torch.from_numpy(self.popularity.noise_var.copy())}
         if self.cooc is not None:
             extra.update(self._cooc_entries())
-        return pack_weights(self.net, self.catalog.ids, self.config(), self._pop, extra)
+        return pack_weights(self.net, self.catalog.ids, self.config(), self.popularity.counts, extra)
 
     def _cooc_entries(self) -> dict[str, Any]:
         """The co-occurrence state a restart goes on from (`CoOccurrence.state`), and the version
@@ -740,12 +680,12 @@ class FineTunedModel(InterestModel):
             dst[dst_rows.to(dst.device)] = src[src_rows.to(src.device)]
             state[key] = dst
         if "popularity" in saved:
-            self._pop[rows[known]] = saved["popularity"].numpy()[known]
+            self.popularity.counts[rows[known]] = saved["popularity"].numpy()[known]
         dp = self.trainer.dp
         if dp is not None and "dp" in saved:
             dp.restore(saved["dp"])
             if "dp_pop_var" in saved:
-                self._dp_pop_var = saved["dp_pop_var"].cpu().numpy().astype(np.float64)
+                self.popularity.noise_var = saved["dp_pop_var"].cpu().numpy().astype(np.float64)
         cooc_map = self.net.cooc.weight.shape if self.net.cooc is not None else None
         if "cooc.weight" in state and tuple(state["cooc.weight"].shape) != cooc_map:
             # Weights published at another co-occurrence rank (or with none): the factors and
@@ -775,7 +715,14 @@ class FineTunedModel(InterestModel):
         # items of each step are refreshed as they are trained); the adapter is cheap, always.
         full = initial or self.versions.publishes % self.opts.tower_refresh_every == 0
         if not initial:
-            self._dp_release_counts()
+            dp = self.trainer.dp
+            if dp is not None:
+                # Once per publish rather than per step: the noise on every row adds up over
+                # releases, and per step it drowned the counts (ML-100K, first 3,000 events:
+                # recall@10 0.0057 with per-step releases vs 0.038 with noiseless counts). A user
+                # is in a count release only if they were in a gradient release since the last
+                # one, so the accountant's two releases per participation still bound it.
+                self.popularity.release(dp, len(self.catalog))
             if self.cooc is not None:
                 self._cooc_checkpoint = self.versions.publishes % self.opts.cooc_checkpoint_every == 0
                 if self._cooc_checkpoint and self.opts.cooc_max_pairs:

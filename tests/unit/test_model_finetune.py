@@ -489,12 +489,12 @@ def test_popularity_counts_decay_per_event_in_one_batch_update() -> None:
     events = [replace(e, ts=float(k // 3)) for k, e in enumerate(events)]  # ties of three
     hl = np.asarray(m.opts.popularity_half_lives_events, dtype=np.float64)
     decay = 0.5 ** (1.0 / hl)
-    expected = np.zeros_like(m._pop)
+    expected = np.zeros_like(m.popularity.counts)
     pending: list[int] = []  # rows of the current timestamp, counted once it closes
     last = None
     for i in range(0, len(events), 7):
         batch = events[i : i + 7]
-        m._update_popularity(batch)
+        m.popularity.update([e.ts for e in batch], [m.catalog.row(e.target_item) for e in batch])
         for e in batch:
             if last is not None and e.ts > last:
                 for r in pending:
@@ -507,7 +507,7 @@ def test_popularity_counts_decay_per_event_in_one_batch_update() -> None:
         now = expected.copy()
         for r in pending:
             now[r] += 1.0
-        np.testing.assert_allclose(m._pop, now, rtol=1e-12)
+        np.testing.assert_allclose(m.popularity.counts, now, rtol=1e-12)
 
 
 def test_returns_to_an_item_train_no_ranking_but_their_searches_do() -> None:

@@ -219,7 +219,8 @@ def test_accountant_state_travels_with_the_weights() -> None:
     assert da is not None and db is not None
     assert db.max_participations == da.max_participations == 1
     assert b.privacy_state()["dp_epsilon"] == pytest.approx(a.privacy_state()["dp_epsilon"])
-    np.testing.assert_allclose(b._dp_pop_var, a._dp_pop_var)  # the noise floor of the counts too
+    # The noise floor of the counts too.
+    np.testing.assert_allclose(b.popularity.noise_var, a.popularity.noise_var)
     np.testing.assert_allclose(b.item_matrix(), a.item_matrix(), rtol=1e-4, atol=1e-5)
     # Any user counts as having taken part as often as the busiest one (no ids in the blob).
     db.record(["someone-new"])
@@ -406,15 +407,15 @@ def test_dp_popularity_moves_only_by_the_noisy_release_at_a_publish() -> None:
     m = model(dp_noise_multiplier=1e-6, dp_delta=1e-3, publish_every_steps=2)
     events = [Event(f"e{i}", f"u{i}", 1000.0 + i, "click", item_id="3") for i in range(4)]
     r = m.learn(events[:2])
-    assert r.snapshot is None and float(np.abs(m._pop).max()) == 0.0  # counted, not released
+    assert r.snapshot is None and float(np.abs(m.popularity.counts).max()) == 0.0  # counted, not released
     r = m.learn(events[2:])
     assert r.snapshot is not None  # the second release publishes, with the counts
     row = m.catalog.row("3")
     assert row is not None
     # Four users, one event each on item 3: each clipped count is 1, noise ~0.
-    np.testing.assert_allclose(m._pop[row], 4.0, atol=1e-3)
-    assert float(np.abs(np.delete(m._pop, row, axis=0)).max()) < 1e-3
-    assert (m._dp_pop_var > 0).all()
+    np.testing.assert_allclose(m.popularity.counts[row], 4.0, atol=1e-3)
+    assert float(np.abs(np.delete(m.popularity.counts, row, axis=0)).max()) < 1e-3
+    assert (m.popularity.noise_var > 0).all()
     assert r.snapshot.metrics["dp_epsilon"] > 0
 
 
