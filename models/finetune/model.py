@@ -37,6 +37,7 @@ from models.device import cpu_threads, pick_device, set_deterministic
 from models.events import Event, Item, UserProfile
 from models.finetune.cooccurrence import CoOccurrence
 from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors, newest_queries
+from models.finetune.explain import explain_user
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
 from models.finetune.popularity import ItemPopularity
@@ -342,13 +343,13 @@ class FineTunedModel(InterestModel):
                 arr[i] = lt
         return torch.from_numpy(arr).to(self.device)
 
-    def _current_episodes(self, user_ids: Sequence[str]) -> list[Episode]:
+    def current_episodes(self, user_ids: Sequence[str]) -> list[Episode]:
         return [Episode(u, list(self.users[u].recent), self.users[u].long_term) for u in user_ids]
 
     def _published_vec(self) -> torch.Tensor:
         return torch.from_numpy(self.versions.item_aug[:, :-1]).to(self.device)
 
-    def _serving_tensors(self, episodes: Sequence[Episode]) -> EpisodeTensors:
+    def serving_tensors(self, episodes: Sequence[Episode]) -> EpisodeTensors:
         """Behaviour tensors over the published item vectors (searches through the served tower)."""
         return episode_tensors(
             episodes,
@@ -358,14 +359,14 @@ class FineTunedModel(InterestModel):
         )
 
     @torch.no_grad()
-    def _user_vectors(self, user_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_users(self, user_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Published user vectors (U, d) and their attention over the recent behaviours (U, T):
         the serving weights over the published item vectors."""
         net = self.net
         was = net.training
         net.eval()
-        episodes = self._current_episodes(user_ids)
-        t = self._serving_tensors(episodes)
+        episodes = self.current_episodes(user_ids)
+        t = self.serving_tensors(episodes)
         u, weights = self.versions.call(
             net,
             "user",
@@ -385,7 +386,7 @@ class FineTunedModel(InterestModel):
             scale = float(self.versions.call(self.net, "scale"))
             for i in range(0, len(user_ids), 512):
                 part = user_ids[i : i + 512]
-                u = self._user_vectors(part)[0].float().cpu().numpy() * scale
+                u = self.encode_users(part)[0].float().cpu().numpy() * scale
                 for uid, vec in zip(part, u, strict=True):
                     self._uvec[uid] = np.append(vec, np.float32(1.0)).astype(np.float32)
 
@@ -793,73 +794,8 @@ class FineTunedModel(InterestModel):
 
     # ---- explain ------------------------------------------------------------------------------
     def explain(self, user_id: str, top: int = 10, ig_steps: int = 16) -> list[dict[str, Any]]:
-        """The behaviours that contributed most to the user's vector, with their share of it.
-
-        The vector is u = W_s·state(behaviours) + W_l·long-term + W_p·profile. The long-term and
-        profile parts are linear: their share is their projection on u, part·u/|u|². The
-        sequence state is not (self-attention), so the short-term share is split over the
-        behaviours by integrated gradients of state·u/|u|² along each behaviour's vector from
-        zero (16 steps), scaled to add up to that share: behaviours, long-term and profile add
-        up to 1. `attention` is the last block's attention of the user's state on each behaviour.
-        """
-        state = self.users.get(user_id)
-        if state is None:
-            return []
-        net = self.net
-        was = net.training
-        net.eval()
-        call = self.versions.call
-        with torch.no_grad():
-            u, att = self._user_vectors([user_id])
-            ep = self._current_episodes([user_id])[0]
-            vec, signal, ts, valid = self._serving_tensors([ep]).as_args()
-            uu = u[0]
-            denom = float(uu @ uu) or 1.0
-            long_share = float(call(net, "long", self.long_tensor([state.long_term]))[0] @ uu / denom)
-            profile = self.profile_tensor([user_id])
-            prof_share = float(call(net, "profile", profile)[0] @ uu / denom)
-        qu, qp = newest_queries([ep], self.device)
-        zeros_long = torch.zeros(1, net.dim, device=self.device)
-        zeros_prof = torch.zeros_like(profile)
-        grads = torch.zeros_like(vec)
-        for k in range(1, ig_steps + 1):
-            x = (vec * (k / ig_steps)).detach().requires_grad_(True)
-            part, _ = call(net, "user", x, signal, ts, valid, qu, qp, zeros_long, zeros_prof)
-            (part[0] @ uu / denom).backward()
-            assert x.grad is not None
-            grads += x.grad
-        raw = (vec * grads / ig_steps).sum(-1)[0].detach().float().cpu().numpy()
-        net.train(was)
-        short_share = 1.0 - long_share - prof_share
-        total = float(raw.sum())
-        shares = raw * (short_share / total) if abs(total) > 1e-12 else np.zeros_like(raw)
-        out: list[dict[str, Any]] = []
-        for k, b in enumerate(ep.behaviours):
-            kind = (
-                "search" if b.signal == SIGNAL_SEARCH else "click" if b.signal == SIGNAL_CLICK else "rating"
-            )
-            out.append(
-                {
-                    "event_id": b.event_id,
-                    "kind": kind,
-                    "item_id": b.item_id,
-                    "query": b.query,
-                    "ts": b.ts,
-                    "attention": float(att[0, k]),
-                    "weight": float(shares[k]),
-                }
-            )
-        out.sort(key=lambda r: abs(r["weight"]), reverse=True)
-        rest = out[top:]
-        out = out[:top]
-        if rest:  # what the behaviours beyond `top` add up to, so the list still sums to 1
-            out.append({"kind": "other_behaviours", "weight": float(sum(r["weight"] for r in rest))})
-        if abs(total) <= 1e-12:
-            out.append({"kind": "sequence_state", "weight": short_share})
-        out.append({"kind": "long_term", "weight": long_share})
-        if user_id in self.profiles:
-            out.append({"kind": "profile", "weight": prof_share, "query": self.profiles[user_id]})
-        return out
+        """The behaviours that contributed most to the user's vector (`explain.explain_user`)."""
+        return explain_user(self, user_id, top, ig_steps)
 
 
 def profile_text(attrs: Mapping[str, Any]) -> str:
