@@ -3,8 +3,8 @@
 `FineTunedModel` keeps the catalog, the users' states and vectors, and ties the
 parts together: the network (`network`), events -> episodes -> tensors
 (`episodes`), the trainer with its budget counted in events (`trainer`), the items'
-decayed counts (`popularity`), and the published versions with their serving weights
-(`versions`). Scoring, and what
+decayed counts (`popularity`), their co-occurrence (`cooccurrence`, `cooc_chain`), the
+published versions with their serving weights (`versions`) and explanations (`explain`). Scoring, and what
 the published vectors reproduce with a plain inner product:
 
     score(user, item) = s · u·e_item + β_item
@@ -35,6 +35,7 @@ from models.catalog import Catalog, TextEncoder, item_text
 from models.core import BatchResult, InterestModel, ModelSnapshot, UserUpdate
 from models.device import cpu_threads, pick_device, set_deterministic
 from models.events import Event, Item, UserProfile
+from models.finetune.cooc_chain import CoOccurrenceChain
 from models.finetune.cooccurrence import CoOccurrence
 from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors, newest_queries
 from models.finetune.explain import explain_user
@@ -91,12 +92,10 @@ class FineTunedModel(InterestModel):
         self.profiles: dict[str, str] = {}
         self._modal: np.ndarray | None = None  # (n_items, m) other-modality embeddings, zero rows = none
         self.cooc: CoOccurrence | None = None
+        self._cooc_chain: CoOccurrenceChain | None = None
         if o.cooc_rank:
             self.cooc = CoOccurrence(o.cooc_rank, seed=o.seed)
-        # The version whose weights hold the co-occurrence checkpoint that later versions' pairs
-        # add to, and whether the next weights packed are a checkpoint themselves.
-        self._cooc_base: str | None = None
-        self._cooc_checkpoint = True
+            self._cooc_chain = CoOccurrenceChain(self.cooc, o.cooc_checkpoint_every, o.cooc_max_pairs)
         self._published_weights: tuple[bytes, str | None] = (b"", None)  # set by every publish
         self._live_vec = torch.zeros(0, dim)  # item vectors of the live weights (no grad)
         # The training step each live row was computed at: rows are recomputed when used, not
@@ -607,55 +606,25 @@ class FineTunedModel(InterestModel):
         extra: dict[str, Any] = {}
         if dp is not None:
             extra = {"dp": dp.checkpoint(), "dp_pop_var": torch.from_numpy(self.popularity.noise_var.copy())}
-        if self.cooc is not None:
-            extra.update(self._cooc_entries())
+        if self._cooc_chain is not None:
+            extra.update(self._cooc_chain.entries(len(self.catalog)))
         return pack_weights(self.net, self.catalog.ids, self.config(), self.popularity.counts, extra)
-
-    def _cooc_entries(self) -> dict[str, Any]:
-        """The co-occurrence state a restart goes on from (`CoOccurrence.state`), and the version
-        holding the checkpoint that its pairs add to."""
-        assert self.cooc is not None
-        state = self.cooc.state(len(self.catalog), self._cooc_checkpoint)
-        out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in state.items()}
-        if not self._cooc_checkpoint:
-            out["cooc_base"] = self._cooc_base
-        return out
 
     def weights_base(self) -> str | None:
         """The version whose weights these weights need besides their own (the co-occurrence
         checkpoint their pairs add to); None when they stand alone."""
-        return None if self.cooc is None or self._cooc_checkpoint else self._cooc_base
+        return None if self._cooc_chain is None else self._cooc_chain.weights_base()
 
-    def _restore_cooc(
-        self, saved: Mapping[str, Any], rows: np.ndarray, base: Callable[[str], bytes | None] | None
-    ) -> None:
-        """Co-occurrence state from saved weights (`rows`: this catalog's row of each saved item);
-        the checkpoint their pairs add to comes from `base` (version -> that version's weights)."""
-        assert self.cooc is not None
+    def _unpacked_from(
+        self, base: Callable[[str], bytes | None]
+    ) -> Callable[[str], Mapping[str, Any] | None]:
+        """`base` (version -> its weights blob) as version -> its unpacked weights."""
 
-        def arrays(entries: Mapping[str, Any]) -> dict[str, np.ndarray]:
-            return {
-                k: v.cpu().numpy() for k, v in entries.items() if k.startswith("cooc_") and k != "cooc_base"
-            }
+        def unpacked(version: str) -> Mapping[str, Any] | None:
+            blob = base(version)
+            return unpack_weights(blob, self.device) if blob is not None else None
 
-        checkpoint = None
-        self._cooc_checkpoint = "cooc_counts" in saved
-        if not self._cooc_checkpoint:
-            self._cooc_base = saved.get("cooc_base")
-            # A follower (`train_shared` False) serves the factors and counts nothing it publishes.
-            fetch = base if self.train_shared else None
-            blob = fetch(self._cooc_base) if fetch is not None and self._cooc_base else None
-            other = unpack_weights(blob, self.device) if blob is not None else {}
-            if "cooc_counts" in other:
-                checkpoint = (arrays(other), self._saved_rows(other["item_ids"]))
-            elif fetch is not None:  # without it the caller will not train
-                log.warning(
-                    "the co-occurrence counts of version %s are not available: counting goes on "
-                    "from the %d pairs since them",
-                    self._cooc_base,
-                    len(saved["cooc_pairs"]),
-                )
-        self.cooc.load(arrays(saved), rows, checkpoint)
+        return unpacked
 
     def _saved_rows(self, ids: Sequence[str]) -> np.ndarray:
         """This catalog's row of each saved item id (-1: not in this catalog)."""
@@ -697,8 +666,10 @@ class FineTunedModel(InterestModel):
                 cooc_map,
             )
             state.pop("cooc.weight")
-        elif self.cooc is not None and "cooc_factors" in saved:
-            self._restore_cooc(saved, rows, base)
+        elif self._cooc_chain is not None and "cooc_factors" in saved:
+            # A follower (`train_shared` False) serves the factors and counts nothing it publishes.
+            fetch = self._unpacked_from(base) if base is not None and self.train_shared else None
+            self._cooc_chain.restore(saved, rows, fetch, self._saved_rows)
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)
@@ -724,26 +695,14 @@ class FineTunedModel(InterestModel):
                 # is in a count release only if they were in a gradient release since the last
                 # one, so the accountant's two releases per participation still bound it.
                 self.popularity.release(dp, len(self.catalog))
-            if self.cooc is not None:
-                self._cooc_checkpoint = self.versions.publishes % self.opts.cooc_checkpoint_every == 0
-                if self._cooc_checkpoint and self.opts.cooc_max_pairs:
-                    # Only here: the counts a checkpoint carries are the counts refits go on
-                    # from, so a restarted worker's are the publisher's, pair for pair.
-                    dropped = self.cooc.prune(self.opts.cooc_max_pairs)
-                    if dropped:
-                        log.info(
-                            "co-occurrence counts past %d pairs: the %d weakest dropped (cooc_max_pairs)",
-                            self.opts.cooc_max_pairs,
-                            dropped,
-                        )
-                self.cooc.refit()
+            if self._cooc_chain is not None:
+                self._cooc_chain.before_publish(self.versions.publishes)
         self.refresh_items(full_tower=full)
         blob = self.weights()
         needs = self.weights_base()
         version = version_id(self.spec, blob, self.encoder.version)
-        if self.cooc is not None and self._cooc_checkpoint:
-            # Later versions' pairs add to this one's counts (a restored delta stays a delta).
-            self._cooc_base, self._cooc_checkpoint = version, False
+        if self._cooc_chain is not None:
+            self._cooc_chain.published(version)
         # What a snapshot of this version carries: the very bytes its id digests. (Packed again
         # later, a version that is a co-occurrence checkpoint would carry the pairs since it
         # instead, and name itself as the checkpoint.)
