@@ -32,6 +32,7 @@ from stream.runtime import (  # noqa: E402
     spec_of,
 )
 from stream.settings import Settings  # noqa: E402
+from stream.sources import SourceError  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +52,10 @@ def main() -> None:
     except ValueError as exc:
         p.error(str(exc))
     settings = Settings()
-    data = load_lastfm(Path(a.lastfm)) if a.lastfm else load_movielens(Path(a.data), profiles=a.profiles)
+    try:
+        data = load_lastfm(Path(a.lastfm)) if a.lastfm else load_movielens(Path(a.data), profiles=a.profiles)
+    except SourceError as exc:
+        sys.exit(f"backtest_prefix: {exc}")
     if a.limit:
         data.events = data.events[: a.limit]
     encoder = LazyEncoder(settings, Path(a.cache))
