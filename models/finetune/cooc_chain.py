@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from models.finetune.cooccurrence import CoOccurrence
+from models.finetune.versions import unpack_weights
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,21 @@ class CoOccurrenceChain:
         self,
         saved: Mapping[str, Any],
         rows: np.ndarray,
-        base: Callable[[str], Mapping[str, Any] | None] | None,
+        base: Callable[[str], bytes | None] | None,
         rows_of: Callable[[Sequence[str]], np.ndarray],
+        device: torch.device | str,
     ) -> None:
-        """The state of `saved` weights (`rows`: this catalog's row of each saved item). The
-        checkpoint its pairs add to comes from `base` (version -> that version's unpacked weights;
+        """The state of unpacked `saved` weights (`rows`: this catalog's row of each saved item).
+        The checkpoint its pairs add to comes from `base` (version -> that version's weights;
         None: a follower, which serves the factors and counts nothing it publishes); `rows_of`
         maps that checkpoint's item ids onto this catalog."""
         checkpoint = None
         self.checkpoint = "cooc_counts" in saved
         if not self.checkpoint:
             self.base = saved.get("cooc_base")
-            other = base(self.base) if base is not None and self.base else None
-            if other is not None and "cooc_counts" in other:
+            blob = base(self.base) if base is not None and self.base else None
+            other = unpack_weights(blob, device) if blob is not None else {}
+            if "cooc_counts" in other:
                 checkpoint = (_arrays(other), rows_of(other["item_ids"]))
             elif base is not None:  # without it the caller will not train
                 log.warning(

@@ -4,8 +4,8 @@
 parts together: the network (`network`), events -> episodes -> tensors
 (`episodes`), the trainer with its budget counted in events (`trainer`), the items'
 decayed counts (`popularity`), their co-occurrence (`cooccurrence`, `cooc_chain`), the
-published versions with their serving weights (`versions`) and explanations (`explain`). Scoring, and what
-the published vectors reproduce with a plain inner product:
+published versions with their serving weights (`versions`) and explanations
+(`explain`). Scoring, and what the published vectors reproduce with a plain inner product:
 
     score(user, item) = s · u·e_item + β_item
 
@@ -615,17 +615,6 @@ class FineTunedModel(InterestModel):
         checkpoint their pairs add to); None when they stand alone."""
         return None if self._cooc_chain is None else self._cooc_chain.weights_base()
 
-    def _unpacked_from(
-        self, base: Callable[[str], bytes | None]
-    ) -> Callable[[str], Mapping[str, Any] | None]:
-        """`base` (version -> its weights blob) as version -> its unpacked weights."""
-
-        def unpacked(version: str) -> Mapping[str, Any] | None:
-            blob = base(version)
-            return unpack_weights(blob, self.device) if blob is not None else None
-
-        return unpacked
-
     def _saved_rows(self, ids: Sequence[str]) -> np.ndarray:
         """This catalog's row of each saved item id (-1: not in this catalog)."""
         n = len(self.catalog)
@@ -668,8 +657,8 @@ class FineTunedModel(InterestModel):
             state.pop("cooc.weight")
         elif self._cooc_chain is not None and "cooc_factors" in saved:
             # A follower (`train_shared` False) serves the factors and counts nothing it publishes.
-            fetch = self._unpacked_from(base) if base is not None and self.train_shared else None
-            self._cooc_chain.restore(saved, rows, fetch, self._saved_rows)
+            fetch = base if self.train_shared else None
+            self._cooc_chain.restore(saved, rows, fetch, self._saved_rows, self.device)
         if "fuse.weight" in state and self.net.fuse is None:
             state.pop("fuse.weight")
         self.net.load_state_dict(state, strict=False)

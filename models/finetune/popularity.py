@@ -2,7 +2,7 @@
 
 The clock counts events, not seconds: half-lives of 10^2 .. 10^5 events fit a stream of any
 pace (a month of one log is a day of another). Under differential privacy the counts move
-only by noisy releases (`models.privacy.DPSGD.noisy_counts`), and between them only decay.
+only by noisy releases (`models.privacy.UserLevelDP.noisy_counts`), and between them only decay.
 """
 
 from __future__ import annotations
