@@ -67,10 +67,20 @@ def test_faults_lose_and_duplicate_nothing(server_tmp: Path, model: str) -> None
                 worker.start()
 
             # Postgres goes away under a worker that is applying events, with more arriving.
+            # It stays away until the worker has met it (a batch failed and is being retried): a
+            # fixed outage could end before a worker slowed by a loaded machine reached Postgres.
             wait_progress(stack, worker)
+            retries_before = worker.current_log().count("retrying")
             stack.stop_postgres()
             stack.produce(chunks[KILLS + 1])
-            time.sleep(5.0)
+            wait_for(
+                lambda: worker.current_log().count("retrying") > retries_before,
+                120,
+                "a batch retried against the stopped Postgres",
+                proc=worker.proc,
+                log=worker.log_path,
+            )
+            time.sleep(2.0)  # a few more retries against the outage, not a wait on any condition
             stack.start_postgres()
 
             # The broker connection is cut for ten seconds, again while it is applying events.
