@@ -160,7 +160,16 @@ def test_a_slow_batch_keeps_the_worker_in_its_group(server_tmp: Path) -> None:
             with stack.engine.connect() as conn:
                 conn.exec_driver_sql("LOCK TABLE consumed_offsets IN ACCESS EXCLUSIVE MODE")
                 stack.produce(rest)  # arrives while the worker's commit waits on the lock
-                time.sleep(15.0)
+                # The 15 s are counted from when the commit is waiting, not from the LOCK: a
+                # loaded machine may take seconds to bring the worker to it.
+                wait_for(
+                    lambda: _waiting_on_offsets(stack) > 0,
+                    120,
+                    "a commit waiting on the locked consumed_offsets",
+                    proc=worker.proc,
+                    log=worker.log_path,
+                )
+                time.sleep(15.0)  # the fault's length (past the 6 s session timeout), not a wait
                 worker.assert_alive()
                 conn.rollback()  # releases the lock
             stack.wait_applied(sum(work.expected.values()), timeout=120, workers=[worker])
@@ -170,3 +179,11 @@ def test_a_slow_batch_keeps_the_worker_in_its_group(server_tmp: Path) -> None:
         assert slowest > 12.0, worker.tail()  # the slow batch really was slow
         assert log.count("partitions assigned") == 1, worker.tail()  # and caused no rebalance
         stack.check_invariants(work.expected)
+
+
+def _waiting_on_offsets(stack: Stack) -> int:
+    return int(
+        stack.sql(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'consumed_offsets'::regclass"
+        )[0][0]
+    )
