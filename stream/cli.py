@@ -224,7 +224,7 @@ def produce(file: Path | None, movielens: Path | None, lastfm: Path | None, limi
     default=None,
     help="MovieLens 100K folder (default ../shared/data/ml-100k when present)",
 )
-@click.option("--events", "n_events", type=click.IntRange(min=10), default=5000, show_default=True)
+@click.option("--events", "n_events", type=click.IntRange(min=10), default=20000, show_default=True)
 @click.option("--users", "n_show", type=click.IntRange(min=1), default=3, show_default=True)
 def demo(data: Path | None, n_events: int, n_show: int) -> None:
     """Start embedded servers, produce a sample, run the worker until done, show vectors."""

@@ -12,17 +12,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    ("script", "flag", "prefix"),
+    ("script", "flag", "prefix", "more"),
     [
-        ("scripts/backtest_prefix.py", "--data", "backtest_prefix: "),
-        ("bench/bench_backtest.py", "--lastfm", "bench_backtest: "),
+        ("scripts/backtest_prefix.py", "--data", "backtest_prefix: ", ["--limit", "10"]),
+        ("bench/bench_backtest.py", "--lastfm", "bench_backtest: ", ["--limit", "10"]),
+        ("scripts/demo_shift.py", "--data", "demo_shift: ", ["--events", "10"]),
     ],
 )
 def test_a_folder_without_the_data_is_one_line_and_exit_1(
-    tmp_path: Path, script: str, flag: str, prefix: str
+    tmp_path: Path, script: str, flag: str, prefix: str, more: list[str]
 ) -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / script), flag, str(tmp_path), "--limit", "10"],
+        [sys.executable, str(ROOT / script), flag, str(tmp_path), *more],
         capture_output=True,
         text=True,
         timeout=300,
