@@ -78,7 +78,10 @@ def sample_records(data: Path | None, n_events: int) -> tuple[list[dict[str, Any
         return [*movielens_items(path), *movielens_ratings(path, n_events)], f"MovieLens 100K at {path}"
     if data is not None:
         raise click.ClickException(f"{data} is not a MovieLens 100K folder (no u.data)")
-    return synthetic_log(n_users=50, n_events=n_events), "the built-in synthetic generator"
+    # Three bursts' worth of items per topic and ~50 events a user: the burst then takes a third
+    # of a topic the user has not had, and the rest of it can be seen to rise.
+    log = synthetic_log(n_users=max(50, n_events // 50), n_events=n_events, items_per_topic=3 * BURST)
+    return log, "the built-in synthetic generator"
 
 
 def genres_of(record: dict[str, Any]) -> list[str]:
