@@ -37,7 +37,7 @@ from models.device import cpu_threads, pick_device, set_deterministic
 from models.events import Event, Item, UserProfile
 from models.finetune.cooc_chain import CoOccurrenceChain
 from models.finetune.cooccurrence import CoOccurrence
-from models.finetune.episodes import Episode, EpisodeTensors, Target, episode_tensors, newest_queries
+from models.finetune.episodes import Episode, EpisodeTensors, episode_tensors, newest_queries, observe_batch
 from models.finetune.explain import explain_user
 from models.finetune.network import InterestNet
 from models.finetune.options import FineTuneOptions
@@ -45,7 +45,7 @@ from models.finetune.popularity import ItemPopularity
 from models.finetune.trainer import Trainer, rows_tensor
 from models.finetune.versions import Versions, pack_weights, unpack_weights, version_id
 from models.towers import build_tower
-from models.user_state import SIGNAL_CLICK, SIGNAL_SEARCH, Behaviour, UserState, rating_signal
+from models.user_state import UserState
 
 log = logging.getLogger(__name__)
 
@@ -402,90 +402,20 @@ class FineTunedModel(InterestModel):
         return self.prior_vector(), "popularity"
 
     # ---- learning --------------------------------------------------------------------------------
-    def _signal(self, e: Event) -> int:
-        if e.kind == "rating" and e.rating is not None:
-            return rating_signal(e.rating, self.opts.rating_min, self.opts.rating_max)
-        return SIGNAL_SEARCH if e.kind == "search" else SIGNAL_CLICK
-
     def _observe(self, events: Sequence[Event]) -> tuple[list[Episode], dict[str, int], dict[str, str]]:
-        """Walk the batch in time order: one episode per user (their context before the batch
-        plus the batch's behaviours, with a target at each event), updating the user states."""
-        o = self.opts
-        episodes: dict[str, Episode] = {}
-        touched: dict[str, int] = {}
-        cold: dict[str, str] = {}
         index = self.catalog.index
         rows = (index.get(e.target_item) for e in events if e.target_item is not None)
         self._freshen_live([r for r in rows if r is not None])
-        live = self._live_vec.numpy()
-        for e in events:
-            state = self.users.get(e.user_id)
-            if state is None:
-                state = self.users[e.user_id] = UserState(history_len=o.history, last_ts=e.ts)
-                cold[e.user_id] = (
-                    "search"
-                    if e.kind == "search" and e.query
-                    else "profile"
-                    if e.user_id in self.profiles
-                    else "popularity"
-                )
-                state.cold_start = cold[e.user_id]
-            ep = episodes.get(e.user_id)
-            if ep is None:
-                seen = tuple(r for r in (index.get(i) for i in state.seen) if r is not None)
-                lt = None if state.long_term is None else state.long_term.copy()
-                ep = episodes[e.user_id] = Episode(e.user_id, list(state.recent), lt, seen_rows=seen)
-            touched[e.user_id] = touched.get(e.user_id, 0) + 1
-            row = index.get(e.target_item) if e.target_item is not None else None
-            if row is not None:
-                positive = e.kind != "rating" or (e.rating is not None and e.rating >= o.positive_rating)
-                # What is ranked is the items a user has not had yet: a return to an item they
-                # had trains no ranking (on Last.fm 7 in 10 positives are such returns).
-                positive = positive and not (o.new_items_only and e.target_item in state.seen)
-                hard = tuple(r for r in (index.get(i) for i in e.impressions) if r is not None and r != row)
-                ep.targets.append(
-                    Target(
-                        pos=len(ep.behaviours),
-                        row=row,
-                        positive=positive,
-                        rating=e.rating if e.kind == "rating" else None,
-                        query=e.query if e.kind == "search" else None,
-                        hard=hard,
-                        event_id=e.event_id,
-                    )
-                )
-            new: list[Behaviour] = []
-            if e.kind == "search" and e.query:
-                new.append(Behaviour(SIGNAL_SEARCH, e.ts, None, e.query, e.event_id))
-            # `seen` holds every item of `recent`: most events skip the scan.
-            repeat = (
-                o.distinct_history
-                and e.target_item in state.seen
-                and any(b.item_id == e.target_item for b in state.recent)
-            )
-            if e.target_item is not None and not repeat:
-                # Kept even when the item is not in the catalog yet: it counts once it arrives.
-                new.append(Behaviour(self._signal(e), e.ts, e.target_item, None, e.event_id))
-            if row is not None and self.cooc is not None and e.target_item not in state.seen:
-                partners = [index[b.item_id] for b in state.recent if b.item_id in index]
-                self.cooc.add(row, partners)
-            if row is not None:
-                weight = 1.0
-                if e.kind == "rating" and e.rating is not None:
-                    weight = (e.rating - o.rating_min) / max(o.rating_max - o.rating_min, 1e-9)
-                    s, n = self._user_bias.get(e.user_id, (0.0, 0))
-                    self._user_bias[e.user_id] = (s + e.rating, n + 1)
-                rate = o.long_term_rate * weight
-                if state.long_term is None:
-                    state.long_term = live[row].copy() * weight
-                else:
-                    state.long_term = (1 - rate) * state.long_term + rate * live[row]
-            for b in new:
-                state.push(b)
-                ep.behaviours.append(b)
-            state.n_events += 1
-            state.last_ts = max(state.last_ts, e.ts)
-        return list(episodes.values()), touched, cold
+        return observe_batch(
+            events,
+            self.users,
+            index,
+            self._live_vec.numpy(),
+            self.opts,
+            profiled=self.profiles.keys(),
+            cooc=self.cooc,
+            rating_sums=self._user_bias,
+        )
 
     def user_offset(self, user_id: str) -> float:
         s, n = self._user_bias.get(user_id, (0.0, 0))
