@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,23 +28,38 @@ sys.path.insert(0, str(ROOT))
 from models.core import Event, InterestModel, Item  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from stream.backtest.models import LazyEncoder  # noqa: E402
-from stream.demo import BURST, MIN_HISTORY, genres_of, pick_shift, sample_records  # noqa: E402
+from stream.demo import (  # noqa: E402
+    BURST,
+    MIN_HISTORY,
+    burst_records,
+    genres_of,
+    median_rank_of,
+    pick_shift,
+    sample_records,
+)
 from stream.runtime import build_interest_model  # noqa: E402
 from stream.schema import parse_log_record  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 
 
+def positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ml-100k")
-    ap.add_argument("--events", type=int, default=20000, help="ratings learned before the burst")
-    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--events", type=positive, default=20000, help="ratings learned before the burst")
+    ap.add_argument("--batch-size", type=positive, default=500)
     ap.add_argument("--cache", type=Path, default=ROOT / ".istream" / "encodings")
     a = ap.parse_args()
-    if not (a.data / "u.data").is_file():
-        sys.exit(f"demo_shift: {a.data} is not a MovieLens 100K folder (no u.data)")
-
-    records, _ = sample_records(a.data, a.events)
+    try:
+        records, _ = sample_records(a.data, a.events)
+    except click.ClickException as exc:  # the demo's own check of the folder
+        sys.exit(f"demo_shift: {exc.message}")
     catalog = [r for r in records if "user_id" not in r]
     events_raw = [r for r in records if "user_id" in r]
     items = [parse_log_record(r) for r in catalog]
@@ -64,7 +80,10 @@ def main() -> None:
             m.learn(events[i : i + a.batch_size])
 
     n = Counter(e.user_id for e in events)
-    user = min((u for u in n if n[u] >= MIN_HISTORY), key=lambda u: (n[u], u))
+    eligible = [u for u in n if n[u] >= MIN_HISTORY]
+    if not eligible:
+        sys.exit(f"demo_shift: no user has {MIN_HISTORY} events in the first {a.events}; ask for more")
+    user = min(eligible, key=lambda u: (n[u], u))
     genre, burst_items = pick_shift(user, catalog, events_raw)
     seen = {e.target_item for e in events if e.user_id == user}
     print(f"{a.events} events learned; user {user} ({n[user]} events), a burst of {BURST} {genre} ratings")
@@ -81,10 +100,8 @@ def main() -> None:
                 parts = (matrix[:, :-1] @ vec[:-1], matrix[:, -1] * vec[-1])
                 norm = float(np.linalg.norm(vec[:-1]))
             assert scores is not None
-            rank = np.empty(len(ids), dtype=np.int64)
-            rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(ids) + 1)
-            others = [j for j, i in enumerate(ids) if genre in genres.get(i, []) and i not in seen]
-            median = np.median(rank[others])
+            others = {i for i in ids if genre in genres.get(i, []) and i not in seen}
+            median = median_rank_of(scores, ids, others)
             print(f"  {name} {when}: {genre} median rank {median:.0f}, interest norm {norm:.2f}")
             unseen = [j for j in np.argsort(-scores, kind="stable") if ids[j] not in seen][:5]
             for j in unseen:
@@ -94,19 +111,7 @@ def main() -> None:
 
     show("before")
     last = max(e.ts for e in events if e.user_id == user)
-    burst = [
-        parse_log_record(
-            {
-                "type": "rating",
-                "event_id": f"burst-{k}",
-                "user_id": user,
-                "item_id": item,
-                "rating": 5.0,
-                "ts": int((last + 60 * (k + 1)) * 1000),
-            }
-        )
-        for k, item in enumerate(burst_items)
-    ]
+    burst = [parse_log_record(r) for r in burst_records(user, burst_items, last)]
     for m in models.values():
         m.learn(burst)  # type: ignore[arg-type]
     seen |= set(burst_items)

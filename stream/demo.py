@@ -18,11 +18,12 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from sqlalchemy import Engine, text
 
 from models.catalog import item_text
@@ -345,17 +346,7 @@ def show_shift(
     _print_top("now", before, top_before, genres, genre)
 
     click.echo(f"\n  producing {len(burst_items)} new 5-star ratings of {genre} items by user {user}…")
-    burst = [
-        {
-            "type": "rating",
-            "event_id": f"demo-burst-{user}-{n}",
-            "user_id": user,
-            "item_id": item,
-            "rating": 5.0,
-            "ts": int((before.ts + 60 * (n + 1)) * 1000),  # the minutes after their last event
-        }
-        for n, item in enumerate(burst_items)
-    ]
+    burst = burst_records(user, burst_items, before.ts)
     sent_at = time.monotonic()
     EventProducer(producer, s).send_all(burst)
     target = before.n_events + len(burst)
@@ -402,10 +393,31 @@ def show_shift(
     )
 
 
+def burst_records(user: str, items: Sequence[str], after_ts: float) -> list[dict[str, Any]]:
+    """The shown user's 5-star ratings of `items`, a minute apart after their last event (`after_ts`, s)."""
+    return [
+        {
+            "type": "rating",
+            "event_id": f"demo-burst-{user}-{n}",
+            "user_id": user,
+            "item_id": item,
+            "rating": 5.0,
+            "ts": int((after_ts + 60 * (n + 1)) * 1000),
+        }
+        for n, item in enumerate(items)
+    ]
+
+
+def median_rank_of(scores: np.ndarray, ids: Sequence[str], items: Collection[str]) -> float:
+    """Median rank (1 = best) of `items` among all `ids` by `scores`; NaN when none is there."""
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(ids) + 1)
+    mine = [rank[n] for n, i in enumerate(ids) if i in items]
+    return float(np.median(mine)) if mine else float("nan")
+
+
 def median_rank(engine: Engine, user: str, version: int, items: set[str]) -> float:
     """Median rank (1 = best) of `items` under one stored version of the user, against its model's items."""
-    import numpy as np
-
     with engine.connect() as conn:
         vec, model_version = conn.execute(
             text(
@@ -419,10 +431,7 @@ def median_rank(engine: Engine, user: str, version: int, items: set[str]) -> flo
             {"m": model_version},
         ).all()
     scores = np.asarray([r[1] for r in rows], dtype=np.float64) @ np.asarray(vec, dtype=np.float64)
-    rank = np.empty(len(rows), dtype=np.int64)
-    rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(rows) + 1)
-    mine = [rank[n] for n, r in enumerate(rows) if r[0] in items]
-    return float(np.median(mine)) if mine else float("nan")
+    return median_rank_of(scores, [r[0] for r in rows], items)
 
 
 def _print_top(
